@@ -1,0 +1,27 @@
+/* Shampoo factor accumulation over the block table (SPEC B §4.4):
+ *   C_k = U_k U_k^T (U_k the mode-k unfolding of the block's gradient),
+ *   F_k <- F_k + C_k                         if beta2 == 1
+ *   F_k <- beta2 F_k + (1 - beta2) C_k       otherwise.
+ * SYRK/GEMM through the linalg table; every factor written in full (both triangles). */
+#ifndef SHAMPOO_FACTOR_UPDATE_H
+#define SHAMPOO_FACTOR_UPDATE_H
+
+#include <stdint.h>
+#include "linalg.h"
+#include "status.h"
+
+/* factors_out, factors_in: factor layout (may be the same pointer: in place; otherwise
+ *   disjoint). Inactive blocks: out = in (copied when distinct).
+ * grads: block layout, the block gradients (after L2).
+ * active: uint8[nblocks], nonzero = block takes part this step.
+ * On SHAMPOO_ERR_* the contents of factors_out are unspecified (callers write to scratch). */
+shampoo_status shampoo_factor_update_f32(const shampoo_linalg *la, float *factors_out,
+                                         const float *factors_in, const float *grads,
+                                         const int64_t *table, int64_t nblocks,
+                                         const uint8_t *active, double beta2);
+shampoo_status shampoo_factor_update_f64(const shampoo_linalg *la, double *factors_out,
+                                         const double *factors_in, const double *grads,
+                                         const int64_t *table, int64_t nblocks,
+                                         const uint8_t *active, double beta2);
+
+#endif

@@ -1,0 +1,105 @@
+"""The block table of one parameter group: the only place flat-buffer offsets are computed.
+
+Each parameter is merged (SPEC B §2.1) and blocked (§2.2) by the C planner; this module
+concatenates the per-parameter plans into one table whose offsets address the group's flat
+buffers (block_table.h), and records which parameter and block key each row belongs to.
+"""
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from distributed_shampoo import _backend
+
+
+def root_for_order(order: int, inv_root_override: Union[int, Sequence[int]]) -> int:
+    """SPEC B §4.6.1 with A.3.2: a list is indexed by tensor order and 0 means 2 * order."""
+    if isinstance(inv_root_override, Sequence):
+        override = inv_root_override[order] if order < len(inv_root_override) else 0
+    else:
+        override = inv_root_override
+    return int(override) if override > 0 else 2 * order
+
+
+@dataclass
+class BlockLayout:
+    table: torch.Tensor                  # int64 [num_blocks, BF_COUNT]
+    block_param: np.ndarray              # int64 [num_blocks]: index of the block's parameter
+    block_keys: List[str]                # "block_{k}", k restarting at 0 for each parameter
+    block_shapes: List[Tuple[int, ...]]  # dims of each block (() for an order-0 block)
+    param_offsets: List[int]             # element offset of each parameter, param layout
+    numel: int                           # elements of all parameters (= of all blocks)
+    factor_numel: int                    # elements of all factor matrices
+    factor_count: int                    # number of factor matrices
+    factor_block: np.ndarray             # int64 [factor_count]: block of each factor
+    factor_dim: np.ndarray               # int64 [factor_count]: its dimension in the block
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_keys)
+
+    def factor_label(self, factor: int, param_indices: Sequence[int]) -> str:
+        """'{param_index}.{block_key}.{dim}' (SPEC B §2.3) for a flat factor index."""
+        block = int(self.factor_block[factor])
+        dim = int(self.factor_dim[factor])
+        return f"{param_indices[self.block_param[block]]}.{self.block_keys[block]}.{dim}"
+
+
+def build_block_layout(
+    shapes: Sequence[Tuple[int, ...]],
+    max_preconditioner_dim: int,
+    use_merge_dims: bool,
+    inv_root_override: Union[int, Sequence[int]],
+) -> BlockLayout:
+    tables = []
+    block_param: List[int] = []
+    block_keys: List[str] = []
+    param_offsets: List[int] = []
+    numel = factor_numel = factor_count = 0
+    for index, shape in enumerate(shapes):
+        merged = (
+            _backend.merge_small_dims(shape, max_preconditioner_dim) if use_merge_dims else shape
+        )
+        if len(merged) > _backend.MAX_ORDER:
+            raise ValueError(
+                f"Parameter {index} has shape {tuple(shape)}, which blocks into order "
+                f"{len(merged)} tensors; at most {_backend.MAX_ORDER} dimensions are supported "
+                "(use use_merge_dims=True to merge small dimensions)."
+            )
+        plan = _backend.block_plan(merged, max_preconditioner_dim)
+        orders = plan[:, _backend.BF_ORDER]
+        plan[:, _backend.BF_ROOT] = [max(root_for_order(int(o), inv_root_override), 1) for o in orders]
+        plan[:, _backend.BF_PARAM_OFFSET] += numel
+        plan[:, _backend.BF_BLOCK_OFFSET] += numel
+        plan[:, _backend.BF_FACTOR_OFFSET] += factor_numel
+        plan[:, _backend.BF_FACTOR_INDEX] += factor_count
+        dims = plan[:, _backend.BF_DIMS : _backend.BF_DIMS + _backend.MAX_ORDER]
+        param_offsets.append(numel)
+        numel += int(np.prod(shape, dtype=np.int64))
+        factor_numel += int((dims.astype(np.int64) ** 2).sum())
+        factor_count += int(orders.sum())
+        tables.append(plan)
+        block_param.extend([index] * len(plan))
+        block_keys.extend(f"block_{k}" for k in range(len(plan)))
+    table = np.concatenate(tables) if tables else np.zeros((0, _backend.BF_COUNT), np.int64)
+    shapes_out = [
+        tuple(int(d) for d in row[_backend.BF_DIMS : _backend.BF_DIMS + row[_backend.BF_ORDER]])
+        for row in table
+    ]
+    orders = table[:, _backend.BF_ORDER].astype(np.int64)
+    factor_block = np.repeat(np.arange(len(table), dtype=np.int64), orders)
+    factor_dim = np.concatenate([np.arange(o, dtype=np.int64) for o in orders] or [np.zeros(0, np.int64)])
+    return BlockLayout(
+        table=torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64)),
+        block_param=np.asarray(block_param, dtype=np.int64),
+        block_keys=block_keys,
+        block_shapes=shapes_out,
+        param_offsets=param_offsets,
+        numel=numel,
+        factor_numel=factor_numel,
+        factor_count=factor_count,
+        factor_block=factor_block,
+        factor_dim=factor_dim,
+    )

@@ -1,0 +1,473 @@
+"""One parameter group's Shampoo state in flat buffers, and its step (SPEC B §3, §4).
+
+All per-block arithmetic happens in `_backend` calls over the whole block table, a constant
+number per step, so Python work grows with the number of parameters (gradient lists) but
+never with the number of blocks. Everything that can fail (non-finite gradients, factor
+matrices or inverse roots; a failed root computation with protection off) is computed into
+scratch first, so a failed step leaves parameters and state bitwise unchanged (SPEC A.3.12).
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from distributed_shampoo import _backend
+from distributed_shampoo.matrix_functions_types import (
+    CoupledHigherOrderConfig,
+    CoupledNewtonConfig,
+    RootInvConfig,
+)
+from distributed_shampoo.shampoo_types import (
+    AdaGradGraftingConfig,
+    AdamGraftingConfig,
+    PrecisionConfig,
+    RMSpropGraftingConfig,
+    SGDGraftingConfig,
+)
+from distributed_shampoo.utils.shampoo_block_layout import BlockLayout, build_block_layout
+from distributed_shampoo.utils.shampoo_residuals import log_root_inverse_residuals
+from distributed_shampoo.utils.shampoo_scalars import (
+    first_moment_bias_correction,
+    float32_bias_correction,
+    fl32,
+)
+
+logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
+
+_ROOT_OK = (_backend.ROOT_OK, _backend.ROOT_MAX_ITERS)
+
+
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The C kernels compute in float32 or float64; half precisions compute in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def root_method_kwargs(config: RootInvConfig) -> Dict[str, Any]:
+    """The method-specific arguments of _backend.root_inverse for a root-inverse config."""
+    kwargs: Dict[str, Any] = dict(
+        method="eigen",
+        make_positive_semidefinite=True,
+        retry_double_precision=True,
+        max_iterations=0,
+        tolerance=0.0,
+        rel_epsilon=0.0,
+        order=3,
+    )
+    if type(config) is CoupledNewtonConfig:
+        kwargs.update(
+            method="newton", max_iterations=config.max_iterations, tolerance=config.tolerance
+        )
+    elif type(config) is CoupledHigherOrderConfig:
+        kwargs.update(
+            method="higher_order",
+            max_iterations=config.max_iterations,
+            tolerance=config.tolerance,
+            rel_epsilon=config.rel_epsilon,
+            order=config.order,
+        )
+    else:
+        kwargs.update(
+            make_positive_semidefinite=config.make_positive_semidefinite,
+            retry_double_precision=config.retry_double_precision,
+        )
+    return kwargs
+
+
+@dataclass
+class StepPlan:
+    """What prepare() decided for apply(): the new step count and the root-step data."""
+
+    step: int
+    root_step: bool
+    bias_correction: float
+    param_blocks: Optional[torch.Tensor]
+
+
+class GraftingSpec:
+    """What a grafting config means for the kernels (SPEC B §4.5, §4.8)."""
+
+    def __init__(self, config: Any) -> None:
+        self.has_state = isinstance(config, AdaGradGraftingConfig)
+        self.kind = "none" if config is None else ("diagonal" if self.has_state else "sgd")
+        self.epsilon = float(config.epsilon) if self.has_state else 0.0
+        # AdaGrad sums (beta2 = 1); RMSprop and Adam average; only Adam bias-corrects.
+        self.beta2 = float(config.beta2) if isinstance(config, RMSpropGraftingConfig) else 1.0
+        self.bias_corrected = isinstance(config, AdamGraftingConfig) and self.beta2 < 1.0
+        assert config is None or isinstance(config, (SGDGraftingConfig, AdaGradGraftingConfig))
+
+
+class ShampooGroupEngine:
+    """Flat state buffers, block table and step of one parameter group on one device."""
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        group: Dict[str, Any],
+        group_index: int,
+        shampoo_dtype: Optional[torch.dtype],
+        use_protected_eigh: bool,
+    ) -> None:
+        self.params = list(params)
+        self.group_index = group_index
+        self.use_protected_eigh = use_protected_eigh
+        self.device = self._common_device(self.params)
+        self.param_indices = list(range(len(self.params)))
+        precision: PrecisionConfig = group["precision_config"]
+        self.layout: BlockLayout = build_block_layout(
+            [tuple(p.shape) for p in self.params],
+            group["max_preconditioner_dim"],
+            group["use_merge_dims"],
+            group["inv_root_override"],
+        )
+        layout = self.layout
+        # Read once at construction (SPEC B §1.4).
+        self.beta2 = float(group["betas"][1])
+        self.epsilon = float(group["epsilon"])
+        self.exponent_multiplier = float(group["exponent_multiplier"])
+        self.shampoo_bias_correction = bool(group["use_bias_correction"]) and self.beta2 < 1.0
+        self.root_kwargs = root_method_kwargs(group["root_inv_config"])
+        self.grafting = GraftingSpec(group["grafting_config"])
+        self.working_dtype = kernel_dtype(precision.computation_dtype)
+        self.shampoo_dtype = kernel_dtype(shampoo_dtype or precision.computation_dtype)
+
+        def zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(numel, dtype=dtype, device=self.device)
+
+        n, nf = layout.numel, layout.factor_numel
+        self.table = layout.table.to(self.device)
+        # Live optimizer state (storage dtypes of SPEC B §3 / §6).
+        self.factors = zeros(nf, precision.factor_matrix_dtype)
+        self.inv_factors = zeros(nf, precision.inv_factor_matrix_dtype)
+        self.diagonal = torch.ones(layout.factor_count, dtype=torch.bool, device=self.device)
+        self.grafting_state = (
+            zeros(n, precision.grafting_state_dtype) if self.grafting.has_state else None
+        )
+        self.filtered_grad = zeros(n, precision.filtered_grad_dtype) if group["betas"][0] != 0 else None
+        self.momentum = zeros(n, precision.momentum_dtype) if group["momentum"] != 0 else None
+        self.step_count = torch.zeros((), dtype=torch.int64)
+        # Scratch, in the kernels' dtypes.
+        self.grad_flat = zeros(n, self.working_dtype)       # gradients in, updates out
+        self.grad_blocks = zeros(n, self.working_dtype)     # G, then G_hat
+        self.shampoo_dir = zeros(n, self.working_dtype)
+        self.factor_work = zeros(nf, self.shampoo_dtype)
+        self.root_work = zeros(nf, self.shampoo_dtype)
+        self.diagonal_work = torch.ones_like(self.diagonal)
+        self.root_status = torch.zeros(layout.factor_count, dtype=torch.int32)
+        self.root_commit = torch.zeros(layout.factor_count, dtype=torch.uint8)
+        self.active = torch.zeros(layout.num_blocks, dtype=torch.uint8, device=self.device)
+        self.param_flat: Optional[torch.Tensor] = None
+        self.param_blocks: Optional[torch.Tensor] = None
+        self._scratch: Dict[Tuple[str, torch.dtype], torch.Tensor] = {}
+        self._grad_views = self._param_shaped_views(self.grad_flat)
+        self._active_params: Optional[Tuple[bool, ...]] = None
+        self._live: List[int] = []
+
+    # ----------------------------------------------------------------------------- set-up
+    @staticmethod
+    def _common_device(params: Sequence[torch.Tensor]) -> torch.device:
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(
+                f"All parameters of a param group must be on one device; got {sorted(map(str, devices))}."
+            )
+        device = devices.pop() if devices else torch.device("cpu")
+        _backend.check_device_supported(device, "params")
+        return device
+
+    def _param_shaped_views(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        return [
+            flat[offset : offset + p.numel()].view(p.shape)
+            for offset, p in zip(self.layout.param_offsets, self.params)
+        ]
+
+    def _scratch_like(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A scratch buffer allocated on first use and kept (no allocation per step)."""
+        key = (name, dtype)
+        buffer = self._scratch.get(key)
+        if buffer is None:
+            buffer = self._scratch[key] = torch.empty(like.numel(), dtype=dtype, device=self.device)
+        return buffer
+
+    def _working(self, name: str, state: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The state itself when stored in `dtype`, else a working copy (SPEC B §6.2)."""
+        if state is None or state.dtype == dtype:
+            return state
+        return self._scratch_like(name, state, dtype).copy_(state)
+
+    def _ensure_param_buffers(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.param_flat is None or self.param_blocks is None:
+            self.param_flat = torch.zeros_like(self.grad_flat)
+            self.param_blocks = torch.zeros_like(self.grad_flat)
+            self._param_views = self._param_shaped_views(self.param_flat)
+        return self.param_flat, self.param_blocks
+
+    # ---------------------------------------------------------------------- state access
+    def block_states(self) -> Dict[int, Dict[str, Dict[str, Any]]]:
+        """Per parameter index: {block_key: nested state dict of live views} (SPEC B §8.1)."""
+        layout = self.layout
+        table = layout.table.numpy()
+        states: Dict[int, Dict[str, Dict[str, Any]]] = {}
+        for b, key in enumerate(layout.block_keys):
+            row = table[b]
+            shape = layout.block_shapes[b]
+            offset, numel = int(row[_backend.BF_BLOCK_OFFSET]), int(row[_backend.BF_NUMEL])
+            factor_offset = int(row[_backend.BF_FACTOR_OFFSET])
+            first_factor = int(row[_backend.BF_FACTOR_INDEX])
+            factors: Dict[int, Any] = {}
+            inverses: Dict[int, Any] = {}
+            diagonal: Dict[int, Any] = {}
+            for k, d in enumerate(shape):
+                view = slice(factor_offset, factor_offset + d * d)
+                factors[k] = {"quantized_values": self.factors[view].view(d, d)}
+                inverses[k] = {"quantized_values": self.inv_factors[view].view(d, d)}
+                diagonal[k] = self.diagonal[first_factor + k]
+                factor_offset += d * d
+            state: Dict[str, Any] = {
+                "shampoo": {
+                    "factor_matrices": factors,
+                    "inv_factor_matrices": inverses,
+                    "is_factor_matrices_diagonal": diagonal,
+                }
+            }
+            for name, buffer in (
+                ("adagrad", self.grafting_state),
+                ("momentum", self.momentum),
+                ("filtered_grad", self.filtered_grad),
+            ):
+                if buffer is not None:
+                    state[name] = {"quantized_values": buffer[offset : offset + numel].view(shape)}
+            states.setdefault(int(layout.block_param[b]), {})[key] = state
+        return states
+
+    def describe_block(self, block: int) -> str:
+        p = int(self.layout.block_param[block])
+        return (
+            f"parameter {self.param_indices[p]} of param group {self.group_index} "
+            f"(shape {tuple(self.params[p].shape)}), block {self.layout.block_keys[block]} "
+            f"(shape {self.layout.block_shapes[block]})"
+        )
+
+    # ------------------------------------------------------------------------------ step
+    def _set_active(self, active_params: Tuple[bool, ...]) -> None:
+        if self._active_params is not None and int(self.step_count) >= 1:
+            logger.warning(
+                "The set of parameters with gradients changed from the previous step in param "
+                f"group {self.group_index} (some gradients are None). Blocks of parameters "
+                "without gradients are left untouched; if this is not intended, check the data "
+                "and/or model."
+            )
+        self._active_params = active_params
+        mask = np.asarray(active_params, dtype=np.uint8)[self.layout.block_param]
+        self.active.copy_(torch.from_numpy(mask))
+        self._live = [i for i, a in enumerate(active_params) if a]
+        self._live_params = [self.params[i] for i in self._live]
+        self._live_grad_views = [self._grad_views[i] for i in self._live]
+        self._live_param_views: Optional[List[torch.Tensor]] = None
+
+    def prepare(self, group: Dict[str, Any]) -> Optional["StepPlan"]:
+        """The fallible half of a step (SPEC B §4.1-§4.6): gathers and checks the gradients
+        and, on a root step, computes new factors and inverse roots into scratch. Raises
+        before any parameter or state changes; returns None when no gradient exists."""
+        grads = [p.grad for p in self.params]
+        active_params = tuple(g is not None for g in grads)
+        if active_params != self._active_params:
+            self._set_active(active_params)
+        if not self._live:
+            return None
+        live_grads = [grads[i] for i in self._live]
+        for g in live_grads:
+            if g.is_sparse:
+                raise TypeError("DistributedShampoo does not support sparse gradients.")
+        beta1 = float(group["betas"][0])
+        momentum = float(group["momentum"])
+        if beta1 != 0.0 and self.filtered_grad is None:
+            raise ValueError(
+                f"param group {self.group_index}: betas[0]={beta1} but it was 0 at construction, "
+                "so no filtered-gradient state exists; set betas[0] before constructing."
+            )
+        if momentum != 0.0 and self.momentum is None:
+            raise ValueError(
+                f"param group {self.group_index}: momentum={momentum} but it was 0 at "
+                "construction, so no momentum state exists; set momentum before constructing."
+            )
+
+        weight_decay = float(group["weight_decay"])
+        decoupled = bool(group["use_decoupled_weight_decay"])
+        torch._foreach_copy_(self._live_grad_views, live_grads)
+        param_flat = param_blocks = None
+        if weight_decay != 0.0:
+            param_flat, param_blocks = self._ensure_param_buffers()
+            if self._live_param_views is None:
+                self._live_param_views = [self._param_views[i] for i in self._live]
+            torch._foreach_copy_(self._live_param_views, self._live_params)
+        bad = _backend.gather(
+            self.grad_blocks, param_blocks, self.grad_flat, param_flat, self.table, self.active,
+            0.0 if decoupled else weight_decay,
+        )
+        if bad >= 0:
+            raise ValueError(
+                f"Encountered nan or inf values in the gradient of {self.describe_block(bad)}. "
+                "The step was not taken; parameters and optimizer state are unchanged."
+            )
+
+        t = int(self.step_count) + 1
+        frequency, start = group["precondition_frequency"], group["start_preconditioning_step"]
+        root_step = self.layout.factor_numel > 0 and ((t % frequency == 0 and t > start) or t == start)
+        bias_correction = 1.0
+        if root_step:
+            new_factors = self._updated_factors_in_scratch()
+            self.diagonal_work.copy_(self.diagonal)
+            if self.shampoo_bias_correction:
+                bias_correction = float32_bias_correction(self.beta2, t)
+            _backend.root_inverse(
+                self.root_work, new_factors, self.table, self.active,
+                epsilon=self.epsilon, exponent_multiplier=self.exponent_multiplier,
+                bias_correction=bias_correction, is_diagonal=self.diagonal_work,
+                status_out=self.root_status, **self.root_kwargs,
+            )
+            self._check_roots()
+        return StepPlan(t, root_step, bias_correction, param_blocks)
+
+    def _updated_factors_in_scratch(self) -> torch.Tensor:
+        work = self.factor_work.copy_(self.factors)
+        grads = self._in_dtype("grad_s", self.grad_blocks, self.shampoo_dtype)
+        _backend.factor_update(work, work, grads, self.table, self.active, self.beta2)
+        return work
+
+    def apply(self, group: Dict[str, Any], plan: "StepPlan", track_residuals: bool = False) -> None:
+        """The infallible half of a step (SPEC B §4.4-§4.11): commits factors and roots,
+        then moments, preconditioning, grafting, momentum and the parameter update."""
+        t = plan.step
+        if plan.root_step:
+            self.factors.copy_(self.factor_work)
+            self.diagonal.copy_(self.diagonal_work)
+            if self.inv_factors.dtype == self.shampoo_dtype:
+                _backend.root_commit(self.inv_factors, self.root_work, self.table, self.root_commit)
+            else:
+                staged = self.factor_work.copy_(self.inv_factors)
+                _backend.root_commit(staged, self.root_work, self.table, self.root_commit)
+                self.inv_factors.copy_(staged)
+            inv_roots = self.root_work
+            if track_residuals:
+                log_root_inverse_residuals(self, plan.bias_correction)
+        else:
+            if self.layout.factor_numel > 0:
+                if self.factors.dtype == self.shampoo_dtype:
+                    grads = self._in_dtype("grad_s", self.grad_blocks, self.shampoo_dtype)
+                    _backend.factor_update(
+                        self.factors, self.factors, grads, self.table, self.active, self.beta2
+                    )
+                else:
+                    self.factors.copy_(self._updated_factors_in_scratch())
+            inv_roots = self.inv_factors
+            if self.inv_factors.dtype != self.shampoo_dtype:
+                inv_roots = self.root_work.copy_(self.inv_factors)
+        self.step_count.fill_(t)
+
+        lr = group["lr"]
+        beta1, beta3 = float(group["betas"][0]), float(group["beta3"])
+        weight_decay = float(group["weight_decay"])
+        decoupled = bool(group["use_decoupled_weight_decay"])
+        momentum = float(group["momentum"])
+        grafting_on = group["grafting_config"] is not None
+
+        # Grafting accumulator and filtered gradient (state in place, SPEC B §4.5, §4.7).
+        working = self.working_dtype
+        grafting_state = self._working("grafting_state", self.grafting_state, working)
+        filtered_grad = self._working("filtered_grad", self.filtered_grad, working)
+        update_grafting = grafting_on and grafting_state is not None
+        use_bias_correction = bool(group["use_bias_correction"]) and beta1 != 0.0
+        _backend.moments(
+            self.grad_blocks, grafting_state if update_grafting else None,
+            filtered_grad if beta1 != 0.0 else None, self.table, self.active,
+            update_grafting_state=update_grafting, grafting_beta2=self.grafting.beta2,
+            beta1=beta1, beta3=beta3,
+            bias_correction1=first_moment_bias_correction(beta1, beta3, t) if use_bias_correction else 1.0,
+        )
+        if beta1 != 0.0 and filtered_grad is not self.filtered_grad:
+            self.filtered_grad.copy_(filtered_grad)  # type: ignore[union-attr]
+
+        # Shampoo direction (SPEC B §4.8).
+        grafting_phase = t < group["start_preconditioning_step"] and grafting_on
+        shampoo_dir = None
+        if not grafting_phase:
+            if self.shampoo_dtype == working:
+                _backend.precondition(self.shampoo_dir, self.grad_blocks, inv_roots, self.table, self.active)
+            else:
+                grads_s = self._in_dtype("grad_s", self.grad_blocks, self.shampoo_dtype)
+                out_s = self._scratch_like("dir_s", self.grad_blocks, self.shampoo_dtype)
+                _backend.precondition(out_s, grads_s, inv_roots, self.table, self.active)
+                self.shampoo_dir.copy_(out_s)
+            shampoo_dir = self.shampoo_dir
+
+        # Grafting, decoupled weight decay, momentum, lr (SPEC B §4.8-§4.11); then parameters.
+        momentum_state = self._working("momentum", self.momentum, working) if momentum != 0.0 else None
+        graft_kind = self.grafting.kind if grafting_on else "none"
+        _backend.finish(
+            self.grad_flat, self.grad_blocks, shampoo_dir,
+            grafting_state if graft_kind == "diagonal" else None,
+            plan.param_blocks if decoupled else None, momentum_state, self.table, self.active,
+            graft=graft_kind, grafting_phase=grafting_phase,
+            grafting_bias_correction=(
+                float32_bias_correction(self.grafting.beta2, t) if self.grafting.bias_corrected else 1.0
+            ),
+            grafting_epsilon=self.grafting.epsilon,
+            decoupled_weight_decay=weight_decay if decoupled else 0.0,
+            momentum=momentum, dampening=float(group["dampening"]),
+            nesterov=bool(group["use_nesterov"]), lr=fl32(lr),
+        )
+        if momentum_state is not None and momentum_state is not self.momentum:
+            self.momentum.copy_(momentum_state)  # type: ignore[union-attr]
+        if update_grafting and grafting_state is not self.grafting_state:
+            self.grafting_state.copy_(grafting_state)  # type: ignore[union-attr]
+        torch._foreach_add_(self._live_params, self._live_grad_views)
+
+    def _in_dtype(self, name: str, buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if buffer.dtype == dtype:
+            return buffer
+        return self._scratch_like(name, buffer, dtype).copy_(buffer)
+
+    def _check_roots(self) -> None:
+        """Raises for non-finite factors or roots; decides which roots to commit."""
+        status = self.root_status.numpy()
+        layout = self.layout
+
+        def where(factor: int) -> str:
+            label = layout.factor_label(factor, self.param_indices)
+            return f"{label} ({self.describe_block(int(layout.factor_block[factor]))})"
+
+        for code, text in (
+            (_backend.ROOT_FACTOR_NAN, "Encountered nan values in bias-corrected factor matrix"),
+            (_backend.ROOT_FACTOR_INF, "Encountered inf values in bias-corrected factor matrix"),
+            (_backend.ROOT_NONFINITE, "Encountered nan or inf values in inverse factor matrix"),
+        ):
+            bad = np.flatnonzero(status == code)
+            if bad.size:
+                raise ValueError(
+                    f"{text} {where(int(bad[0]))}! The step was not taken; parameters and "
+                    "optimizer state are unchanged. To mitigate, check the gradients, lower the "
+                    "learning rate, or use a higher-precision factor_matrix_dtype."
+                )
+        failed = np.flatnonzero(status == _backend.ROOT_FAILED)
+        if failed.size and not self.use_protected_eigh:
+            raise RuntimeError(
+                f"Matrix inverse root computation failed for factor matrix {where(int(failed[0]))}. "
+                "The step was not taken; parameters and optimizer state are unchanged "
+                "(use_protected_eigh=True keeps the previous inverse root instead)."
+            )
+        for factor in failed:
+            logger.warning(
+                f"Matrix inverse root computation failed for factor matrix {where(int(factor))}. "
+                "Using previous inv_factor_matrix and continuing..."
+            )
+        if np.any(status == _backend.ROOT_MAX_ITERS):
+            method = self.root_kwargs["method"]
+            logging.warning(
+                "Newton did not converge and reached maximum number of iterations!"
+                if method == "newton"
+                else "Higher order method did not converge and reached maximum number of iterations!"
+            )
+        self.root_commit.copy_(torch.from_numpy(np.isin(status, _ROOT_OK).astype(np.uint8)))

@@ -1,0 +1,80 @@
+"""Diagnostic for track_root_inv_residuals (SPEC B §10.2).
+
+The check is an independent float64 NumPy computation, on purpose: it measures the C
+kernels' inverse roots against a separate implementation rather than against themselves.
+It runs only when tracking is on, after steps that recompute inverse roots.
+"""
+
+import logging
+from typing import Any, Tuple
+
+import numpy as np
+import torch
+
+from distributed_shampoo import _backend
+
+logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
+
+_EXPECTED_ERROR = {torch.float64: 1e-7, torch.float32: 1e-3}
+
+
+def _eigen_power(matrix: np.ndarray, exponent: float, epsilon: float) -> np.ndarray:
+    """(PSD-shifted matrix + epsilon) ** exponent by symmetric eigendecomposition."""
+    eigenvalues, vectors = np.linalg.eigh(matrix)
+    eigenvalues = eigenvalues - min(eigenvalues.min(initial=0.0), 0.0) + epsilon
+    return (vectors * eigenvalues**exponent) @ vectors.T
+
+
+def root_inverse_residuals(
+    factor: np.ndarray, inverse_root: np.ndarray, root: int, epsilon: float, multiplier: float
+) -> Tuple[float, float]:
+    """(relative error of inverse_root, relative residual of its -root power), SPEC B §5.7."""
+    exact = _eigen_power(factor, -multiplier / root, epsilon)
+    error = np.abs(exact - inverse_root).max() / max(np.abs(exact).max(), np.finfo(float).tiny)
+    if multiplier == 1.0:
+        recovered = np.linalg.matrix_power(np.linalg.inv(inverse_root), root)
+    else:
+        recovered = _eigen_power(inverse_root, -root / multiplier, 0.0)
+    regularised = factor + epsilon * np.eye(len(factor))
+    residual = np.abs(recovered - regularised).max() / max(np.abs(regularised).max(), np.finfo(float).tiny)
+    return float(error), float(residual)
+
+
+def log_root_inverse_residuals(engine: Any, bias_correction: float) -> None:
+    logger.debug(f"Group Index: {engine.group_index}")
+    expected = _EXPECTED_ERROR.get(engine.inv_factors.dtype)
+    if expected is None:
+        logger.warning("Expected relative error/residual not supported for precision lower than float32.")
+        return
+    logger.debug(f"Expect Relative Error <= {expected}")
+    table = engine.layout.table.numpy()
+    active = engine.active.cpu().numpy()
+    factors = engine.factors.detach().cpu().double().numpy()
+    inverses = engine.inv_factors.detach().cpu().double().numpy()
+    errors, residuals = [], []
+    for b, row in enumerate(table):
+        if not active[b]:
+            continue
+        offset = int(row[_backend.BF_FACTOR_OFFSET])
+        for d in row[_backend.BF_DIMS : _backend.BF_DIMS + row[_backend.BF_ORDER]]:
+            d = int(d)
+            factor = factors[offset : offset + d * d].reshape(d, d) / bias_correction
+            inverse = inverses[offset : offset + d * d].reshape(d, d)
+            offset += d * d
+            try:
+                error, residual = root_inverse_residuals(
+                    factor, inverse, int(row[_backend.BF_ROOT]), engine.epsilon, engine.exponent_multiplier
+                )
+            except np.linalg.LinAlgError:
+                error = residual = float("inf")
+            errors.append(error)
+            residuals.append(residual)
+    if not errors:
+        return
+    quantiles = [0.0, 0.25, 0.5, 0.75, 1.0]
+    for name, values in (("Relative Error", errors), ("Relative Residual", residuals)):
+        values_np = np.asarray(values)
+        logger.debug(
+            f"{name}: mean={values_np.mean():.3e}, quantiles {quantiles} = "
+            f"{np.quantile(values_np, quantiles, method='nearest').tolist()}"
+        )
