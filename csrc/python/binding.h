@@ -1,0 +1,106 @@
+/* Private declarations shared by the binding's files (binding.c, tensor_args.c,
+ * linalg_scipy.c): module state, borrowed tensor views, argument specs. Python-side only. */
+#ifndef SHAMPOO_BINDING_H
+#define SHAMPOO_BINDING_H
+
+#define PY_SSIZE_T_CLEAN
+/* Stable ABI (3.10+) only, so that an abi3 wheel is one setup.py flag away. */
+#ifndef Py_LIMITED_API
+#define Py_LIMITED_API 0x030A0000
+#endif
+#include <Python.h>
+#include <stdint.h>
+
+#include "../core/linalg.h"
+#include "../core/status.h"
+
+typedef struct shampoo_module_state {
+    shampoo_linalg la;          /* filled once at import from SciPy's capsules */
+    PyObject *blas_capi;        /* scipy.linalg.cython_blas.__pyx_capi__ (keeps pointers alive) */
+    PyObject *lapack_capi;      /* scipy.linalg.cython_lapack.__pyx_capi__ */
+    PyObject *dlpack_name;      /* "__dlpack__" */
+    PyObject *dlpack_kwargs;    /* {"max_version": (1, 0)} */
+    PyObject *empty_tuple;
+} shampoo_module_state;
+
+/* What an argument holds; the element type follows from it. */
+typedef enum shampoo_arg_kind {
+    SHAMPOO_ARG_REAL,   /* float32 or float64, the same for every REAL argument of a call */
+    SHAMPOO_ARG_TABLE,  /* int64 [nblocks, SHAMPOO_BF_COUNT] */
+    SHAMPOO_ARG_MASK,   /* uint8 or bool, one per block or per factor */
+    SHAMPOO_ARG_INT32   /* int32, one per factor */
+} shampoo_arg_kind;
+
+/* Which block-table extent an argument's length must cover. */
+typedef enum shampoo_arg_layout {
+    SHAMPOO_LAYOUT_NONE,       /* the table itself */
+    SHAMPOO_LAYOUT_BLOCK,      /* block layout */
+    SHAMPOO_LAYOUT_FACTOR,     /* factor layout */
+    SHAMPOO_LAYOUT_PARAM,      /* param layout */
+    SHAMPOO_LAYOUT_PER_FACTOR, /* one entry per factor */
+    SHAMPOO_LAYOUT_PER_BLOCK   /* exactly nblocks entries */
+} shampoo_arg_layout;
+
+enum {
+    SHAMPOO_ARG_OUT = 1,       /* written by the kernel: must be writable, must not overlap
+                                  any other argument */
+    SHAMPOO_ARG_OPTIONAL = 2,  /* None allowed (NULL pointer) */
+    SHAMPOO_ARG_ALIAS_OK = 4   /* may be exactly the same buffer as another ALIAS_OK argument */
+};
+
+typedef struct shampoo_arg_spec {
+    const char *name;
+    shampoo_arg_kind kind;
+    shampoo_arg_layout layout;
+    int flags;
+} shampoo_arg_spec;
+
+/* One argument borrowed for the length of a call. */
+typedef struct shampoo_view {
+    PyObject *capsule; /* owned; releasing it lets the producer free its DLPack tensor */
+    void *data;        /* NULL for None */
+    int64_t numel;
+    int64_t rows;      /* the table's row count */
+    int elsize;        /* bytes per element */
+    int readonly;
+    double empty[1];   /* stands in for the data pointer of a zero-element buffer */
+} shampoo_view;
+
+#define SHAMPOO_MAX_ARGS 12
+
+/* The views of one call, and the block count of its table. */
+typedef struct shampoo_call {
+    const char *fn;
+    int nargs;
+    int real_bits; /* 32 or 64 */
+    int64_t nblocks;
+    shampoo_view views[SHAMPOO_MAX_ARGS];
+} shampoo_call;
+
+/* Borrows objs[i] per specs[i], checks kinds, dtypes, layout, lengths against the table and
+ * overlaps. Returns 0, or -1 with an exception set; call shampoo_call_release either way. */
+int shampoo_call_bind(shampoo_call *call, shampoo_module_state *st, const char *fn,
+                      const shampoo_arg_spec *specs, PyObject *const *objs, int nargs,
+                      int real_bits);
+void shampoo_call_release(shampoo_call *call);
+
+/* Borrows one int64 2-D [rows, SHAMPOO_BF_COUNT] table argument (block_plan, validate). */
+int shampoo_view_table(shampoo_view *v, shampoo_module_state *st, const char *fn,
+                       const char *arg, PyObject *obj, int writable);
+void shampoo_view_release(shampoo_view *v);
+
+static inline shampoo_module_state *shampoo_get_state(PyObject *module)
+{
+    return (shampoo_module_state *)PyModule_GetState(module);
+}
+
+/* The float kernels' entry points (kernel_ops.c), added to the module at exec. */
+extern PyMethodDef shampoo_kernel_methods[];
+
+/* Fills st->la from SciPy, checking each capsule's signature; ImportError on mismatch. */
+int shampoo_linalg_load(shampoo_module_state *st);
+
+/* Sets the Python exception for a kernel status; returns NULL. */
+PyObject *shampoo_raise_status(const char *fn, shampoo_status status);
+
+#endif

@@ -1,0 +1,373 @@
+/* Entry points of the float kernels, one pair per op (name_f32 / name_f64): parse, borrow and
+ * check every buffer against the block table (tensor_args.c), run the kernel without the GIL,
+ * raise on a bad status. Part of the binding; the dtype picks the C twin here and nowhere else. */
+#include "binding.h"
+
+#include "../core/block_table.h"
+#include "../core/elementwise.h"
+#include "../core/factor_update.h"
+#include "../core/matrix_root.h"
+#include "../core/precondition.h"
+
+#define TABLE_ARG {"table", SHAMPOO_ARG_TABLE, SHAMPOO_LAYOUT_NONE, 0}
+#define ACTIVE_ARG {"active", SHAMPOO_ARG_MASK, SHAMPOO_LAYOUT_PER_BLOCK, 0}
+
+static inline void *ptr(shampoo_call *call, int i)
+{
+    return call->views[i].data;
+}
+
+static inline int is_none(shampoo_call *call, int i)
+{
+    return call->views[i].data == NULL;
+}
+
+static PyObject *finish_call(shampoo_call *call, shampoo_status st, PyObject *ok)
+{
+    PyObject *result = st == SHAMPOO_OK ? ok : shampoo_raise_status(call->fn, st);
+    if (st != SHAMPOO_OK)
+        Py_XDECREF(ok);
+    shampoo_call_release(call);
+    return result;
+}
+
+static PyObject *fail_call(shampoo_call *call)
+{
+    shampoo_call_release(call);
+    return NULL;
+}
+
+static PyObject *gather(PyObject *m, PyObject *args, int bits, const char *fn)
+{
+    static const shampoo_arg_spec specs[] = {
+        {"grad_blocks", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, SHAMPOO_ARG_OUT},
+        {"param_blocks", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK,
+         SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},
+        {"grad_flat", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_PARAM, 0},
+        {"param_flat", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_PARAM, SHAMPOO_ARG_OPTIONAL},
+        TABLE_ARG,
+        ACTIVE_ARG,
+    };
+    PyObject *o[6];
+    double l2;
+    shampoo_call call = {0};
+    if (!PyArg_ParseTuple(args, "OOOOOOd", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &l2))
+        return NULL;
+    if (shampoo_call_bind(&call, shampoo_get_state(m), fn, specs, o, 6, bits) < 0)
+        return fail_call(&call);
+    if (is_none(&call, 3) && (!is_none(&call, 1) || l2 != 0.0)) {
+        PyErr_Format(PyExc_ValueError, "%s: argument 'param_flat' is required when "
+                     "param_blocks is given or l2_weight_decay != 0", fn);
+        return fail_call(&call);
+    }
+    int64_t first = -1;
+    shampoo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    if (bits == 32)
+        st = shampoo_gather_f32(ptr(&call, 0), ptr(&call, 1), ptr(&call, 2), ptr(&call, 3),
+                                ptr(&call, 4), call.nblocks, ptr(&call, 5), l2, &first);
+    else
+        st = shampoo_gather_f64(ptr(&call, 0), ptr(&call, 1), ptr(&call, 2), ptr(&call, 3),
+                                ptr(&call, 4), call.nblocks, ptr(&call, 5), l2, &first);
+    Py_END_ALLOW_THREADS
+    return finish_call(&call, st, PyLong_FromLongLong(first));
+}
+
+static PyObject *factor_update(PyObject *m, PyObject *args, int bits, const char *fn)
+{
+    static const shampoo_arg_spec specs[] = {
+        {"factors_out", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR,
+         SHAMPOO_ARG_OUT | SHAMPOO_ARG_ALIAS_OK},
+        {"factors_in", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, SHAMPOO_ARG_ALIAS_OK},
+        {"grads", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, 0},
+        TABLE_ARG,
+        ACTIVE_ARG,
+    };
+    PyObject *o[5];
+    double beta2;
+    shampoo_call call = {0};
+    if (!PyArg_ParseTuple(args, "OOOOOd", &o[0], &o[1], &o[2], &o[3], &o[4], &beta2))
+        return NULL;
+    if (shampoo_call_bind(&call, shampoo_get_state(m), fn, specs, o, 5, bits) < 0)
+        return fail_call(&call);
+    const shampoo_module_state *ms = shampoo_get_state(m);
+    shampoo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    if (bits == 32)
+        st = shampoo_factor_update_f32(&ms->la, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
+                                       ptr(&call, 3), call.nblocks, ptr(&call, 4), beta2);
+    else
+        st = shampoo_factor_update_f64(&ms->la, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
+                                       ptr(&call, 3), call.nblocks, ptr(&call, 4), beta2);
+    Py_END_ALLOW_THREADS
+    return finish_call(&call, st, Py_NewRef(Py_None));
+}
+
+static PyObject *precondition(PyObject *m, PyObject *args, int bits, const char *fn)
+{
+    static const shampoo_arg_spec specs[] = {
+        {"out", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, SHAMPOO_ARG_OUT},
+        {"grads", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, 0},
+        {"inv_roots", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, 0},
+        TABLE_ARG,
+        ACTIVE_ARG,
+    };
+    PyObject *o[5];
+    shampoo_call call = {0};
+    if (!PyArg_ParseTuple(args, "OOOOO", &o[0], &o[1], &o[2], &o[3], &o[4]))
+        return NULL;
+    if (shampoo_call_bind(&call, shampoo_get_state(m), fn, specs, o, 5, bits) < 0)
+        return fail_call(&call);
+    const shampoo_module_state *ms = shampoo_get_state(m);
+    shampoo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    if (bits == 32)
+        st = shampoo_precondition_f32(&ms->la, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
+                                      ptr(&call, 3), call.nblocks, ptr(&call, 4));
+    else
+        st = shampoo_precondition_f64(&ms->la, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
+                                      ptr(&call, 3), call.nblocks, ptr(&call, 4));
+    Py_END_ALLOW_THREADS
+    return finish_call(&call, st, Py_NewRef(Py_None));
+}
+
+static PyObject *moments(PyObject *m, PyObject *args, int bits, const char *fn)
+{
+    static const shampoo_arg_spec specs[] = {
+        {"grads", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, SHAMPOO_ARG_OUT},
+        {"grafting_state", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK,
+         SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},
+        {"filtered_grad", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK,
+         SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},
+        TABLE_ARG,
+        ACTIVE_ARG,
+    };
+    PyObject *o[5];
+    shampoo_moments_params p;
+    shampoo_call call = {0};
+    if (!PyArg_ParseTuple(args, "OOOOOpdddd", &o[0], &o[1], &o[2], &o[3], &o[4],
+                          &p.update_grafting_state, &p.grafting_beta2, &p.beta1, &p.beta3,
+                          &p.bias_correction1))
+        return NULL;
+    if (shampoo_call_bind(&call, shampoo_get_state(m), fn, specs, o, 5, bits) < 0)
+        return fail_call(&call);
+    if (p.update_grafting_state && is_none(&call, 1)) {
+        PyErr_Format(PyExc_ValueError, "%s: argument 'grafting_state' is required when "
+                     "update_grafting_state is true", fn);
+        return fail_call(&call);
+    }
+    if ((p.beta1 != 0.0) != !is_none(&call, 2)) {
+        PyErr_Format(PyExc_ValueError, "%s: argument 'filtered_grad' must be given exactly "
+                     "when beta1 != 0 (beta1 = %g)", fn, p.beta1);
+        return fail_call(&call);
+    }
+    shampoo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    if (bits == 32)
+        st = shampoo_moments_f32(ptr(&call, 0), ptr(&call, 1), ptr(&call, 2), ptr(&call, 3),
+                                 call.nblocks, ptr(&call, 4), &p);
+    else
+        st = shampoo_moments_f64(ptr(&call, 0), ptr(&call, 1), ptr(&call, 2), ptr(&call, 3),
+                                 call.nblocks, ptr(&call, 4), &p);
+    Py_END_ALLOW_THREADS
+    return finish_call(&call, st, Py_NewRef(Py_None));
+}
+
+/* The finish parameters that need a companion buffer; names the first one missing. */
+static int finish_args_ok(shampoo_call *call, const shampoo_finish_params *p)
+{
+    const char *fn = call->fn, *need = NULL, *when = NULL;
+    if (p->graft != SHAMPOO_GRAFT_NONE && p->graft != SHAMPOO_GRAFT_SGD &&
+        p->graft != SHAMPOO_GRAFT_DIAGONAL) {
+        PyErr_Format(PyExc_ValueError, "%s: argument 'graft' must be GRAFT_NONE, GRAFT_SGD or "
+                     "GRAFT_DIAGONAL, got %d", fn, (int)p->graft);
+        return -1;
+    }
+    if (p->grafting_phase && p->graft == SHAMPOO_GRAFT_NONE) {
+        PyErr_Format(PyExc_ValueError, "%s: argument 'grafting_phase' needs a grafting method "
+                     "(graft is GRAFT_NONE)", fn);
+        return -1;
+    }
+    if (!p->grafting_phase && is_none(call, 2))
+        need = "shampoo_dir", when = "outside the grafting phase";
+    else if (p->graft == SHAMPOO_GRAFT_DIAGONAL && is_none(call, 3))
+        need = "grafting_state", when = "for diagonal grafting";
+    else if (p->decoupled_weight_decay != 0.0 && is_none(call, 4))
+        need = "param_blocks", when = "when decoupled_weight_decay != 0";
+    else if ((p->momentum != 0.0) != !is_none(call, 5))
+        need = "momentum_state", when = "exactly when momentum != 0";
+    if (need == NULL)
+        return 0;
+    PyErr_Format(PyExc_ValueError, "%s: argument '%s' must be given %s", fn, need, when);
+    return -1;
+}
+
+static PyObject *finish(PyObject *m, PyObject *args, int bits, const char *fn)
+{
+    static const shampoo_arg_spec specs[] = {
+        {"update_flat", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_PARAM, SHAMPOO_ARG_OUT},
+        {"grads", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, 0},
+        {"shampoo_dir", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, SHAMPOO_ARG_OPTIONAL},
+        {"grafting_state", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, SHAMPOO_ARG_OPTIONAL},
+        {"param_blocks", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, SHAMPOO_ARG_OPTIONAL},
+        {"momentum_state", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK,
+         SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},
+        TABLE_ARG,
+        ACTIVE_ARG,
+    };
+    PyObject *o[8];
+    shampoo_finish_params p;
+    int graft;
+    shampoo_call call = {0};
+    if (!PyArg_ParseTuple(args, "OOOOOOOOipdddddpd", &o[0], &o[1], &o[2], &o[3], &o[4],
+                          &o[5], &o[6], &o[7], &graft, &p.grafting_phase,
+                          &p.grafting_bias_correction, &p.grafting_epsilon,
+                          &p.decoupled_weight_decay, &p.momentum, &p.dampening, &p.nesterov,
+                          &p.lr))
+        return NULL;
+    p.graft = (shampoo_graft_kind)graft;
+    if (shampoo_call_bind(&call, shampoo_get_state(m), fn, specs, o, 8, bits) < 0 ||
+        finish_args_ok(&call, &p) < 0)
+        return fail_call(&call);
+    shampoo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    if (bits == 32)
+        st = shampoo_finish_f32(ptr(&call, 0), ptr(&call, 1), ptr(&call, 2), ptr(&call, 3),
+                                ptr(&call, 4), ptr(&call, 5), ptr(&call, 6), call.nblocks,
+                                ptr(&call, 7), &p);
+    else
+        st = shampoo_finish_f64(ptr(&call, 0), ptr(&call, 1), ptr(&call, 2), ptr(&call, 3),
+                                ptr(&call, 4), ptr(&call, 5), ptr(&call, 6), call.nblocks,
+                                ptr(&call, 7), &p);
+    Py_END_ALLOW_THREADS
+    return finish_call(&call, st, Py_NewRef(Py_None));
+}
+
+static PyObject *root_inverse(PyObject *m, PyObject *args, int bits, const char *fn)
+{
+    static const shampoo_arg_spec specs[] = {
+        {"out", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, SHAMPOO_ARG_OUT},
+        {"factors", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, 0},
+        TABLE_ARG,
+        ACTIVE_ARG,
+        {"is_diagonal", SHAMPOO_ARG_MASK, SHAMPOO_LAYOUT_PER_FACTOR, SHAMPOO_ARG_OUT},
+        {"status_out", SHAMPOO_ARG_INT32, SHAMPOO_LAYOUT_PER_FACTOR, SHAMPOO_ARG_OUT},
+    };
+    PyObject *o[6];
+    shampoo_root_config cfg;
+    int method;
+    long long max_iterations, order;
+    shampoo_call call = {0};
+    if (!PyArg_ParseTuple(args, "OOOOOOidddppLddL", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
+                          &method, &cfg.epsilon, &cfg.exponent_multiplier,
+                          &cfg.bias_correction, &cfg.make_positive_semidefinite,
+                          &cfg.retry_double_precision, &max_iterations, &cfg.tolerance,
+                          &cfg.rel_epsilon, &order))
+        return NULL;
+    if (method != SHAMPOO_ROOT_EIGEN && method != SHAMPOO_ROOT_NEWTON &&
+        method != SHAMPOO_ROOT_HIGHER_ORDER)
+        return PyErr_Format(PyExc_ValueError, "%s: argument 'method' must be ROOT_EIGEN, "
+                            "ROOT_NEWTON or ROOT_HIGHER_ORDER, got %d", fn, method);
+    cfg.method = (shampoo_root_method)method;
+    cfg.max_iterations = max_iterations;
+    cfg.order = order;
+    if (shampoo_call_bind(&call, shampoo_get_state(m), fn, specs, o, 6, bits) < 0)
+        return fail_call(&call);
+    const shampoo_module_state *ms = shampoo_get_state(m);
+    shampoo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    if (bits == 32)
+        st = shampoo_root_inverse_f32(&ms->la, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
+                                      call.nblocks, ptr(&call, 3), &cfg, ptr(&call, 4),
+                                      ptr(&call, 5));
+    else
+        st = shampoo_root_inverse_f64(&ms->la, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
+                                      call.nblocks, ptr(&call, 3), &cfg, ptr(&call, 4),
+                                      ptr(&call, 5));
+    Py_END_ALLOW_THREADS
+    return finish_call(&call, st, Py_NewRef(Py_None));
+}
+
+static PyObject *root_commit(PyObject *m, PyObject *args, int bits, const char *fn)
+{
+    static const shampoo_arg_spec specs[] = {
+        {"dst", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, SHAMPOO_ARG_OUT},
+        {"src", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, SHAMPOO_ARG_OUT},
+        TABLE_ARG,
+        {"commit", SHAMPOO_ARG_MASK, SHAMPOO_LAYOUT_PER_FACTOR, 0},
+    };
+    PyObject *o[4];
+    shampoo_call call = {0};
+    if (!PyArg_ParseTuple(args, "OOOO", &o[0], &o[1], &o[2], &o[3]))
+        return NULL;
+    if (shampoo_call_bind(&call, shampoo_get_state(m), fn, specs, o, 4, bits) < 0)
+        return fail_call(&call);
+    shampoo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    if (bits == 32)
+        st = shampoo_root_commit_f32(ptr(&call, 0), ptr(&call, 1), ptr(&call, 2), call.nblocks,
+                                     ptr(&call, 3));
+    else
+        st = shampoo_root_commit_f64(ptr(&call, 0), ptr(&call, 1), ptr(&call, 2), call.nblocks,
+                                     ptr(&call, 3));
+    Py_END_ALLOW_THREADS
+    return finish_call(&call, st, Py_NewRef(Py_None));
+}
+
+/* The exported twins: each fixes the float width and its own name for messages. */
+static PyObject *gather_f32(PyObject *m, PyObject *a) { return gather(m, a, 32, "gather_f32"); }
+static PyObject *gather_f64(PyObject *m, PyObject *a) { return gather(m, a, 64, "gather_f64"); }
+static PyObject *factor_update_f32(PyObject *m, PyObject *a)
+{
+    return factor_update(m, a, 32, "factor_update_f32");
+}
+static PyObject *factor_update_f64(PyObject *m, PyObject *a)
+{
+    return factor_update(m, a, 64, "factor_update_f64");
+}
+static PyObject *precondition_f32(PyObject *m, PyObject *a)
+{
+    return precondition(m, a, 32, "precondition_f32");
+}
+static PyObject *precondition_f64(PyObject *m, PyObject *a)
+{
+    return precondition(m, a, 64, "precondition_f64");
+}
+static PyObject *moments_f32(PyObject *m, PyObject *a) { return moments(m, a, 32, "moments_f32"); }
+static PyObject *moments_f64(PyObject *m, PyObject *a) { return moments(m, a, 64, "moments_f64"); }
+static PyObject *finish_f32(PyObject *m, PyObject *a) { return finish(m, a, 32, "finish_f32"); }
+static PyObject *finish_f64(PyObject *m, PyObject *a) { return finish(m, a, 64, "finish_f64"); }
+static PyObject *root_inverse_f32(PyObject *m, PyObject *a)
+{
+    return root_inverse(m, a, 32, "root_inverse_f32");
+}
+static PyObject *root_inverse_f64(PyObject *m, PyObject *a)
+{
+    return root_inverse(m, a, 64, "root_inverse_f64");
+}
+static PyObject *root_commit_f32(PyObject *m, PyObject *a)
+{
+    return root_commit(m, a, 32, "root_commit_f32");
+}
+static PyObject *root_commit_f64(PyObject *m, PyObject *a)
+{
+    return root_commit(m, a, 64, "root_commit_f64");
+}
+
+PyMethodDef shampoo_kernel_methods[] = {
+    {"gather_f32", gather_f32, METH_VARARGS, "gather (elementwise.h), float32"},
+    {"gather_f64", gather_f64, METH_VARARGS, "gather (elementwise.h), float64"},
+    {"factor_update_f32", factor_update_f32, METH_VARARGS, "factor update, float32"},
+    {"factor_update_f64", factor_update_f64, METH_VARARGS, "factor update, float64"},
+    {"precondition_f32", precondition_f32, METH_VARARGS, "preconditioning, float32"},
+    {"precondition_f64", precondition_f64, METH_VARARGS, "preconditioning, float64"},
+    {"moments_f32", moments_f32, METH_VARARGS, "moments (elementwise.h), float32"},
+    {"moments_f64", moments_f64, METH_VARARGS, "moments (elementwise.h), float64"},
+    {"finish_f32", finish_f32, METH_VARARGS, "finish (elementwise.h), float32"},
+    {"finish_f64", finish_f64, METH_VARARGS, "finish (elementwise.h), float64"},
+    {"root_inverse_f32", root_inverse_f32, METH_VARARGS, "inverse roots, float32"},
+    {"root_inverse_f64", root_inverse_f64, METH_VARARGS, "inverse roots, float64"},
+    {"root_commit_f32", root_commit_f32, METH_VARARGS, "inverse-root commit, float32"},
+    {"root_commit_f64", root_commit_f64, METH_VARARGS, "inverse-root commit, float64"},
+    {NULL, NULL, 0, NULL}
+};
