@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
+from distributed_shampoo import _backend
 from distributed_shampoo.matrix_functions_types import DefaultEigenConfig, RootInvConfig
 from distributed_shampoo.shampoo_types import (
     DDPShampooConfig,
@@ -142,10 +143,11 @@ class DistributedShampoo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = [engine.prepare(group) for engine, group in zip(self._engines, self.param_groups)]
-        for engine, group, plan in zip(self._engines, self.param_groups, plans):
-            if plan is not None:
-                engine.apply(group, plan, self._track_root_inv_residuals)
+        with _backend.single_threaded_blas():
+            plans = [engine.prepare(group) for engine, group in zip(self._engines, self.param_groups)]
+            for engine, group, plan in zip(self._engines, self.param_groups, plans):
+                if plan is not None:
+                    engine.apply(group, plan, self._track_root_inv_residuals)
         return loss
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
