@@ -23,6 +23,7 @@ from distributed_shampoo.shampoo_types import (
     ShampooPT2CompileConfig,
 )
 from distributed_shampoo.utils import shampoo_state_dict
+from distributed_shampoo.utils.shampoo_ddp_distributor import trainer_group
 from distributed_shampoo.utils.shampoo_group_engine import ShampooGroupEngine
 from distributed_shampoo.utils.shampoo_hyperparameters import validate_group
 
@@ -111,12 +112,13 @@ class DistributedShampoo(torch.optim.Optimizer):
             defaults["precision_config"] = PrecisionConfig(factor_matrix_dtype=preconditioner_dtype)
         if distributed_config is not None and type(distributed_config) not in _DISTRIBUTED_CONFIG_TYPES:
             raise NotImplementedError(f"distributed_config={distributed_config!r} not supported!")
-        if distributed_config is not None:
+        if distributed_config is not None and type(distributed_config) is not DDPShampooConfig:
             raise NotImplementedError(
-                f"distributed_config={distributed_config!r}: distributed modes are not available "
-                "in this build yet; use distributed_config=None."
+                f"distributed_config={distributed_config!r}: FSDP, HSDP and FSDP2 are not "
+                "available in this build yet; use DDPShampooConfig or distributed_config=None."
             )
         super().__init__(params, defaults)
+        ddp = trainer_group(distributed_config) if distributed_config is not None else None
 
         self._distributed_config = distributed_config
         self._use_protected_eigh = use_protected_eigh
@@ -128,7 +130,7 @@ class DistributedShampoo(torch.optim.Optimizer):
             if not group["params"]:
                 raise ValueError(f"param group {index} has no parameters.")
             engine = ShampooGroupEngine(
-                group["params"], group, index, group["preconditioner_dtype"], use_protected_eigh
+                group["params"], group, index, group["preconditioner_dtype"], use_protected_eigh, ddp
             )
             self._engines.append(engine)
             for param_index, blocks in engine.block_states().items():

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 
@@ -101,7 +102,7 @@ def bias_correction1(beta1: float, beta3: float, t: int) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def merge_small_dims(shape: Sequence[int], threshold: int) -> Tuple[int, ...]:
+def merge_small_dims(shape: Sequence[int], threshold: int) -> tuple[int, ...]:
     """SPEC B §2.1: drop 1s (keep [1] if nothing is left), then merge greedily left to right."""
     dims = [d for d in shape if d != 1]
     if not dims:
@@ -115,7 +116,7 @@ def merge_small_dims(shape: Sequence[int], threshold: int) -> Tuple[int, ...]:
     return tuple(merged)
 
 
-def block_slices(shape: Sequence[int], split_size: int) -> List[Tuple[slice, ...]]:
+def block_slices(shape: Sequence[int], split_size: int) -> list[tuple[slice, ...]]:
     """SPEC B §2.2: the index slices of every block, dim 0 outermost, edge blocks smaller.
 
     A 0-d shape gives one block, the whole (0-d) tensor.
@@ -129,10 +130,8 @@ def block_slices(shape: Sequence[int], split_size: int) -> List[Tuple[slice, ...
     return [tuple(s) for s in itertools.product(*per_dim)]
 
 
-def block_shapes(shape: Sequence[int], split_size: int) -> List[Tuple[int, ...]]:
-    return [
-        tuple(s.stop - s.start for s in slices) for slices in block_slices(shape, split_size)
-    ]
+def block_shapes(shape: Sequence[int], split_size: int) -> list[tuple[int, ...]]:
+    return [tuple(s.stop - s.start for s in slices) for slices in block_slices(shape, split_size)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +168,11 @@ def matrix_inverse_root(
     kind = _config_kind(config)
     if kind == "EigenConfig":
         return _root_eigen(
-            A, root, epsilon, exponent_multiplier, getattr(config, "make_positive_semidefinite", True)
+            A,
+            root,
+            epsilon,
+            exponent_multiplier,
+            getattr(config, "make_positive_semidefinite", True),
         )
     if kind == "CoupledNewtonConfig":
         if exponent_multiplier != 1.0:
@@ -292,7 +295,7 @@ def _root_higher_order(
 # The optimizer.
 # --------------------------------------------------------------------------------------------
 
-_DEFAULTS: Dict[str, Any] = dict(
+_DEFAULTS: dict[str, Any] = dict(
     lr=1e-2,
     betas=(0.9, 1.0),
     beta3=-1.0,
@@ -323,7 +326,7 @@ class _Grafting:
     bias_correction: bool = False
 
 
-def _grafting(config: Any) -> Optional[_Grafting]:
+def _grafting(config: Any) -> _Grafting | None:
     if config is None:
         return None
     name = type(config).__name__
@@ -352,15 +355,15 @@ class _Block:
     """One block of one parameter, with its state (all in the oracle's working dtype)."""
 
     param: torch.Tensor
-    merged_shape: Tuple[int, ...]
-    slices: Tuple[slice, ...]
+    merged_shape: tuple[int, ...]
+    slices: tuple[slice, ...]
     key: str
-    factor_matrices: List[torch.Tensor]
-    inv_factor_matrices: List[torch.Tensor]
-    is_diagonal: List[bool]
-    adagrad: Optional[torch.Tensor]
-    momentum: Optional[torch.Tensor]
-    filtered_grad: Optional[torch.Tensor]
+    factor_matrices: list[torch.Tensor]
+    inv_factor_matrices: list[torch.Tensor]
+    is_diagonal: list[bool]
+    adagrad: torch.Tensor | None
+    momentum: torch.Tensor | None
+    filtered_grad: torch.Tensor | None
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         """The block's part of `tensor` (the parameter, or its gradient)."""
@@ -389,7 +392,7 @@ class OracleShampoo:
         params = list(params)
         if params and not isinstance(params[0], dict):
             params = [{"params": params}]
-        self.groups: List[Dict[str, Any]] = []
+        self.groups: list[dict[str, Any]] = []
         for group_spec in params:
             group = dict(_DEFAULTS)
             group.update(hyperparameters)
@@ -402,7 +405,7 @@ class OracleShampoo:
 
     # ---------------------------------------------------------------- construction
     @staticmethod
-    def _resolve(group: Dict[str, Any]) -> None:
+    def _resolve(group: dict[str, Any]) -> None:
         beta1 = group["betas"][0]
         if group["beta3"] == -1.0:
             group["beta3"] = beta1
@@ -410,7 +413,7 @@ class OracleShampoo:
             group["start_preconditioning_step"] = group["precondition_frequency"]
         group["grafting"] = _grafting(group["grafting_config"])
 
-    def _make_blocks(self, param: torch.Tensor, group: Dict[str, Any]) -> List[_Block]:
+    def _make_blocks(self, param: torch.Tensor, group: dict[str, Any]) -> list[_Block]:
         shape = tuple(param.shape)
         if group["use_merge_dims"]:
             shape = merge_small_dims(shape, group["max_preconditioner_dim"])
@@ -445,10 +448,10 @@ class OracleShampoo:
 
     # ---------------------------------------------------------------- accessors
     @property
-    def params(self) -> List[torch.Tensor]:
+    def params(self) -> list[torch.Tensor]:
         return [p for g in self.groups for p in g["params"]]
 
-    def blocks_of(self, flat_param_index: int) -> List[_Block]:
+    def blocks_of(self, flat_param_index: int) -> list[_Block]:
         """The blocks (with their state) of the `flat_param_index`-th parameter."""
         return [blocks for g in self.groups for blocks in g["blocks"]][flat_param_index]
 
@@ -457,7 +460,7 @@ class OracleShampoo:
 
     # ---------------------------------------------------------------- the step
     @torch.no_grad()
-    def step(self, grads: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+    def step(self, grads: Sequence[torch.Tensor | None] | None = None) -> None:
         if grads is None:
             grads = [p.grad for p in self.params]
         grads = list(grads)
@@ -468,9 +471,9 @@ class OracleShampoo:
             self._group_step(group, grads[offset : offset + n])
             offset += n
 
-    def _group_step(self, group: Dict[str, Any], grads: List[Optional[torch.Tensor]]) -> None:
+    def _group_step(self, group: dict[str, Any], grads: list[torch.Tensor | None]) -> None:
         # §4.1: collect the active blocks and their gradient blocks, cast per block (A.3.5).
-        active: List[Tuple[int, _Block, torch.Tensor]] = []
+        active: list[tuple[int, _Block, torch.Tensor]] = []
         for param_index, (blocks, grad) in enumerate(zip(group["blocks"], grads)):
             if grad is None:
                 continue
@@ -486,7 +489,7 @@ class OracleShampoo:
         frequency = group["precondition_frequency"]
         start = group["start_preconditioning_step"]
         compute_root_inverse = (t % frequency == 0 and t > start) or t == start
-        grafting: Optional[_Grafting] = group["grafting"]
+        grafting: _Grafting | None = group["grafting"]
         use_grafting_method = t < start and grafting is not None
         beta1, beta2 = group["betas"]
         beta3 = group["beta3"]
@@ -500,11 +503,7 @@ class OracleShampoo:
             active = [(i, b, g + weight_decay * param_block(b)) for i, b, g in active]
 
         # §4.4: factor matrices; one bc2 per group.
-        bc2 = (
-            bias_correction2(beta2, t)
-            if group["use_bias_correction"] and beta2 < 1.0
-            else 1.0
-        )
+        bc2 = bias_correction2(beta2, t) if group["use_bias_correction"] and beta2 < 1.0 else 1.0
         for _, block, G in active:
             for k in range(G.dim()):
                 others = [d for d in range(G.dim()) if d != k]
@@ -512,9 +511,7 @@ class OracleShampoo:
                 if beta2 == 1.0:
                     block.factor_matrices[k] = block.factor_matrices[k] + C
                 else:
-                    block.factor_matrices[k] = (
-                        beta2 * block.factor_matrices[k] + (1.0 - beta2) * C
-                    )
+                    block.factor_matrices[k] = beta2 * block.factor_matrices[k] + (1.0 - beta2) * C
 
         # §4.5: grafting accumulators.
         bcg = 1.0
@@ -589,7 +586,7 @@ class OracleShampoo:
             W.copy_((W.to(self.dtype) + (-lr) * P).to(W.dtype))
 
     def _compute_inverse_roots(
-        self, group: Dict[str, Any], param_index: int, block: _Block, bc2: float
+        self, group: dict[str, Any], param_index: int, block: _Block, bc2: float
     ) -> None:
         """§4.6 for every dimension of one block."""
         order = len(block.factor_matrices)
@@ -603,9 +600,13 @@ class OracleShampoo:
                     block.is_diagonal[k] = False
             A = F / bc2
             if torch.isnan(A).any():
-                raise NonFiniteError(f"Encountered nan values in bias-corrected factor matrix {label}!")
+                raise NonFiniteError(
+                    f"Encountered nan values in bias-corrected factor matrix {label}!"
+                )
             if torch.isinf(A).any():
-                raise NonFiniteError(f"Encountered inf values in bias-corrected factor matrix {label}!")
+                raise NonFiniteError(
+                    f"Encountered inf values in bias-corrected factor matrix {label}!"
+                )
             try:
                 X = matrix_inverse_root(
                     A,
@@ -620,7 +621,9 @@ class OracleShampoo:
                     raise
                 continue  # §4.6.5: keep the previous inverse factor
             if not torch.isfinite(X).all():
-                raise NonFiniteError(f"Encountered nan or inf values in inverse factor matrix {label}!")
+                raise NonFiniteError(
+                    f"Encountered nan or inf values in inverse factor matrix {label}!"
+                )
             block.inv_factor_matrices[k] = X.to(self.dtype)
 
     @staticmethod

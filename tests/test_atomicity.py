@@ -9,17 +9,17 @@ import logging
 import pathlib
 import re
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import pytest
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import oracle as O  # noqa: E402
+import oracle as O
 
-from distributed_shampoo.distributed_shampoo import DistributedShampoo  # noqa: E402
-from distributed_shampoo.matrix_functions_types import CoupledHigherOrderConfig  # noqa: E402
-from distributed_shampoo.shampoo_types import (  # noqa: E402
+from distributed_shampoo.distributed_shampoo import DistributedShampoo
+from distributed_shampoo.matrix_functions_types import CoupledHigherOrderConfig
+from distributed_shampoo.shampoo_types import (
     AdamGraftingConfig,
     PrecisionConfig,
     SGDGraftingConfig,
@@ -31,20 +31,32 @@ SHAPES = ((6, 5), (7,), ())
 def _make(shapes=SHAPES, groups=None, **kwargs: Any):
     generator = torch.Generator().manual_seed(7)
     params = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
-    defaults = dict(lr=0.1, betas=(0.9, 0.95), beta3=0.8, momentum=0.5, weight_decay=0.01,
-                    max_preconditioner_dim=4, grafting_config=AdamGraftingConfig(), epsilon=1e-3)
+    defaults = dict(
+        lr=0.1,
+        betas=(0.9, 0.95),
+        beta3=0.8,
+        momentum=0.5,
+        weight_decay=0.01,
+        max_preconditioner_dim=4,
+        grafting_config=AdamGraftingConfig(),
+        epsilon=1e-3,
+    )
     defaults.update(kwargs)
-    spec = params if groups is None else [dict(g, params=[params[i] for i in idx]) for idx, g in groups]
+    spec = (
+        params
+        if groups is None
+        else [dict(g, params=[params[i] for i in idx]) for idx, g in groups]
+    )
     return params, DistributedShampoo(spec, **defaults)
 
 
-def _set_grads(params: List[torch.nn.Parameter], seed: int) -> None:
+def _set_grads(params: list[torch.nn.Parameter], seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator)
 
 
-def _snapshot(params, optimizer) -> Dict[str, Any]:
+def _snapshot(params, optimizer) -> dict[str, Any]:
     """Deep copies of every parameter and every tensor (and flag) in the optimizer state."""
     return {
         "params": [p.detach().clone() for p in params],
@@ -76,7 +88,7 @@ def _factor(optimizer, param, block: str, k: int) -> torch.Tensor:
     return optimizer.state[param][block]["shampoo"]["factor_matrices"][k]["quantized_values"]
 
 
-def _steps(optimizer, params) -> List[int]:
+def _steps(optimizer, params) -> list[int]:
     return [int(optimizer.state[g["params"][0]]["step"]) for g in optimizer.param_groups]
 
 
@@ -96,7 +108,10 @@ def test_non_finite_factor_raises_and_changes_nothing(value: float, word: str) -
     before = _snapshot(params, optimizer)
     steps_before = _steps(optimizer, params)
     _set_grads(params, 3)
-    with pytest.raises(ValueError, match=rf"(?i)encountered {word} values in bias-corrected factor matrix 0\.block_2\.1"):
+    with pytest.raises(
+        ValueError,
+        match=rf"(?i)encountered {word} values in bias-corrected factor matrix 0\.block_2\.1",
+    ):
         optimizer.step()
     _assert_bitwise_equal(_snapshot(params, optimizer), before, "after failed step")
     assert _steps(optimizer, params) == steps_before
@@ -124,8 +139,12 @@ def test_non_finite_factor_in_second_group_leaves_first_group_unchanged() -> Non
 
 @pytest.mark.parametrize("value,word", [(float("nan"), "nan"), (float("inf"), "inf")])
 @pytest.mark.parametrize("frequency", [1, 3], ids=["root_this_step", "no_root_this_step"])
-def test_non_finite_gradient_raises_and_changes_nothing(value: float, word: str, frequency: int) -> None:
-    params, optimizer = _make(precondition_frequency=frequency, start_preconditioning_step=frequency)
+def test_non_finite_gradient_raises_and_changes_nothing(
+    value: float, word: str, frequency: int
+) -> None:
+    params, optimizer = _make(
+        precondition_frequency=frequency, start_preconditioning_step=frequency
+    )
     _set_grads(params, 1)
     optimizer.step()
     before = _snapshot(params, optimizer)
@@ -136,7 +155,9 @@ def test_non_finite_gradient_raises_and_changes_nothing(value: float, word: str,
         optimizer.step()
     message = str(info.value)
     assert word in message.lower(), message
-    assert "block_1" in message and re.search(r"\b1\b", message), f"must name parameter 1 and block_1: {message}"
+    assert "block_1" in message and re.search(r"\b1\b", message), (
+        f"must name parameter 1 and block_1: {message}"
+    )
     _assert_bitwise_equal(_snapshot(params, optimizer), before, "after failed step")
     _assert_bitwise_equal(params[1].grad, grad_before, "grad")
     assert _steps(optimizer, params) == [1]
@@ -157,7 +178,9 @@ def test_step_after_failure_continues_normally() -> None:
     for params, optimizer in ((params_a, optimizer_a), (params_b, optimizer_b)):
         _set_grads(params, 2)
         optimizer.step()
-    _assert_bitwise_equal(_snapshot(params_b, optimizer_b), _snapshot(params_a, optimizer_a), "resumed")
+    _assert_bitwise_equal(
+        _snapshot(params_b, optimizer_b), _snapshot(params_a, optimizer_a), "resumed"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,20 +196,40 @@ def _failing_root_setup(use_protected_eigh: bool):
     step then leaves max|A X^p - I| > 0.1, an ArithmeticError inside the root computation.
     """
     p = torch.nn.Parameter(torch.zeros(3, 3, dtype=torch.float64))
-    kwargs = dict(lr=0.1, betas=(0.0, 1.0), epsilon=1e-6, max_preconditioner_dim=3,
-                  root_inv_config=CoupledHigherOrderConfig(max_iterations=1),
-                  use_protected_eigh=use_protected_eigh)
-    precision = PrecisionConfig(**{f: torch.float64 for f in (
-        "computation_dtype", "factor_matrix_dtype", "inv_factor_matrix_dtype",
-        "filtered_grad_dtype", "momentum_dtype", "grafting_state_dtype")})
+    kwargs = dict(
+        lr=0.1,
+        betas=(0.0, 1.0),
+        epsilon=1e-6,
+        max_preconditioner_dim=3,
+        root_inv_config=CoupledHigherOrderConfig(max_iterations=1),
+        use_protected_eigh=use_protected_eigh,
+    )
+    precision = PrecisionConfig(
+        **{
+            f: torch.float64
+            for f in (
+                "computation_dtype",
+                "factor_matrix_dtype",
+                "inv_factor_matrix_dtype",
+                "filtered_grad_dtype",
+                "momentum_dtype",
+                "grafting_state_dtype",
+            )
+        }
+    )
     optimizer = DistributedShampoo([p], precision_config=precision, **kwargs)
-    grads = [torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)),
-             torch.tensor([[5.0, 1.0, 0.0], [1.0, 0.1, 0.0], [0.0, 0.0, 0.01]], dtype=torch.float64)]
+    grads = [
+        torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)),
+        torch.tensor([[5.0, 1.0, 0.0], [1.0, 0.1, 0.0], [0.0, 0.0, 0.01]], dtype=torch.float64),
+    ]
     # The oracle confirms the second root really fails (else the test would prove nothing).
     oracle_param = torch.zeros(3, 3, dtype=torch.float64)
-    oracle = O.OracleShampoo([oracle_param], use_protected_eigh=False,
-                             root_inv_config=O.CoupledHigherOrderConfig(max_iterations=1),
-                             **{k: v for k, v in kwargs.items() if k not in ("root_inv_config", "use_protected_eigh")})
+    oracle = O.OracleShampoo(
+        [oracle_param],
+        use_protected_eigh=False,
+        root_inv_config=O.CoupledHigherOrderConfig(max_iterations=1),
+        **{k: v for k, v in kwargs.items() if k not in ("root_inv_config", "use_protected_eigh")},
+    )
     oracle.step([grads[0]])
     with pytest.raises(ArithmeticError):
         oracle.step([grads[1]])
@@ -206,7 +249,9 @@ def test_protected_eigh_keeps_previous_inverse_and_warns(caplog: pytest.LogCaptu
     with caplog.at_level(logging.WARNING):
         optimizer.step()  # does not raise
     for k in range(2):
-        _assert_bitwise_equal(shampoo["inv_factor_matrices"][k]["quantized_values"], previous[k], f"inverse {k}")
+        _assert_bitwise_equal(
+            shampoo["inv_factor_matrices"][k]["quantized_values"], previous[k], f"inverse {k}"
+        )
     warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert re.search(r"(?i)0\.block_0\.0.*previous|previous.*0\.block_0\.0", warnings), warnings
     assert int(optimizer.state[p]["step"]) == 2
@@ -229,22 +274,33 @@ def test_unprotected_root_failure_propagates_and_changes_nothing() -> None:
 
 ALIASING_CONFIGS = {
     # beta1 = 0, SGD grafting in the grafting phase: the reference's P aliased p.grad.
-    "beta1_0_sgd_grafting_phase": dict(betas=(0.0, 1.0), grafting_config=SGDGraftingConfig(),
-                                       start_preconditioning_step=100, momentum=0.0, weight_decay=0.0),
+    "beta1_0_sgd_grafting_phase": dict(
+        betas=(0.0, 1.0),
+        grafting_config=SGDGraftingConfig(),
+        start_preconditioning_step=100,
+        momentum=0.0,
+        weight_decay=0.0,
+    ),
     # L2 weight decay was added into p.grad in place.
-    "l2_weight_decay": dict(betas=(0.0, 1.0), weight_decay=0.1, use_decoupled_weight_decay=False,
-                            grafting_config=None),
+    "l2_weight_decay": dict(
+        betas=(0.0, 1.0), weight_decay=0.1, use_decoupled_weight_decay=False, grafting_config=None
+    ),
     # 0-d block without merging (identity preconditioner), beta1 = 0, decoupled decay, momentum.
-    "order0_block": dict(betas=(0.0, 1.0), use_merge_dims=False, weight_decay=0.1, momentum=0.9,
-                         use_nesterov=True),
+    "order0_block": dict(
+        betas=(0.0, 1.0), use_merge_dims=False, weight_decay=0.1, momentum=0.9, use_nesterov=True
+    ),
     # Shampoo phase with SGD grafting and L2.
-    "shampoo_phase_l2_sgd": dict(betas=(0.0, 0.9), weight_decay=0.2, use_decoupled_weight_decay=False,
-                                 grafting_config=SGDGraftingConfig()),
+    "shampoo_phase_l2_sgd": dict(
+        betas=(0.0, 0.9),
+        weight_decay=0.2,
+        use_decoupled_weight_decay=False,
+        grafting_config=SGDGraftingConfig(),
+    ),
 }
 
 
 @pytest.mark.parametrize("kwargs", ALIASING_CONFIGS.values(), ids=ALIASING_CONFIGS.keys())
-def test_grad_is_never_mutated(kwargs: Dict[str, Any]) -> None:
+def test_grad_is_never_mutated(kwargs: dict[str, Any]) -> None:
     params, optimizer = _make(**kwargs)
     for seed in range(1, 4):
         _set_grads(params, seed)
@@ -261,9 +317,17 @@ def test_filtered_grad_not_corrupted_by_aliasing() -> None:
     stored in the computation dtype, SGD grafting phase, plus a 0-d block: the filtered-gradient
     state must stay the EMA of the gradients, F_t = beta1 F_{t-1} + (1 - beta1) G_t."""
     beta1 = 0.75
-    params, optimizer = _make(shapes=((3, 2), ()), betas=(beta1, 1.0), beta3=-1.0, use_bias_correction=False,
-                              grafting_config=SGDGraftingConfig(), start_preconditioning_step=100,
-                              momentum=0.5, weight_decay=0.0, use_merge_dims=False)
+    params, optimizer = _make(
+        shapes=((3, 2), ()),
+        betas=(beta1, 1.0),
+        beta3=-1.0,
+        use_bias_correction=False,
+        grafting_config=SGDGraftingConfig(),
+        start_preconditioning_step=100,
+        momentum=0.5,
+        weight_decay=0.0,
+        use_merge_dims=False,
+    )
     ema = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
     for seed in range(1, 5):
         _set_grads(params, seed)

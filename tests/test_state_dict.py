@@ -10,7 +10,7 @@ import logging
 import re
 import warnings
 from itertools import chain
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import pytest
 import torch
@@ -46,9 +46,17 @@ def _optimizer(model: _Model) -> DistributedShampoo:
         {"params": [model.b.weight, model.scale], "lr": 0.05, "momentum": 0.0},
     ]
     return DistributedShampoo(
-        groups, lr=0.1, betas=(0.9, 0.95), beta3=0.7, momentum=0.5, weight_decay=0.01,
-        max_preconditioner_dim=4, precondition_frequency=2, start_preconditioning_step=3,
-        grafting_config=AdamGraftingConfig(), epsilon=1e-4,
+        groups,
+        lr=0.1,
+        betas=(0.9, 0.95),
+        beta3=0.7,
+        momentum=0.5,
+        weight_decay=0.01,
+        max_preconditioner_dim=4,
+        precondition_frequency=2,
+        start_preconditioning_step=3,
+        grafting_config=AdamGraftingConfig(),
+        epsilon=1e-4,
     )
 
 
@@ -66,7 +74,7 @@ def _run(model: _Model, optimizer: DistributedShampoo, steps: range) -> None:
         optimizer.step()
 
 
-def _flat_state(model: _Model, optimizer: DistributedShampoo) -> Dict[str, Any]:
+def _flat_state(model: _Model, optimizer: DistributedShampoo) -> dict[str, Any]:
     """name -> optimizer.state[param] deep copy, for bitwise comparison."""
     return {name: copy.deepcopy(optimizer.state[p]) for name, p in model.named_parameters()}
 
@@ -87,7 +95,7 @@ def _assert_same(a: Any, b: Any, where: str = "") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-def _uninterrupted() -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Dict[str, Any]]:
+def _uninterrupted() -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     model = _Model(seed=0)
     optimizer = _optimizer(model)
     _run(model, optimizer, range(1, CHECKPOINT_STEP + 1))
@@ -97,7 +105,7 @@ def _uninterrupted() -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Dict[str,
     return params, _flat_state(model, optimizer), at_checkpoint
 
 
-def _first_half() -> Tuple[_Model, DistributedShampoo]:
+def _first_half() -> tuple[_Model, DistributedShampoo]:
     model = _Model(seed=0)
     optimizer = _optimizer(model)
     _run(model, optimizer, range(1, CHECKPOINT_STEP + 1))
@@ -113,7 +121,7 @@ def _check_resumed(model: _Model, optimizer: DistributedShampoo) -> None:
     _assert_same(_flat_state(model, optimizer), expected_state, "final state")
 
 
-def _diagonal_flags(state: Dict[str, Any]) -> List[bool]:
+def _diagonal_flags(state: dict[str, Any]) -> list[bool]:
     flags = []
     for key, block in state.items():
         if key.startswith("block_"):
@@ -123,7 +131,7 @@ def _diagonal_flags(state: Dict[str, Any]) -> List[bool]:
     return flags
 
 
-def _expected_flags_at_checkpoint() -> List[bool]:
+def _expected_flags_at_checkpoint() -> list[bool]:
     """a.weight (5, 6) -> blocks (4,4), (4,2), (1,4), (1,2): every factor with d > 1 is dense
     (random gradients); the 1x1 factors have no off-diagonal entries, so they stay diagonal."""
     return [d == 1 for shape in ((4, 4), (4, 2), (1, 4), (1, 2)) for d in shape]
@@ -153,8 +161,11 @@ def test_distributed_state_dict_torch_save_round_trip() -> None:
     model, optimizer = _first_half()
     state = optimizer.distributed_state_dict(key_to_param=model.named_parameters())
     # Faithful diagonal flags (A.3.9): the saved flags are the ones the computation uses.
-    saved_flags = [bool(v) for k, v in sorted(state["state"]["a.weight"].items())
-                   if "is_factor_matrices_diagonal" in k]
+    saved_flags = [
+        bool(v)
+        for k, v in sorted(state["state"]["a.weight"].items())
+        if "is_factor_matrices_diagonal" in k
+    ]
     assert saved_flags == _expected_flags_at_checkpoint()
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optim": state}, buffer)
@@ -164,7 +175,9 @@ def test_distributed_state_dict_torch_save_round_trip() -> None:
     fresh_model = _Model(seed=2)
     fresh_optimizer = _optimizer(fresh_model)
     fresh_model.load_state_dict(loaded["model"])
-    fresh_optimizer.load_distributed_state_dict(loaded["optim"], key_to_param=fresh_model.named_parameters())
+    fresh_optimizer.load_distributed_state_dict(
+        loaded["optim"], key_to_param=fresh_model.named_parameters()
+    )
     _check_resumed(fresh_model, fresh_optimizer)
 
 
@@ -174,17 +187,27 @@ def test_torch_distributed_checkpoint_round_trip(tmp_path) -> None:
     model, optimizer = _first_half()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
-        dcp.save({"model": model.state_dict(),
-                  "optim": optimizer.distributed_state_dict(key_to_param=model.named_parameters())},
-                 checkpoint_id=str(tmp_path))
+        dcp.save(
+            {
+                "model": model.state_dict(),
+                "optim": optimizer.distributed_state_dict(key_to_param=model.named_parameters()),
+            },
+            checkpoint_id=str(tmp_path),
+        )
 
         fresh_model = _Model(seed=3)
         fresh_optimizer = _optimizer(fresh_model)
-        state = {"model": fresh_model.state_dict(),
-                 "optim": fresh_optimizer.distributed_state_dict(key_to_param=fresh_model.named_parameters())}
+        state = {
+            "model": fresh_model.state_dict(),
+            "optim": fresh_optimizer.distributed_state_dict(
+                key_to_param=fresh_model.named_parameters()
+            ),
+        }
         dcp.load(state, checkpoint_id=str(tmp_path))
     fresh_model.load_state_dict(state["model"])
-    fresh_optimizer.load_distributed_state_dict(state["optim"], key_to_param=fresh_model.named_parameters())
+    fresh_optimizer.load_distributed_state_dict(
+        state["optim"], key_to_param=fresh_model.named_parameters()
+    )
     _check_resumed(fresh_model, fresh_optimizer)
 
 
@@ -199,7 +222,9 @@ def test_param_groups_keyed_by_sorted_joined_names() -> None:
     # The group's first parameter carries the step counter.
     assert '["step"]' in state["state"]["a.weight"] and '["step"]' in state["state"]["b.weight"]
     assert '["step"]' not in state["state"]["a.bias"]
-    assert set(optimizer.distributed_state_dict(model.named_parameters(), save_param_groups=False)) == {"state"}
+    assert set(
+        optimizer.distributed_state_dict(model.named_parameters(), save_param_groups=False)
+    ) == {"state"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,12 +232,20 @@ def test_param_groups_keyed_by_sorted_joined_names() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _example() -> Tuple[nn.Module, DistributedShampoo]:
+def _example() -> tuple[nn.Module, DistributedShampoo]:
     model = nn.Sequential(nn.Linear(5, 10, bias=False))
     optimizer = DistributedShampoo(
-        model.parameters(), lr=0.01, betas=(0.9, 1.0), epsilon=1e-12, momentum=0.0, weight_decay=0.0,
-        max_preconditioner_dim=5, precondition_frequency=1, start_preconditioning_step=-1,
-        distributed_config=None, grafting_config=AdaGradGraftingConfig(epsilon=0.001),
+        model.parameters(),
+        lr=0.01,
+        betas=(0.9, 1.0),
+        epsilon=1e-12,
+        momentum=0.0,
+        weight_decay=0.0,
+        max_preconditioner_dim=5,
+        precondition_frequency=1,
+        start_preconditioning_step=-1,
+        distributed_config=None,
+        grafting_config=AdaGradGraftingConfig(epsilon=0.001),
     )
     return model, optimizer
 
@@ -230,7 +263,10 @@ def test_example_exact_keys_and_values() -> None:
                 f'["{block}", "shampoo", "inv_factor_matrices", {k}, "quantized_values"]',
                 f'["{block}", "shampoo", "is_factor_matrices_diagonal", {k}]',
             }
-        expected_keys |= {f'["{block}", "adagrad", "quantized_values"]', f'["{block}", "filtered_grad", "quantized_values"]'}
+        expected_keys |= {
+            f'["{block}", "adagrad", "quantized_values"]',
+            f'["{block}", "filtered_grad", "quantized_values"]',
+        }
     flat = state_dict["state"]["0.weight"]
     assert set(flat) == expected_keys
     for key, value in flat.items():
@@ -243,12 +279,25 @@ def test_example_exact_keys_and_values() -> None:
             assert value.shape == (5, 5) and value.dtype == torch.float32 and not value.any(), key
     assert state_dict["param_groups"] == {
         "0.weight": {
-            "lr": 0.01, "betas": (0.9, 1.0), "beta3": 0.9, "epsilon": 1e-12, "momentum": 0.0,
-            "dampening": 0.0, "weight_decay": 0.0, "max_preconditioner_dim": 5, "precondition_frequency": 1,
-            "start_preconditioning_step": 1, "inv_root_override": 0, "exponent_multiplier": 1.0,
-            "use_nesterov": False, "use_bias_correction": True, "use_decoupled_weight_decay": True,
-            "grafting_config": AdaGradGraftingConfig(epsilon=0.001), "use_merge_dims": True,
-            "preconditioner_dtype": None, "precision_config": PrecisionConfig(),
+            "lr": 0.01,
+            "betas": (0.9, 1.0),
+            "beta3": 0.9,
+            "epsilon": 1e-12,
+            "momentum": 0.0,
+            "dampening": 0.0,
+            "weight_decay": 0.0,
+            "max_preconditioner_dim": 5,
+            "precondition_frequency": 1,
+            "start_preconditioning_step": 1,
+            "inv_root_override": 0,
+            "exponent_multiplier": 1.0,
+            "use_nesterov": False,
+            "use_bias_correction": True,
+            "use_decoupled_weight_decay": True,
+            "grafting_config": AdaGradGraftingConfig(epsilon=0.001),
+            "use_merge_dims": True,
+            "preconditioner_dtype": None,
+            "precision_config": PrecisionConfig(),
             "root_inv_config": DefaultEigenConfig,
         }
     }
@@ -291,10 +340,16 @@ def test_load_unknown_parameter_key(caplog: pytest.LogCaptureFixture) -> None:
     model, optimizer = _example()
     state_dict = optimizer.distributed_state_dict(key_to_param=model.named_parameters())
     with pytest.raises(KeyError, match=r"0\.weight"):
-        optimizer.load_distributed_state_dict(state_dict, key_to_param=iter([]), save_param_groups=False)
+        optimizer.load_distributed_state_dict(
+            state_dict, key_to_param=iter([]), save_param_groups=False
+        )
     with caplog.at_level(logging.WARNING):
-        optimizer.load_distributed_state_dict(state_dict, key_to_param=iter([]), save_param_groups=False,
-                                              enable_missing_key_check=False)
+        optimizer.load_distributed_state_dict(
+            state_dict,
+            key_to_param=iter([]),
+            save_param_groups=False,
+            enable_missing_key_check=False,
+        )
     assert any("0.weight" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
 
@@ -305,7 +360,8 @@ def test_load_parameter_without_state() -> None:
     stranger = torch.nn.Parameter(torch.tensor(1.0))
     with pytest.raises(KeyError, match=r"(?i)not found in state"):
         optimizer.load_distributed_state_dict(
-            state_dict, key_to_param=chain(model.named_parameters(), [("1.weight", stranger)]),
+            state_dict,
+            key_to_param=chain(model.named_parameters(), [("1.weight", stranger)]),
             save_param_groups=False,
         )
 
@@ -316,11 +372,14 @@ def test_load_missing_state_key() -> None:
     del state_dict["state"]["0.weight"]['["block_1", "adagrad", "quantized_values"]']
     with pytest.raises(KeyError) as info:
         optimizer.load_distributed_state_dict(state_dict, key_to_param=model.named_parameters())
-    assert re.search(r"(?i)(adagrad|quantized_values).*not found|not found.*(adagrad|quantized_values)", str(info.value))
+    assert re.search(
+        r"(?i)(adagrad|quantized_values).*not found|not found.*(adagrad|quantized_values)",
+        str(info.value),
+    )
 
 
 def test_standard_state_dict_is_torch_saveable_and_nonempty() -> None:
-    model, optimizer = _first_half()
+    _, optimizer = _first_half()
     state_dict = optimizer.state_dict()
     assert set(state_dict) >= {"state", "param_groups"}
     buffer = io.BytesIO()

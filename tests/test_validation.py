@@ -9,7 +9,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any
 
 import pytest
 import torch
@@ -63,29 +63,60 @@ INVALID = [
     ("dampening_one", dict(dampening=1.0), r"(?i)damp.*" + _num(1.0)),
     ("dampening_negative", dict(dampening=-0.1), r"(?i)damp.*" + _num(-0.1)),
     ("weight_decay_negative", dict(weight_decay=-0.1), r"(?i)weight.?decay.*" + _num(-0.1)),
-    ("max_preconditioner_dim_zero", dict(max_preconditioner_dim=0), r"(?i)max.?preconditioner.?dim.*0"),
-    ("precondition_frequency_zero", dict(precondition_frequency=0), r"(?i)precondition.?frequency.*0"),
-    ("start_preconditioning_step_below_minus_one", dict(start_preconditioning_step=-2),
-     r"(?i)start.?preconditioning.?step.*-2"),
-    ("inv_root_override_negative", dict(inv_root_override=-1), r"(?i)(exponent override|inv_root_override).*-1"),
-    ("inv_root_override_list_negative", dict(inv_root_override=[2, -1, 3]),
-     r"(?i)(exponent override|inv_root_override).*\[2, -1, 3\]"),
-    ("start_below_frequency", dict(precondition_frequency=100, start_preconditioning_step=10),
-     r"(?i)start.?preconditioning.?step.*10.*(precondition.?frequency.*)?100"),
+    (
+        "max_preconditioner_dim_zero",
+        dict(max_preconditioner_dim=0),
+        r"(?i)max.?preconditioner.?dim.*0",
+    ),
+    (
+        "precondition_frequency_zero",
+        dict(precondition_frequency=0),
+        r"(?i)precondition.?frequency.*0",
+    ),
+    (
+        "start_preconditioning_step_below_minus_one",
+        dict(start_preconditioning_step=-2),
+        r"(?i)start.?preconditioning.?step.*-2",
+    ),
+    (
+        "inv_root_override_negative",
+        dict(inv_root_override=-1),
+        r"(?i)(exponent override|inv_root_override).*-1",
+    ),
+    (
+        "inv_root_override_list_negative",
+        dict(inv_root_override=[2, -1, 3]),
+        r"(?i)(exponent override|inv_root_override).*\[2, -1, 3\]",
+    ),
+    (
+        "start_below_frequency",
+        dict(precondition_frequency=100, start_preconditioning_step=10),
+        r"(?i)start.?preconditioning.?step.*10.*(precondition.?frequency.*)?100",
+    ),
     # SPEC A.3.3: rejected at construction instead of inside the protected root computation.
-    ("newton_exponent_multiplier", dict(root_inv_config=CoupledNewtonConfig(), exponent_multiplier=2.0),
-     r"(?i)exponent.?multiplier.*2\.0"),
-    ("higher_order_exponent_multiplier", dict(root_inv_config=CoupledHigherOrderConfig(), exponent_multiplier=0.5),
-     r"(?i)exponent.?multiplier.*0\.5"),
+    (
+        "newton_exponent_multiplier",
+        dict(root_inv_config=CoupledNewtonConfig(), exponent_multiplier=2.0),
+        r"(?i)exponent.?multiplier.*2\.0",
+    ),
+    (
+        "higher_order_exponent_multiplier",
+        dict(root_inv_config=CoupledHigherOrderConfig(), exponent_multiplier=0.5),
+        r"(?i)exponent.?multiplier.*0\.5",
+    ),
     # SPEC §1.3 step 19.
-    ("preconditioner_dtype_with_precision_config",
-     dict(preconditioner_dtype=torch.float64, precision_config=PrecisionConfig()),
-     r"(?i)preconditioner_dtype.*precision_config"),
+    (
+        "preconditioner_dtype_with_precision_config",
+        dict(preconditioner_dtype=torch.float64, precision_config=PrecisionConfig()),
+        r"(?i)preconditioner_dtype.*precision_config",
+    ),
 ]
 
 
-@pytest.mark.parametrize("kwargs,pattern", [case[1:] for case in INVALID], ids=[case[0] for case in INVALID])
-def test_invalid_constructor_argument(kwargs: Dict[str, Any], pattern: str) -> None:
+@pytest.mark.parametrize(
+    "kwargs,pattern", [case[1:] for case in INVALID], ids=[case[0] for case in INVALID]
+)
+def test_invalid_constructor_argument(kwargs: dict[str, Any], pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         DistributedShampoo([_param()], **kwargs)
 
@@ -93,11 +124,21 @@ def test_invalid_constructor_argument(kwargs: Dict[str, Any], pattern: str) -> N
 def test_boundary_values_are_accepted() -> None:
     """The closed ends of the ranges in §1.3 are legal (so the checks above are not too strict)."""
     DistributedShampoo(
-        [_param()], lr=0.0, betas=(0.0, 1.0), beta3=0.0, momentum=0.0, dampening=0.0,
-        weight_decay=0.0, max_preconditioner_dim=1, precondition_frequency=1,
-        start_preconditioning_step=1, inv_root_override=[0, 0, 0],
+        [_param()],
+        lr=0.0,
+        betas=(0.0, 1.0),
+        beta3=0.0,
+        momentum=0.0,
+        dampening=0.0,
+        weight_decay=0.0,
+        max_preconditioner_dim=1,
+        precondition_frequency=1,
+        start_preconditioning_step=1,
+        inv_root_override=[0, 0, 0],
     )
-    DistributedShampoo([_param()], betas=(0.999, 1e-9), precondition_frequency=7, start_preconditioning_step=7)
+    DistributedShampoo(
+        [_param()], betas=(0.999, 1e-9), precondition_frequency=7, start_preconditioning_step=7
+    )
     DistributedShampoo([_param()], root_inv_config=CoupledNewtonConfig(), exponent_multiplier=1.0)
     DistributedShampoo([_param()], root_inv_config=EigenConfig(), exponent_multiplier=2.5)
 
@@ -114,16 +155,24 @@ INVALID_GROUP = [
     ("momentum", {"momentum": 1.5}, r"(?i)momentum.*1\.5"),
     ("weight_decay", {"weight_decay": -0.5}, r"(?i)weight.?decay.*-0\.5"),
     ("precondition_frequency", {"precondition_frequency": 0}, r"(?i)precondition.?frequency.*0"),
-    ("start_below_frequency", {"precondition_frequency": 5, "start_preconditioning_step": 2},
-     r"(?i)start.?preconditioning.?step.*2"),
+    (
+        "start_below_frequency",
+        {"precondition_frequency": 5, "start_preconditioning_step": 2},
+        r"(?i)start.?preconditioning.?step.*2",
+    ),
     ("inv_root_override", {"inv_root_override": [1, -2]}, r"(?i)(override).*-2"),
-    ("newton_exponent_multiplier", {"root_inv_config": CoupledNewtonConfig(), "exponent_multiplier": 3.0},
-     r"(?i)exponent.?multiplier.*3\.0"),
+    (
+        "newton_exponent_multiplier",
+        {"root_inv_config": CoupledNewtonConfig(), "exponent_multiplier": 3.0},
+        r"(?i)exponent.?multiplier.*3\.0",
+    ),
 ]
 
 
-@pytest.mark.parametrize("overrides,pattern", [c[1:] for c in INVALID_GROUP], ids=[c[0] for c in INVALID_GROUP])
-def test_invalid_per_group_hyperparameter(overrides: Dict[str, Any], pattern: str) -> None:
+@pytest.mark.parametrize(
+    "overrides,pattern", [c[1:] for c in INVALID_GROUP], ids=[c[0] for c in INVALID_GROUP]
+)
+def test_invalid_per_group_hyperparameter(overrides: dict[str, Any], pattern: str) -> None:
     groups = [{"params": [_param()]}, dict(overrides, params=[_param()])]
     with pytest.raises(ValueError, match=pattern):
         DistributedShampoo(groups)
@@ -132,10 +181,17 @@ def test_invalid_per_group_hyperparameter(overrides: Dict[str, Any], pattern: st
 def test_per_group_minus_one_defaults_are_resolved() -> None:
     groups = [
         {"params": [_param()]},
-        {"params": [_param()], "betas": (0.7, 0.99), "beta3": -1.0,
-         "precondition_frequency": 3, "start_preconditioning_step": -1},
+        {
+            "params": [_param()],
+            "betas": (0.7, 0.99),
+            "beta3": -1.0,
+            "precondition_frequency": 3,
+            "start_preconditioning_step": -1,
+        },
     ]
-    optimizer = DistributedShampoo(groups, betas=(0.9, 1.0), precondition_frequency=2, start_preconditioning_step=4)
+    optimizer = DistributedShampoo(
+        groups, betas=(0.9, 1.0), precondition_frequency=2, start_preconditioning_step=4
+    )
     first, second = optimizer.param_groups
     assert first["beta3"] == 0.9 and first["start_preconditioning_step"] == 4
     assert second["beta3"] == 0.7
@@ -154,11 +210,27 @@ def test_param_group_keys_are_the_documented_ones() -> None:
     optimizer = DistributedShampoo([_param()], start_preconditioning_step=1)
     (group,) = optimizer.param_groups
     assert set(group) == {
-        "params", "lr", "betas", "beta3", "epsilon", "momentum", "dampening", "weight_decay",
-        "max_preconditioner_dim", "precondition_frequency", "start_preconditioning_step",
-        "inv_root_override", "exponent_multiplier", "use_nesterov", "use_bias_correction",
-        "use_decoupled_weight_decay", "grafting_config", "use_merge_dims", "preconditioner_dtype",
-        "precision_config", "root_inv_config",
+        "params",
+        "lr",
+        "betas",
+        "beta3",
+        "epsilon",
+        "momentum",
+        "dampening",
+        "weight_decay",
+        "max_preconditioner_dim",
+        "precondition_frequency",
+        "start_preconditioning_step",
+        "inv_root_override",
+        "exponent_multiplier",
+        "use_nesterov",
+        "use_bias_correction",
+        "use_decoupled_weight_decay",
+        "grafting_config",
+        "use_merge_dims",
+        "preconditioner_dtype",
+        "precision_config",
+        "root_inv_config",
     }
     assert group["precision_config"] == PrecisionConfig()
     assert group["preconditioner_dtype"] is None
@@ -225,10 +297,14 @@ class _DDPSubclass(DDPShampooConfig):
     pass
 
 
-@pytest.mark.parametrize("config", [_UnknownDistributed(), _DDPSubclass()], ids=["unknown", "ddp_subclass"])
+@pytest.mark.parametrize(
+    "config", [_UnknownDistributed(), _DDPSubclass()], ids=["unknown", "ddp_subclass"]
+)
 def test_unknown_distributed_config_type(config: DistributedConfig) -> None:
     # Dispatch is by exact type (SPEC B §1.3 step 22): a subclass of DDPShampooConfig is unknown.
-    with pytest.raises(NotImplementedError, match=r"(?i)" + re.escape(type(config).__name__) + r".*not supported"):
+    with pytest.raises(
+        NotImplementedError, match=r"(?i)" + re.escape(type(config).__name__) + r".*not supported"
+    ):
         DistributedShampoo([_param()], distributed_config=config)
 
 
@@ -253,20 +329,43 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> str:
 
 
 def test_pt2_both_arguments_conflict(no_cuda: None, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match=r"(?i)both.*use_pytorch_compile.*shampoo_pt2_compile_config"):
-        DistributedShampoo([_param()], use_pytorch_compile=True, shampoo_pt2_compile_config=ShampooPT2CompileConfig())
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(
+            ValueError, match=r"(?i)both.*use_pytorch_compile.*shampoo_pt2_compile_config"
+        ),
+    ):
+        DistributedShampoo(
+            [_param()],
+            use_pytorch_compile=True,
+            shampoo_pt2_compile_config=ShampooPT2CompileConfig(),
+        )
     # A rejected use_pytorch_compile is not "deprecated but accepted": no deprecation warning.
     assert "deprecat" not in _warnings(caplog).lower()
 
 
 def test_pt2_false_with_config_conflicts(no_cuda: None, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match=r"(?i)use_pytorch_compile=False.*conflict.*shampoo_pt2_compile_config"):
-        DistributedShampoo([_param()], use_pytorch_compile=False, shampoo_pt2_compile_config=ShampooPT2CompileConfig())
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(
+            ValueError, match=r"(?i)use_pytorch_compile=False.*conflict.*shampoo_pt2_compile_config"
+        ),
+    ):
+        DistributedShampoo(
+            [_param()],
+            use_pytorch_compile=False,
+            shampoo_pt2_compile_config=ShampooPT2CompileConfig(),
+        )
     assert "deprecat" not in _warnings(caplog).lower()
 
 
-def test_pt2_use_pytorch_compile_alone_warns_then_needs_backend(no_cuda: None, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match=r"(?i)backend does not support pytorch 2\.0 compile"):
+def test_pt2_use_pytorch_compile_alone_warns_then_needs_backend(
+    no_cuda: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(ValueError, match=r"(?i)backend does not support pytorch 2\.0 compile"),
+    ):
         DistributedShampoo([_param()], use_pytorch_compile=True)
     assert re.search(r"(?i)use_pytorch_compile.*deprecat", _warnings(caplog))
 
@@ -285,7 +384,9 @@ def test_pt2_off_is_silent(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_preconditioner_dtype_deprecation_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        optimizer = DistributedShampoo([_param()], preconditioner_dtype=torch.float64, start_preconditioning_step=1)
+        optimizer = DistributedShampoo(
+            [_param()], preconditioner_dtype=torch.float64, start_preconditioning_step=1
+        )
     assert re.search(r"(?i)preconditioner_dtype.*deprecated.*precision_config", _warnings(caplog))
     # Maps onto PrecisionConfig(factor_matrix_dtype=...) (SPEC §1.3 step 19, A.3.4).
     assert optimizer.param_groups[0]["precision_config"].factor_matrix_dtype == torch.float64
@@ -294,17 +395,26 @@ def test_preconditioner_dtype_deprecation_warning(caplog: pytest.LogCaptureFixtu
 def test_start_preconditioning_step_minus_one_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         DistributedShampoo([_param()], precondition_frequency=7, start_preconditioning_step=-1)
-    assert re.search(r"(?i)start_preconditioning_step.*-1.*precondition.?frequency.*7", _warnings(caplog))
+    assert re.search(
+        r"(?i)start_preconditioning_step.*-1.*precondition.?frequency.*7", _warnings(caplog)
+    )
 
 
 def test_nesterov_with_zero_momentum_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        DistributedShampoo([_param()], use_nesterov=True, momentum=0.0, start_preconditioning_step=1)
+        DistributedShampoo(
+            [_param()], use_nesterov=True, momentum=0.0, start_preconditioning_step=1
+        )
     assert re.search(r"(?i)nesterov.*momentum.*zero|nesterov.*zero.*momentum", _warnings(caplog))
 
 
 def test_valid_configuration_logs_no_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        DistributedShampoo([_param()], use_nesterov=True, momentum=0.5, start_preconditioning_step=1,
-                           grafting_config=AdamGraftingConfig())
+        DistributedShampoo(
+            [_param()],
+            use_nesterov=True,
+            momentum=0.5,
+            start_preconditioning_step=1,
+            grafting_config=AdamGraftingConfig(),
+        )
     assert _warnings(caplog) == ""

@@ -30,11 +30,13 @@ class BlockLayout:
     block_keys: List[str]                # "block_{k}", k restarting at 0 for each parameter
     block_shapes: List[Tuple[int, ...]]  # dims of each block (() for an order-0 block)
     param_offsets: List[int]             # element offset of each parameter, param layout
-    numel: int                           # elements of all parameters (= of all blocks)
+    param_numel: int                     # elements of all parameters (param-layout size)
+    numel: int                           # elements of the blocks in this layout
     factor_numel: int                    # elements of all factor matrices
     factor_count: int                    # number of factor matrices
     factor_block: np.ndarray             # int64 [factor_count]: block of each factor
     factor_dim: np.ndarray               # int64 [factor_count]: its dimension in the block
+    global_blocks: np.ndarray            # int64 [num_blocks]: index of each row in the full plan
 
     @property
     def num_blocks(self) -> int:
@@ -97,9 +99,59 @@ def build_block_layout(
         block_keys=block_keys,
         block_shapes=shapes_out,
         param_offsets=param_offsets,
+        param_numel=numel,
         numel=numel,
         factor_numel=factor_numel,
         factor_count=factor_count,
         factor_block=factor_block,
         factor_dim=factor_dim,
+        global_blocks=np.arange(len(table), dtype=np.int64),
     )
+
+
+def select_blocks(layout: BlockLayout, keep: np.ndarray) -> BlockLayout:
+    """The rows of `layout` where `keep` is True, with block/factor offsets recompacted.
+
+    Parameter offsets and strides are kept: a subset still reads gradients from the whole
+    group's param-layout buffer (e.g. the blocks one DDP rank owns).
+    """
+    table = layout.table.numpy()[keep].copy()
+    numel = table[:, _backend.BF_NUMEL]
+    orders = table[:, _backend.BF_ORDER]
+    dims = table[:, _backend.BF_DIMS : _backend.BF_DIMS + _backend.MAX_ORDER].astype(np.int64)
+    factor_sizes = (dims**2).sum(axis=1)
+    table[:, _backend.BF_BLOCK_OFFSET] = np.cumsum(numel) - numel
+    table[:, _backend.BF_FACTOR_OFFSET] = np.cumsum(factor_sizes) - factor_sizes
+    table[:, _backend.BF_FACTOR_INDEX] = np.cumsum(orders) - orders
+    indices = np.flatnonzero(keep)
+    factor_block = np.repeat(np.arange(len(table), dtype=np.int64), orders)
+    factor_dim = np.concatenate([np.arange(o, dtype=np.int64) for o in orders] or [np.zeros(0, np.int64)])
+    return BlockLayout(
+        table=torch.from_numpy(np.ascontiguousarray(table)),
+        block_param=layout.block_param[indices],
+        block_keys=[layout.block_keys[i] for i in indices],
+        block_shapes=[layout.block_shapes[i] for i in indices],
+        param_offsets=layout.param_offsets,
+        param_numel=layout.param_numel,
+        numel=int(numel.sum()),
+        factor_numel=int(factor_sizes.sum()),
+        factor_count=int(orders.sum()),
+        factor_block=factor_block,
+        factor_dim=factor_dim,
+        global_blocks=layout.global_blocks[indices],
+    )
+
+
+def contiguous_destination(layout: BlockLayout) -> torch.Tensor:
+    """A copy of the table whose param-layout address of each block is its block-layout
+    address, with row-major strides: finish() then writes updates packed block after block
+    (the DDP all-gather payload) instead of into the parameters' layout."""
+    table = layout.table.numpy().copy()
+    table[:, _backend.BF_PARAM_OFFSET] = table[:, _backend.BF_BLOCK_OFFSET]
+    strides = table[:, _backend.BF_STRIDES : _backend.BF_STRIDES + _backend.MAX_ORDER]
+    strides[:] = 0
+    for row, stride in zip(table, strides):
+        order = int(row[_backend.BF_ORDER])
+        dims = row[_backend.BF_DIMS : _backend.BF_DIMS + order]
+        stride[:order] = np.cumprod(np.concatenate([dims[1:], [1]])[::-1])[::-1]
+    return torch.from_numpy(table)

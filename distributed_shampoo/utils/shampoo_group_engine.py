@@ -27,7 +27,13 @@ from distributed_shampoo.shampoo_types import (
     RMSpropGraftingConfig,
     SGDGraftingConfig,
 )
-from distributed_shampoo.utils.shampoo_block_layout import BlockLayout, build_block_layout
+from distributed_shampoo.utils.shampoo_block_layout import (
+    BlockLayout,
+    build_block_layout,
+    contiguous_destination,
+    select_blocks,
+)
+from distributed_shampoo.utils.shampoo_ddp_distributor import DDPExchange, DDPPlacement
 from distributed_shampoo.utils.shampoo_residuals import log_root_inverse_residuals
 from distributed_shampoo.utils.shampoo_scalars import (
     first_moment_bias_correction,
@@ -109,6 +115,7 @@ class ShampooGroupEngine:
         group_index: int,
         shampoo_dtype: Optional[torch.dtype],
         use_protected_eigh: bool,
+        ddp: Optional[DDPPlacement] = None,
     ) -> None:
         self.params = list(params)
         self.group_index = group_index
@@ -116,11 +123,17 @@ class ShampooGroupEngine:
         self.device = self._common_device(self.params)
         self.param_indices = list(range(len(self.params)))
         precision: PrecisionConfig = group["precision_config"]
-        self.layout: BlockLayout = build_block_layout(
+        # All blocks of the group; this engine keeps state for, and computes, its own blocks:
+        # all of them, or under DDP the ones this rank owns.
+        self.full_layout = build_block_layout(
             [tuple(p.shape) for p in self.params],
             group["max_preconditioner_dim"],
             group["use_merge_dims"],
             group["inv_root_override"],
+        )
+        owners = ddp.owners(self.full_layout) if ddp is not None else None
+        self.layout: BlockLayout = (
+            self.full_layout if ddp is None else select_blocks(self.full_layout, owners == ddp.group_rank)
         )
         layout = self.layout
         # Read once at construction (SPEC B §1.4).
@@ -138,6 +151,13 @@ class ShampooGroupEngine:
 
         n, nf = layout.numel, layout.factor_numel
         self.table = layout.table.to(self.device)
+        self.exchange: Optional[DDPExchange] = None
+        if ddp is not None:
+            self.exchange = DDPExchange(self.full_layout, owners, ddp, self.device, self.working_dtype)
+            # finish() packs this rank's updates block after block: the all-gather payload.
+            self.payload_table = contiguous_destination(layout).to(self.device)
+            self.payload = zeros(n, self.working_dtype)
+            self.full_active = torch.zeros(self.full_layout.num_blocks, dtype=torch.uint8, device=self.device)
         # Live optimizer state (storage dtypes of SPEC B §3 / §6).
         self.factors = zeros(nf, precision.factor_matrix_dtype)
         self.inv_factors = zeros(nf, precision.inv_factor_matrix_dtype)
@@ -149,7 +169,7 @@ class ShampooGroupEngine:
         self.momentum = zeros(n, precision.momentum_dtype) if group["momentum"] != 0 else None
         self.step_count = torch.zeros((), dtype=torch.int64)
         # Scratch, in the kernels' dtypes.
-        self.grad_flat = zeros(n, self.working_dtype)       # gradients in, updates out
+        self.grad_flat = zeros(layout.param_numel, self.working_dtype)  # gradients in, updates out
         self.grad_blocks = zeros(n, self.working_dtype)     # G, then G_hat
         self.shampoo_dir = zeros(n, self.working_dtype)
         self.factor_work = zeros(nf, self.shampoo_dtype)
@@ -200,7 +220,7 @@ class ShampooGroupEngine:
     def _ensure_param_buffers(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.param_flat is None or self.param_blocks is None:
             self.param_flat = torch.zeros_like(self.grad_flat)
-            self.param_blocks = torch.zeros_like(self.grad_flat)
+            self.param_blocks = torch.zeros_like(self.grad_blocks)
             self._param_views = self._param_shaped_views(self.param_flat)
         return self.param_flat, self.param_blocks
 
@@ -260,8 +280,10 @@ class ShampooGroupEngine:
                 "and/or model."
             )
         self._active_params = active_params
-        mask = np.asarray(active_params, dtype=np.uint8)[self.layout.block_param]
-        self.active.copy_(torch.from_numpy(mask))
+        per_param = np.asarray(active_params, dtype=np.uint8)
+        self.active.copy_(torch.from_numpy(per_param[self.layout.block_param]))
+        if self.exchange is not None:
+            self.full_active.copy_(torch.from_numpy(per_param[self.full_layout.block_param]))
         self._live = [i for i, a in enumerate(active_params) if a]
         self._live_params = [self.params[i] for i in self._live]
         self._live_grad_views = [self._grad_views[i] for i in self._live]
@@ -277,6 +299,24 @@ class ShampooGroupEngine:
             self._set_active(active_params)
         if not self._live:
             return None
+        if self.exchange is None:
+            return self._prepare_live(group, grads)
+        # Under DDP every rank learns whether any rank failed, so that all raise together
+        # rather than some waiting forever in the all-gather (SPEC A.3.6).
+        try:
+            plan = self._prepare_live(group, grads)
+        except Exception:
+            self.exchange.agree_on_failure(True)
+            raise
+        if self.exchange.agree_on_failure(False):
+            raise RuntimeError(
+                f"The optimizer step failed on another rank of the trainer group (param group "
+                f"{self.group_index}; that rank raised the cause). The step was not taken; "
+                "parameters and optimizer state are unchanged."
+            )
+        return plan
+
+    def _prepare_live(self, group: Dict[str, Any], grads: List[Optional[torch.Tensor]]) -> "StepPlan":
         live_grads = [grads[i] for i in self._live]
         for g in live_grads:
             if g.is_sparse:
@@ -298,7 +338,7 @@ class ShampooGroupEngine:
         decoupled = bool(group["use_decoupled_weight_decay"])
         torch._foreach_copy_(self._live_grad_views, live_grads)
         param_flat = param_blocks = None
-        if weight_decay != 0.0:
+        if weight_decay != 0.0 or (self.exchange is not None and self.exchange.communicate_params):
             param_flat, param_blocks = self._ensure_param_buffers()
             if self._live_param_views is None:
                 self._live_param_views = [self._param_views[i] for i in self._live]
@@ -406,10 +446,15 @@ class ShampooGroupEngine:
         # Grafting, decoupled weight decay, momentum, lr (SPEC B §4.8-§4.11); then parameters.
         momentum_state = self._working("momentum", self.momentum, working) if momentum != 0.0 else None
         graft_kind = self.grafting.kind if grafting_on else "none"
+        # Serially the updates land in the parameters' layout; under DDP they are packed
+        # block after block, the payload of the all-gather.
+        destination, destination_table = (
+            (self.grad_flat, self.table) if self.exchange is None else (self.payload, self.payload_table)
+        )
         _backend.finish(
-            self.grad_flat, self.grad_blocks, shampoo_dir,
+            destination, self.grad_blocks, shampoo_dir,
             grafting_state if graft_kind == "diagonal" else None,
-            plan.param_blocks if decoupled else None, momentum_state, self.table, self.active,
+            plan.param_blocks if decoupled else None, momentum_state, destination_table, self.active,
             graft=graft_kind, grafting_phase=grafting_phase,
             grafting_bias_correction=(
                 float32_bias_correction(self.grafting.beta2, t) if self.grafting.bias_corrected else 1.0
@@ -423,7 +468,37 @@ class ShampooGroupEngine:
             self.momentum.copy_(momentum_state)  # type: ignore[union-attr]
         if update_grafting and grafting_state is not self.grafting_state:
             self.grafting_state.copy_(grafting_state)  # type: ignore[union-attr]
-        torch._foreach_add_(self._live_params, self._live_grad_views)
+        if self.exchange is None:
+            torch._foreach_add_(self._live_params, self._live_grad_views)
+        else:
+            self._apply_exchanged(plan)
+
+    def _apply_exchanged(self, plan: "StepPlan") -> None:
+        """DDP (SPEC B §7.2.5): all-gather every rank's updates (or, with communicate_params,
+        its updated parameters) and apply all of them, each rank the same way."""
+        assert self.exchange is not None
+        if self.exchange.communicate_params:
+            assert plan.param_blocks is not None and self.param_flat is not None
+            self.payload.add_(plan.param_blocks)
+            self._unpack(self.exchange.exchange(self.payload), self.param_flat)
+            if self._live_param_views is None:
+                self._live_param_views = [self._param_views[i] for i in self._live]
+            torch._foreach_copy_(self._live_params, self._live_param_views)
+        else:
+            self._unpack(self.exchange.exchange(self.payload), self.grad_flat)
+            torch._foreach_add_(self._live_params, self._live_grad_views)
+
+    def _unpack(self, gathered: torch.Tensor, destination_flat: torch.Tensor) -> None:
+        """Writes every active global block of `gathered` into the parameters' layout: the
+        finish pass with nothing enabled and lr = -1 is an exact copy (update = 1 * P)."""
+        assert self.exchange is not None
+        _backend.finish(
+            destination_flat, gathered, gathered, None, None, None,
+            self.exchange.receive_table, self.full_active,
+            graft="none", grafting_phase=False, grafting_bias_correction=1.0,
+            grafting_epsilon=0.0, decoupled_weight_decay=0.0, momentum=0.0, dampening=0.0,
+            nesterov=False, lr=-1.0,
+        )
 
     def _in_dtype(self, name: str, buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if buffer.dtype == dtype:
