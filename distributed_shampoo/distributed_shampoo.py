@@ -23,7 +23,7 @@ from distributed_shampoo.shampoo_types import (
     ShampooPT2CompileConfig,
 )
 from distributed_shampoo.utils import shampoo_state_dict
-from distributed_shampoo.utils.shampoo_ddp_distributor import trainer_group
+from distributed_shampoo.utils.shampoo_distributor import plan_distribution
 from distributed_shampoo.utils.shampoo_group_engine import ShampooGroupEngine
 from distributed_shampoo.utils.shampoo_hyperparameters import validate_group
 
@@ -112,13 +112,8 @@ class DistributedShampoo(torch.optim.Optimizer):
             defaults["precision_config"] = PrecisionConfig(factor_matrix_dtype=preconditioner_dtype)
         if distributed_config is not None and type(distributed_config) not in _DISTRIBUTED_CONFIG_TYPES:
             raise NotImplementedError(f"distributed_config={distributed_config!r} not supported!")
-        if distributed_config is not None and type(distributed_config) is not DDPShampooConfig:
-            raise NotImplementedError(
-                f"distributed_config={distributed_config!r}: FSDP, HSDP and FSDP2 are not "
-                "available in this build yet; use DDPShampooConfig or distributed_config=None."
-            )
         super().__init__(params, defaults)
-        ddp = trainer_group(distributed_config) if distributed_config is not None else None
+        distribution = plan_distribution(distributed_config, self.param_groups)
 
         self._distributed_config = distributed_config
         self._use_protected_eigh = use_protected_eigh
@@ -130,7 +125,10 @@ class DistributedShampoo(torch.optim.Optimizer):
             if not group["params"]:
                 raise ValueError(f"param group {index} has no parameters.")
             engine = ShampooGroupEngine(
-                group["params"], group, index, group["preconditioner_dtype"], use_protected_eigh, ddp
+                group["params"], group, index, group["preconditioner_dtype"], use_protected_eigh,
+                ddp=distribution.placement,
+                pieces=distribution.pieces_by_group[index] if distribution.pieces_by_group else None,
+                key_prefix=distribution.key_prefix,
             )
             self._engines.append(engine)
             for param_index, blocks in engine.block_states().items():

@@ -49,42 +49,62 @@ class BlockLayout:
         return f"{param_indices[self.block_param[block]]}.{self.block_keys[block]}.{dim}"
 
 
+@dataclass(frozen=True)
+class TensorPiece:
+    """A sub-tensor that is merged and blocked on its own: a whole parameter, or (FSDP) one
+    of the valid sub-tensors its flattened shard is cut into (SPEC B §7.3.2)."""
+
+    param_index: int
+    shape: Tuple[int, ...]
+    offset: int  # element offset of the piece inside its parameter's local data
+
+
+def whole_tensors(shapes: Sequence[Tuple[int, ...]]) -> List[TensorPiece]:
+    return [TensorPiece(i, tuple(shape), 0) for i, shape in enumerate(shapes)]
+
+
 def build_block_layout(
-    shapes: Sequence[Tuple[int, ...]],
+    param_numels: Sequence[int],
+    pieces: Sequence[TensorPiece],
     max_preconditioner_dim: int,
     use_merge_dims: bool,
     inv_root_override: Union[int, Sequence[int]],
+    key_prefix: str = "block_",
 ) -> BlockLayout:
+    """Blocks of every piece, in piece order; block keys count per parameter."""
+    param_offsets = np.concatenate([[0], np.cumsum(param_numels, dtype=np.int64)])
     tables = []
     block_param: List[int] = []
     block_keys: List[str] = []
-    param_offsets: List[int] = []
+    blocks_per_param = [0] * len(param_numels)
     numel = factor_numel = factor_count = 0
-    for index, shape in enumerate(shapes):
+    for piece in pieces:
+        shape = piece.shape
         merged = (
             _backend.merge_small_dims(shape, max_preconditioner_dim) if use_merge_dims else shape
         )
         if len(merged) > _backend.MAX_ORDER:
             raise ValueError(
-                f"Parameter {index} has shape {tuple(shape)}, which blocks into order "
+                f"Parameter {piece.param_index} has shape {tuple(shape)}, which blocks into order "
                 f"{len(merged)} tensors; at most {_backend.MAX_ORDER} dimensions are supported "
                 "(use use_merge_dims=True to merge small dimensions)."
             )
         plan = _backend.block_plan(merged, max_preconditioner_dim)
         orders = plan[:, _backend.BF_ORDER]
         plan[:, _backend.BF_ROOT] = [max(root_for_order(int(o), inv_root_override), 1) for o in orders]
-        plan[:, _backend.BF_PARAM_OFFSET] += numel
+        plan[:, _backend.BF_PARAM_OFFSET] += int(param_offsets[piece.param_index]) + piece.offset
         plan[:, _backend.BF_BLOCK_OFFSET] += numel
         plan[:, _backend.BF_FACTOR_OFFSET] += factor_numel
         plan[:, _backend.BF_FACTOR_INDEX] += factor_count
         dims = plan[:, _backend.BF_DIMS : _backend.BF_DIMS + _backend.MAX_ORDER]
-        param_offsets.append(numel)
         numel += int(np.prod(shape, dtype=np.int64))
         factor_numel += int((dims.astype(np.int64) ** 2).sum())
         factor_count += int(orders.sum())
         tables.append(plan)
-        block_param.extend([index] * len(plan))
-        block_keys.extend(f"block_{k}" for k in range(len(plan)))
+        first = blocks_per_param[piece.param_index]
+        blocks_per_param[piece.param_index] += len(plan)
+        block_param.extend([piece.param_index] * len(plan))
+        block_keys.extend(f"{key_prefix}{k}" for k in range(first, first + len(plan)))
     table = np.concatenate(tables) if tables else np.zeros((0, _backend.BF_COUNT), np.int64)
     shapes_out = [
         tuple(int(d) for d in row[_backend.BF_DIMS : _backend.BF_DIMS + row[_backend.BF_ORDER]])
@@ -98,8 +118,8 @@ def build_block_layout(
         block_param=np.asarray(block_param, dtype=np.int64),
         block_keys=block_keys,
         block_shapes=shapes_out,
-        param_offsets=param_offsets,
-        param_numel=numel,
+        param_offsets=[int(o) for o in param_offsets[:-1]],
+        param_numel=int(param_offsets[-1]),
         numel=numel,
         factor_numel=factor_numel,
         factor_count=factor_count,

@@ -29,9 +29,11 @@ from distributed_shampoo.shampoo_types import (
 )
 from distributed_shampoo.utils.shampoo_block_layout import (
     BlockLayout,
+    TensorPiece,
     build_block_layout,
     contiguous_destination,
     select_blocks,
+    whole_tensors,
 )
 from distributed_shampoo.utils.shampoo_ddp_distributor import DDPExchange, DDPPlacement
 from distributed_shampoo.utils.shampoo_residuals import log_root_inverse_residuals
@@ -44,6 +46,12 @@ from distributed_shampoo.utils.shampoo_scalars import (
 logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
 
 _ROOT_OK = (_backend.ROOT_OK, _backend.ROOT_MAX_ITERS)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2 parameters and gradients); other tensors as they are."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
 
 
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -116,8 +124,14 @@ class ShampooGroupEngine:
         shampoo_dtype: Optional[torch.dtype],
         use_protected_eigh: bool,
         ddp: Optional[DDPPlacement] = None,
+        pieces: Optional[Sequence[TensorPiece]] = None,
+        key_prefix: str = "block_",
     ) -> None:
+        """`pieces` (default: every parameter whole) says how parameters are cut before
+        blocking (FSDP); `ddp` spreads the blocks over a trainer group."""
         self.params = list(params)
+        # The tensors the optimizer reads and writes: a DTensor parameter's local shard (FSDP2).
+        self.locals = [local_tensor(p) for p in self.params]
         self.group_index = group_index
         self.use_protected_eigh = use_protected_eigh
         self.device = self._common_device(self.params)
@@ -126,10 +140,12 @@ class ShampooGroupEngine:
         # All blocks of the group; this engine keeps state for, and computes, its own blocks:
         # all of them, or under DDP the ones this rank owns.
         self.full_layout = build_block_layout(
-            [tuple(p.shape) for p in self.params],
+            [t.numel() for t in self.locals],
+            pieces if pieces is not None else whole_tensors([tuple(t.shape) for t in self.locals]),
             group["max_preconditioner_dim"],
             group["use_merge_dims"],
             group["inv_root_override"],
+            key_prefix,
         )
         owners = ddp.owners(self.full_layout) if ddp is not None else None
         self.layout: BlockLayout = (
@@ -199,8 +215,8 @@ class ShampooGroupEngine:
 
     def _param_shaped_views(self, flat: torch.Tensor) -> List[torch.Tensor]:
         return [
-            flat[offset : offset + p.numel()].view(p.shape)
-            for offset, p in zip(self.layout.param_offsets, self.params)
+            flat[offset : offset + t.numel()].view(t.shape)
+            for offset, t in zip(self.layout.param_offsets, self.locals)
         ]
 
     def _scratch_like(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -285,7 +301,7 @@ class ShampooGroupEngine:
         if self.exchange is not None:
             self.full_active.copy_(torch.from_numpy(per_param[self.full_layout.block_param]))
         self._live = [i for i, a in enumerate(active_params) if a]
-        self._live_params = [self.params[i] for i in self._live]
+        self._live_params = [self.locals[i] for i in self._live]
         self._live_grad_views = [self._grad_views[i] for i in self._live]
         self._live_param_views: Optional[List[torch.Tensor]] = None
 
@@ -293,7 +309,7 @@ class ShampooGroupEngine:
         """The fallible half of a step (SPEC B §4.1-§4.6): gathers and checks the gradients
         and, on a root step, computes new factors and inverse roots into scratch. Raises
         before any parameter or state changes; returns None when no gradient exists."""
-        grads = [p.grad for p in self.params]
+        grads = [None if p.grad is None else local_tensor(p.grad) for p in self.params]
         active_params = tuple(g is not None for g in grads)
         if active_params != self._active_params:
             self._set_active(active_params)
