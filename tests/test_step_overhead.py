@@ -1,0 +1,46 @@
+"""DESIGN's performance contract: a step crosses into C a fixed number of times per phase,
+whatever the number of blocks (SPEC A.4)."""
+
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+from distributed_shampoo import _backend
+from distributed_shampoo.distributed_shampoo import DistributedShampoo
+from distributed_shampoo.shampoo_types import AdamGraftingConfig
+
+PHASES = ("gather", "factor_update", "root_inverse", "root_commit", "precondition", "moments", "finish")
+
+
+def backend_calls_per_step(max_preconditioner_dim: int, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 8))
+    optimizer = DistributedShampoo(
+        model.parameters(), lr=0.01, betas=(0.9, 0.999), momentum=0.5, weight_decay=0.01,
+        max_preconditioner_dim=max_preconditioner_dim, grafting_config=AdamGraftingConfig(),
+    )
+    model(torch.randn(4, 24)).sum().backward()
+    calls: Counter = Counter()
+    with monkeypatch.context() as patch:
+        for name in PHASES:
+            original = getattr(_backend, name)
+
+            def counted(*args, _name=name, _original=original, **kwargs):
+                calls[_name] += 1
+                return _original(*args, **kwargs)
+
+            patch.setattr(_backend, name, counted)
+        optimizer.step()
+    blocks = sum(engine.layout.num_blocks for engine in optimizer._engines)
+    return blocks, calls
+
+
+def test_backend_calls_do_not_grow_with_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    few_blocks, few_calls = backend_calls_per_step(64, monkeypatch)
+    many_blocks, many_calls = backend_calls_per_step(2, monkeypatch)
+    assert many_blocks > 20 * few_blocks
+    assert few_calls == many_calls
+    # One call per phase for the single param group (a root-inverse step: frequency 1).
+    assert all(few_calls[name] == 1 for name in PHASES), few_calls
