@@ -227,8 +227,8 @@ class ShampooGroupEngine:
             buffer = self._scratch[key] = torch.empty(like.numel(), dtype=dtype, device=self.device)
         return buffer
 
-    def _working(self, name: str, state: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """The state itself when stored in `dtype`, else a working copy (SPEC B §6.2)."""
+    def _working(self, name: str, state: Optional[torch.Tensor], dtype: torch.dtype) -> Any:
+        """`state` itself when stored in `dtype`, else a working copy in scratch (SPEC B §6.2)."""
         if state is None or state.dtype == dtype:
             return state
         return self._scratch_like(name, state, dtype).copy_(state)
@@ -389,7 +389,7 @@ class ShampooGroupEngine:
 
     def _updated_factors_in_scratch(self) -> torch.Tensor:
         work = self.factor_work.copy_(self.factors)
-        grads = self._in_dtype("grad_s", self.grad_blocks, self.shampoo_dtype)
+        grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
         _backend.factor_update(work, work, grads, self.table, self.active, self.beta2)
         return work
 
@@ -412,7 +412,7 @@ class ShampooGroupEngine:
         else:
             if self.layout.factor_numel > 0:
                 if self.factors.dtype == self.shampoo_dtype:
-                    grads = self._in_dtype("grad_s", self.grad_blocks, self.shampoo_dtype)
+                    grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
                     _backend.factor_update(
                         self.factors, self.factors, grads, self.table, self.active, self.beta2
                     )
@@ -453,7 +453,7 @@ class ShampooGroupEngine:
             if self.shampoo_dtype == working:
                 _backend.precondition(self.shampoo_dir, self.grad_blocks, inv_roots, self.table, self.active)
             else:
-                grads_s = self._in_dtype("grad_s", self.grad_blocks, self.shampoo_dtype)
+                grads_s = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
                 out_s = self._scratch_like("dir_s", self.grad_blocks, self.shampoo_dtype)
                 _backend.precondition(out_s, grads_s, inv_roots, self.table, self.active)
                 self.shampoo_dir.copy_(out_s)
@@ -515,11 +515,6 @@ class ShampooGroupEngine:
             grafting_epsilon=0.0, decoupled_weight_decay=0.0, momentum=0.0, dampening=0.0,
             nesterov=False, lr=-1.0,
         )
-
-    def _in_dtype(self, name: str, buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if buffer.dtype == dtype:
-            return buffer
-        return self._scratch_like(name, buffer, dtype).copy_(buffer)
 
     def _check_roots(self) -> None:
         """Raises for non-finite factors or roots; decides which roots to commit."""
