@@ -164,7 +164,8 @@ class DistributedShampoo(torch.optim.Optimizer):
         return shampoo_state_dict.state_dict(self)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:  # type: ignore[override]
-        """Loads what state_dict() returned; validates everything before changing anything."""
+        """Loads what state_dict() returned; validates everything before changing anything.
+        With a distributed_config this is collective: every rank loads or every rank raises."""
         shampoo_state_dict.load_state_dict(self, state_dict)
 
     def distributed_state_dict(
@@ -182,7 +183,10 @@ class DistributedShampoo(torch.optim.Optimizer):
         save_param_groups: bool = True,
         enable_missing_key_check: bool = True,
     ) -> None:
-        """Restores distributed_state_dict's output (SPEC B §8.3), all-or-nothing."""
+        """Restores distributed_state_dict's output (SPEC B §8.3), all-or-nothing; collective
+        under a distributed_config. With torch.distributed.checkpoint, load with
+        planner=ShampooLoadPlanner() (distributed_shampoo.utils.shampoo_dcp) so that a bad
+        checkpoint never reaches the live state."""
         shampoo_state_dict.load_distributed_state_dict(
             self, state_dict, key_to_param, save_param_groups, enable_missing_key_check
         )
