@@ -293,3 +293,23 @@ def test_fully_shard_config_on_plain_model_is_rejected() -> None:
     model = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="fully_shard"):
         DistributedShampoo(model.parameters(), distributed_config=FullyShardShampooConfig())
+
+
+def test_no_shard_parameters_are_taken_whole() -> None:
+    """FSDP falls back to NO_SHARD when a shard group has one rank: parameters keep their
+    shape and must be blocked whole, not treated as a flat shard."""
+    from torch.distributed.fsdp import ShardingStrategy
+
+    from distributed_shampoo.shampoo_types import FSDPParameterMetadata
+    from distributed_shampoo.utils.shampoo_fsdp_utils import fsdp_pieces
+
+    weight = nn.Parameter(torch.zeros(4, 3, 3, 3))
+    shard = nn.Parameter(torch.zeros(7))
+    metadata = {
+        weight: FSDPParameterMetadata("w", weight.shape, 108, 0, 108, ShardingStrategy.NO_SHARD),
+        shard: FSDPParameterMetadata("s", torch.Size([3, 5]), 15, 3, 10, ShardingStrategy.FULL_SHARD),
+    }
+    pieces = fsdp_pieces([weight, shard], metadata)
+    assert [(p.param_index, p.shape, p.offset) for p in pieces] == [
+        (0, (4, 3, 3, 3), 0), (1, (2,), 0), (1, (1, 5), 2),
+    ]

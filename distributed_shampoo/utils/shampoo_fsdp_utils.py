@@ -101,11 +101,13 @@ def fsdp_pieces(
 ) -> List[TensorPiece]:
     """Every parameter's local shard cut back into sub-tensors of its original shape.
 
-    Parameters FSDP does not shard (absent from the metadata) are taken whole."""
+    Parameters FSDP does not shard (absent from the metadata, or NO_SHARD) are taken whole."""
     pieces: List[TensorPiece] = []
     for index, param in enumerate(params):
         meta = param_to_metadata.get(param)  # type: ignore[call-overload]
-        if meta is None:
+        # FSDP keeps NO_SHARD parameters whole (it also falls back to NO_SHARD when a shard
+        # group has one rank), like parameters it does not manage at all.
+        if meta is None or getattr(meta.sharding_strategy, "name", None) == "NO_SHARD":
             pieces.append(TensorPiece(index, tuple(param.shape), 0))
             continue
         if param.dim() != 1 or param.numel() != meta.end_idx - meta.start_idx:
