@@ -15,6 +15,8 @@ C_FLAGS = [
     "-ffp-contract=off",
     "-Wall",
     "-Wextra",
+    # csrc/core/parallel.c runs blocks on POSIX threads.
+    "-pthread",
 ]
 
 extensions = [
@@ -23,6 +25,7 @@ extensions = [
         sources=sorted(glob("csrc/core/*.c") + glob("csrc/python/*.c")),
         depends=sorted(glob("csrc/core/*.h") + glob("csrc/core/*.inc") + glob("csrc/python/*.h")),
         extra_compile_args=C_FLAGS,
+        extra_link_args=["-pthread"],
         # The binding stays within the stable ABI (Py_LIMITED_API in binding.h); an abi3
         # wheel would also need py_limited_api=True here and the bdist_wheel tag.
     ),

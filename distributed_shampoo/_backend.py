@@ -41,6 +41,10 @@ ROOT_FAILED: int = _C.ROOT_FAILED
 ROOT_NONFINITE: int = _C.ROOT_NONFINITE
 ROOT_MAX_ITERS: int = _C.ROOT_MAX_ITERS
 
+# Estimated work (multiply-adds) of one kernel call below which its num_threads is ignored
+# and the calling thread runs alone (csrc/core/parallel.h).
+PARALLEL_MIN_COST: int = _C.PARALLEL_MIN_COST
+
 _ROOT_METHODS: Dict[str, int] = {
     "eigen": _C.ROOT_EIGEN,
     "newton": _C.ROOT_NEWTON,
@@ -69,6 +73,10 @@ _ENTRY: Dict[Tuple[str, str, str], Callable[..., Any]] = {
 }
 _DEVICES = sorted({device for _, _, device in _ENTRY})
 
+# Most threads a kernel call may start (num_threads): far above any core count the kernels
+# could use, low enough that a mistaken value cannot exhaust the process's threads.
+_MAX_THREADS = 1024
+
 
 def _scipy_blas_controller() -> ThreadpoolController:
     """threadpoolctl's handle on the OpenBLAS that SciPy's capsules (our BLAS table) belong to."""
@@ -91,8 +99,9 @@ def single_threaded_blas() -> Any:
     Measured on 2 cores (benchmarks/bench_step.py, README): with torch's OpenMP threads
     and OpenBLAS's threads competing, a 1024x1024 float32 inverse root took 2.5 s instead
     of 0.19 s, and the factor update 3x longer. The kernels parallelise across blocks
-    themselves, so BLAS is kept to one thread inside the optimizer step; the user's own
-    SciPy calls outside the step are unaffected.
+    themselves (the num_threads argument of factor_update, root_inverse and precondition),
+    so BLAS is kept to one thread inside the optimizer step; the user's own SciPy calls
+    outside the step are unaffected.
     """
     return _SCIPY_BLAS.limit(limits=1)
 
@@ -142,6 +151,15 @@ def _checked(op: str, names: Sequence[str], tensors: Sequence[Any]) -> None:
             _check(op, name, t)
 
 
+def _thread_count(op: str, num_threads: int) -> int:
+    """num_threads as the C int the kernels take (threads across blocks, caller included)."""
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
+        raise TypeError(f"{op}: argument 'num_threads' must be an int, got {type(num_threads).__name__}")
+    if not 1 <= num_threads <= _MAX_THREADS:
+        raise ValueError(f"{op}: argument 'num_threads' must be in [1, {_MAX_THREADS}], got {num_threads}")
+    return int(num_threads)
+
+
 def merge_small_dims(shape: Sequence[int], threshold: int) -> Tuple[int, ...]:
     """SPEC B §2.1: drop size-1 dims, then greedily merge neighbours while <= threshold."""
     return _C.merge_small_dims(shape, int(threshold))
@@ -178,23 +196,27 @@ def gather(
 
 
 def factor_update(
-    factors_out: Any, factors_in: Any, grads: Any, table: Any, active: Any, beta2: float
+    factors_out: Any, factors_in: Any, grads: Any, table: Any, active: Any, beta2: float, *,
+    num_threads: int = 1,
 ) -> None:
     """F_k <- beta2 F_k + (1 - beta2) U_k U_k^T (or F_k + U_k U_k^T if beta2 == 1), SPEC §4.4.
-    factors_out may be factors_in (in place)."""
+    factors_out may be factors_in (in place). num_threads: threads across blocks (see
+    single_threaded_blas); the result is bitwise the same for every value."""
     args = (factors_out, factors_in, grads, table, active)
     _checked("factor_update", ("factors_out", "factors_in", "grads", "table", "active"), args)
-    _entry("factor_update", "factors_out", factors_out)(*args, float(beta2))
+    threads = _thread_count("factor_update", num_threads)
+    _entry("factor_update", "factors_out", factors_out)(*args, float(beta2), threads)
 
 
 def root_inverse(
     out: Any, factors: Any, table: Any, active: Any, *, method: str, epsilon: float,
     exponent_multiplier: float, bias_correction: float, make_positive_semidefinite: bool,
     retry_double_precision: bool, max_iterations: int, tolerance: float, rel_epsilon: float,
-    order: int, is_diagonal: Any, status_out: Any,
+    order: int, is_diagonal: Any, status_out: Any, num_threads: int = 1,
 ) -> None:
     """Inverse roots of every factor of every active block into `out` (scratch), one
-    ROOT_* status per factor in `status_out` (int32); see csrc/core/matrix_root.h."""
+    ROOT_* status per factor in `status_out` (int32); see csrc/core/matrix_root.h.
+    num_threads: threads across blocks; results are bitwise the same for every value."""
     code = _ROOT_METHODS.get(method)
     if code is None:
         raise ValueError(
@@ -203,10 +225,11 @@ def root_inverse(
     args = (out, factors, table, active, is_diagonal, status_out)
     _checked("root_inverse", ("out", "factors", "table", "active", "is_diagonal",
                               "status_out"), args)
+    threads = _thread_count("root_inverse", num_threads)
     _entry("root_inverse", "out", out)(
         *args, code, float(epsilon), float(exponent_multiplier), float(bias_correction),
         bool(make_positive_semidefinite), bool(retry_double_precision), int(max_iterations),
-        float(tolerance), float(rel_epsilon), int(order),
+        float(tolerance), float(rel_epsilon), int(order), threads,
     )
 
 
@@ -217,11 +240,15 @@ def root_commit(dst: Any, src: Any, table: Any, commit: Any) -> None:
     _entry("root_commit", "dst", dst)(*args)
 
 
-def precondition(out: Any, grads: Any, inv_roots: Any, table: Any, active: Any) -> None:
-    """out = G x_0 Q_0 ... x_{d-1} Q_{d-1} per active block (SPEC §4.8); order 0: out = G."""
+def precondition(
+    out: Any, grads: Any, inv_roots: Any, table: Any, active: Any, *, num_threads: int = 1
+) -> None:
+    """out = G x_0 Q_0 ... x_{d-1} Q_{d-1} per active block (SPEC §4.8); order 0: out = G.
+    num_threads: threads across blocks; the result is bitwise the same for every value."""
     args = (out, grads, inv_roots, table, active)
     _checked("precondition", ("out", "grads", "inv_roots", "table", "active"), args)
-    _entry("precondition", "out", out)(*args)
+    threads = _thread_count("precondition", num_threads)
+    _entry("precondition", "out", out)(*args, threads)
 
 
 def moments(

@@ -90,3 +90,55 @@ def test_factor_update_keeps_a_one_sided_nan_like_torch():
         B.factor_update(out, out, grads, lay.table, np.ones(1, np.uint8), beta2)
         R_out = lay.factor_views(out, 0)[1]
         assert np.isnan(R_out[1, 2]) and np.isfinite(np.delete(R_out.ravel(), 6)).all()
+
+
+# Many blocks of mixed sizes and orders (cut at 128): a zero-size block, a 0-d one, 4-d ones.
+# Their estimated work is over 3 x PARALLEL_MIN_COST, so 3 threads really are used.
+THREAD_SHAPES = [(400, 250), (33,), (9, 40, 70), (), (5, 0), (130, 3), (2, 3, 4, 5), (64, 64),
+                 (1, 17), (31, 2, 33)]
+
+
+def _bits(a):
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("beta2", [1.0, 0.95])
+@pytest.mark.parametrize("in_place", [True, False])
+def test_factor_update_threads_bitwise_identical(dtype, beta2, in_place):
+    """num_threads 1, 2, 3: the same bits, inactive blocks and a NaN factor included."""
+    rng = np.random.default_rng(11)
+    lay = make_layout(THREAD_SHAPES, max_dim=128)
+    active = (rng.random(len(lay.blocks)) < 0.75).astype(np.uint8)
+    active[:3] = [1, 0, 1]
+    # a lower bound of the kernel's estimate (SYRK term of factor_update_cost), in ns
+    assert sum(0.03 * np.prod(blk.shape) * sum(blk.shape)
+               for blk, a in zip(lay.blocks, active) if a) > 3 * B.PARALLEL_MIN_COST
+    grads = rng.standard_normal(lay.block_numel).astype(dtype)
+    factors = rng.standard_normal(lay.factor_numel).astype(dtype)
+    lay.factor_views(factors, 0)[1][2, 5] = np.nan  # a NaN factor in an active block
+    lay.factor_views(factors, 1)[0][0, 0] = np.nan  # and in an inactive one
+    results = []
+    with B.single_threaded_blas():
+        for threads in (1, 2, 3):
+            out = factors.copy() if in_place else np.full_like(factors, -3.5)
+            B.factor_update(out, out if in_place else factors, grads, lay.table, active, beta2,
+                            num_threads=threads)
+            results.append(out)
+    assert np.isnan(lay.factor_views(results[0], 0)[1][2, 5])
+    for out in results[1:]:
+        np.testing.assert_array_equal(_bits(out), _bits(results[0]))
+    want, bound = oracle(lay, factors, grads, active, beta2)
+    finite = np.isfinite(want)
+    assert np.all(np.abs(results[0] - want)[finite] <= bound[finite])
+
+
+@pytest.mark.parametrize("bad,error", [(0, ValueError), (-2, ValueError), (2.0, TypeError),
+                                       (True, TypeError), (None, TypeError)])
+def test_num_threads_is_checked(bad, error):
+    lay = make_layout([(3, 5)], max_dim=8)
+    f, g, act = np.zeros(lay.factor_numel), np.zeros(lay.block_numel), np.ones(1, np.uint8)
+    with pytest.raises(error, match="num_threads"):
+        B.factor_update(f, f, g, lay.table, act, 1.0, num_threads=bad)
+    with pytest.raises(error, match="num_threads"):
+        B.precondition(np.zeros_like(g), g, f, lay.table, act, num_threads=bad)

@@ -690,3 +690,57 @@ def test_large_root_is_exact_power():
     assert st == OK
     np.testing.assert_allclose(np.linalg.matrix_power(np.linalg.inv(x), 7), a, rtol=1e-9)
     assert math.isfinite(float(x.sum()))
+
+
+# ------------------------------------------------------------------------------------------
+# Threads across blocks (num_threads).
+# ------------------------------------------------------------------------------------------
+
+# Mixed orders and sizes; estimated work over 3 x PARALLEL_MIN_COST, so 3 threads are used.
+THREAD_BLOCKS = [((64,), 2), ((40, 3), 4), ((17, 1, 5), 6), ((), 2), ((48, 48), 4),
+                 ((0, 7), 2), ((33,), 8), ((2, 60), 2), ((9, 9, 9), 4), ((50, 20), 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["eigen", "newton", "higher_order"])
+def test_threads_bitwise_identical(dtype, method):
+    """num_threads 1, 2, 3: the same roots, statuses and diagonal flags, bit for bit, with
+    inactive blocks, a NaN and an Inf factor, and diagonal flags set and cleared."""
+    rng = np.random.default_rng(21)
+    table, offsets = make_table(THREAD_BLOCKS)
+    dims = [d for ds, _ in THREAD_BLOCKS for d in ds]
+    mats = [spd(rng, d, 30.0) for d in dims]
+    mats[dims.index(40)][3, 5] = np.nan         # NaN factor (active block 1)
+    mats[dims.index(60)][0, 0] = np.inf         # Inf factor (active block 7)
+    mats[dims.index(5)] = np.diag(rng.random(5) + 0.5)
+    factors = np.concatenate([m.astype(dtype).ravel() for m in mats])
+    active = np.ones(len(THREAD_BLOCKS), np.uint8)
+    active[[4, 6]] = 0
+    # a lower bound of the kernel's estimate (n^2 term of root_inverse_cost), in ns
+    active_dims = [d for (ds, _), a in zip(THREAD_BLOCKS, active) if a for d in ds]
+    assert sum(100 * d * d for d in active_dims) > 3 * _backend.PARALLEL_MIN_COST
+    diag0 = np.zeros(len(dims), np.uint8)
+    diag0[[dims.index(5), dims.index(64)]] = 1  # one stays diagonal, one is cleared
+    kw = {**DEFAULTS, "method": method, "tolerance": ITER_TOL[dtype]}
+    results = []
+    with _backend.single_threaded_blas():
+        for threads in (1, 2, 3):
+            out = np.full_like(factors, SENTINEL)
+            diag = diag0.copy()
+            status = np.full(len(dims), -1, np.int32)
+            _backend.root_inverse(out, factors, table, active, **kw, is_diagonal=diag,
+                                  status_out=status, num_threads=threads)
+            results.append((out, status, diag))
+    out1, status1, diag1 = results[0]
+    for out, status, diag in results[1:]:
+        np.testing.assert_array_equal(out.view(np.uint8), out1.view(np.uint8))
+        np.testing.assert_array_equal(status, status1)
+        np.testing.assert_array_equal(diag, diag1)
+    assert status1[dims.index(40)] == FACTOR_NAN and status1[dims.index(60)] == FACTOR_INF
+    assert status1[dims.index(48)] == INACTIVE and status1[dims.index(33)] == INACTIVE
+    assert diag1[dims.index(5)] == 1 and diag1[dims.index(64)] == 0
+    f = dims.index(64)  # one result against the oracle
+    assert status1[f] == OK
+    ref = oracle_eigen(mats[f].astype(dtype), 2)
+    assert_root_close(out1[offsets[f]:offsets[f] + 64 * 64].reshape(64, 64), ref,
+                      iter_tol(dtype, 64, 30.0, 0.5))

@@ -44,4 +44,21 @@ static inline const int64_t *shampoo_table_row(const int64_t *table, int64_t b)
     return table + b * (int64_t)SHAMPOO_BF_COUNT;
 }
 
+/* Element offset of factor k of a row from the row's factor 0 (factor layout). */
+static inline int64_t shampoo_factor_elem_offset(const int64_t *row, int64_t k)
+{
+    int64_t offset = 0;
+    for (int64_t j = 0; j < k; j++)
+        offset += row[SHAMPOO_BF_DIMS + j] * row[SHAMPOO_BF_DIMS + j];
+    return offset;
+}
+
+/* Kernels whose factors are independent (factor update, inverse roots) share them among
+ * threads one factor at a time: item i is factor i % SHAMPOO_MAX_ORDER of block
+ * i / SHAMPOO_MAX_ORDER, an empty item when that block has fewer dims. */
+static inline int64_t shampoo_factor_items(int64_t nblocks)
+{
+    return nblocks <= INT64_MAX / SHAMPOO_MAX_ORDER ? nblocks * SHAMPOO_MAX_ORDER : -1;
+}
+
 #endif

@@ -10,8 +10,10 @@
 shampoo_status shampoo_merge_small_dims(const int64_t *shape, int64_t ndim, int64_t threshold,
                                         int64_t *out, int64_t *out_ndim);
 
-/* Number of blocks SPEC §2.2 cuts a tensor of `shape` into with split size max_dim >= 1
- * (1 for ndim 0; 1 for a zero-element tensor, whose single block has a zero dim). */
+/* Number of blocks SPEC §2.2 cuts a tensor of `shape` into with split size max_dim >= 1:
+ * the product over dims of ceil(d / max_dim), where a zero dim counts one (empty) chunk as
+ * torch.split gives (so (0, 5) with max_dim 2 has 3 blocks, each with a zero dim); 1 for
+ * ndim 0. ndim <= SHAMPOO_MAX_ORDER. */
 shampoo_status shampoo_block_count(const int64_t *shape, int64_t ndim, int64_t max_dim,
                                    int64_t *count);
 

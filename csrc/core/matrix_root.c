@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "block_table.h"
+#include "parallel.h"
 
 /* Growth factor of the error above which the higher-order iteration stops early, and the
  * error below which a stalled iteration counts as done (SPEC §5.5 step 7). */

@@ -39,18 +39,24 @@ typedef struct shampoo_root_config {
  * out: factor layout scratch; written only at factors with status OK, MAX_ITERS, NONFINITE.
  * factors: factor layout. is_diagonal: uint8[factor_count] in/out.
  * status_out: int32[factor_count], one shampoo_root_status per factor (INACTIVE for factors of
- * inactive blocks). Returns SHAMPOO_OK unless an argument is invalid or scratch allocation
- * fails. */
+ * inactive blocks).
+ * num_threads: the factors of all blocks are shared among this many POSIX threads, the
+ *   caller included (parallel.h; <= 1: the calling thread only). Meant to run with the BLAS
+ *   provider single-threaded (else its threads and ours compete for the cores); then out,
+ *   is_diagonal and status_out are bitwise the same for every num_threads, provided blocks do
+ *   not overlap in factor layout or factor indices (true of every table the package builds).
+ * Returns SHAMPOO_OK unless an argument is invalid or scratch allocation fails (then the
+ * outputs are partly written). */
 shampoo_status shampoo_root_inverse_f32(const shampoo_linalg *la, float *out,
                                         const float *factors, const int64_t *table,
                                         int64_t nblocks, const uint8_t *active,
                                         const shampoo_root_config *cfg, uint8_t *is_diagonal,
-                                        int32_t *status_out);
+                                        int32_t *status_out, int num_threads);
 shampoo_status shampoo_root_inverse_f64(const shampoo_linalg *la, double *out,
                                         const double *factors, const int64_t *table,
                                         int64_t nblocks, const uint8_t *active,
                                         const shampoo_root_config *cfg, uint8_t *is_diagonal,
-                                        int32_t *status_out);
+                                        int32_t *status_out, int num_threads);
 
 /* Commit step: for every factor f of every block, if commit[f] is nonzero copy
  * src[f] -> dst[f], else copy dst[f] -> src[f] (so src ends holding the working inverse roots

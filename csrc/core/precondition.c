@@ -2,9 +2,9 @@
  * body in precondition.inc. */
 #include <stddef.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 #include "block_table.h"
+#include "parallel.h"
 #include "precondition.h"
 
 #define SHAMPOO_REAL_IS_DOUBLE 0

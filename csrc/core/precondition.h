@@ -10,13 +10,21 @@
 #include "status.h"
 
 /* out, grads: block layout, disjoint. inv_roots: factor layout. Inactive blocks of out are not
- * written. CPU scratch (two block-sized buffers) is malloc'ed and freed inside. */
+ * written. CPU scratch (two block-sized buffers per thread) is malloc'ed and freed inside.
+ * num_threads: blocks are shared among this many POSIX threads, the caller included
+ *   (parallel.h; <= 1: the calling thread only). Meant to run with the BLAS provider
+ *   single-threaded (else its threads and ours compete for the cores); then out is bitwise
+ *   the same for every num_threads, provided blocks do not overlap in out (true of every table
+ *   the package builds).
+ * On SHAMPOO_ERR_* out is unspecified; SHAMPOO_ERR_UNSUPPORTED (a block beyond BLAS's 32-bit
+ * ints) is found before any write. */
 shampoo_status shampoo_precondition_f32(const shampoo_linalg *la, float *out, const float *grads,
                                         const float *inv_roots, const int64_t *table,
-                                        int64_t nblocks, const uint8_t *active);
+                                        int64_t nblocks, const uint8_t *active,
+                                        int num_threads);
 shampoo_status shampoo_precondition_f64(const shampoo_linalg *la, double *out,
                                         const double *grads, const double *inv_roots,
                                         const int64_t *table, int64_t nblocks,
-                                        const uint8_t *active);
+                                        const uint8_t *active, int num_threads);
 
 #endif

@@ -7,6 +7,7 @@
 #include "../core/blocking.h"
 #include "../core/elementwise.h"
 #include "../core/matrix_root.h"
+#include "../core/parallel.h"
 
 /* A sequence of non-negative ints into a new int64 array of max(len, 1) entries. */
 static int64_t *parse_shape(PyObject *seq, const char *fn, int64_t *ndim)
@@ -205,6 +206,7 @@ static int add_constants(PyObject *m)
         {"ROOT_HIGHER_ORDER", SHAMPOO_ROOT_HIGHER_ORDER},
         {"GRAFT_NONE", SHAMPOO_GRAFT_NONE}, {"GRAFT_SGD", SHAMPOO_GRAFT_SGD},
         {"GRAFT_DIAGONAL", SHAMPOO_GRAFT_DIAGONAL},
+        {"PARALLEL_MIN_COST", SHAMPOO_PARALLEL_MIN_COST},
     };
     for (size_t i = 0; i < sizeof(constants) / sizeof(constants[0]); i++)
         if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value) < 0)

@@ -85,8 +85,10 @@ static PyObject *factor_update(PyObject *m, PyObject *args, int bits, const char
     };
     PyObject *o[5];
     double beta2;
+    int num_threads;
     shampoo_call call = {0};
-    if (!PyArg_ParseTuple(args, "OOOOOd", &o[0], &o[1], &o[2], &o[3], &o[4], &beta2))
+    if (!PyArg_ParseTuple(args, "OOOOOdi", &o[0], &o[1], &o[2], &o[3], &o[4], &beta2,
+                          &num_threads))
         return NULL;
     if (shampoo_call_bind(&call, shampoo_get_state(m), fn, specs, o, 5, bits) < 0)
         return fail_call(&call);
@@ -95,10 +97,12 @@ static PyObject *factor_update(PyObject *m, PyObject *args, int bits, const char
     Py_BEGIN_ALLOW_THREADS
     if (bits == 32)
         st = shampoo_factor_update_f32(&ms->la, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
-                                       ptr(&call, 3), call.nblocks, ptr(&call, 4), beta2);
+                                       ptr(&call, 3), call.nblocks, ptr(&call, 4), beta2,
+                                       num_threads);
     else
         st = shampoo_factor_update_f64(&ms->la, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
-                                       ptr(&call, 3), call.nblocks, ptr(&call, 4), beta2);
+                                       ptr(&call, 3), call.nblocks, ptr(&call, 4), beta2,
+                                       num_threads);
     Py_END_ALLOW_THREADS
     return finish_call(&call, st, Py_NewRef(Py_None));
 }
@@ -113,8 +117,9 @@ static PyObject *precondition(PyObject *m, PyObject *args, int bits, const char 
         ACTIVE_ARG,
     };
     PyObject *o[5];
+    int num_threads;
     shampoo_call call = {0};
-    if (!PyArg_ParseTuple(args, "OOOOO", &o[0], &o[1], &o[2], &o[3], &o[4]))
+    if (!PyArg_ParseTuple(args, "OOOOOi", &o[0], &o[1], &o[2], &o[3], &o[4], &num_threads))
         return NULL;
     if (shampoo_call_bind(&call, shampoo_get_state(m), fn, specs, o, 5, bits) < 0)
         return fail_call(&call);
@@ -123,10 +128,10 @@ static PyObject *precondition(PyObject *m, PyObject *args, int bits, const char 
     Py_BEGIN_ALLOW_THREADS
     if (bits == 32)
         st = shampoo_precondition_f32(&ms->la, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
-                                      ptr(&call, 3), call.nblocks, ptr(&call, 4));
+                                      ptr(&call, 3), call.nblocks, ptr(&call, 4), num_threads);
     else
         st = shampoo_precondition_f64(&ms->la, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
-                                      ptr(&call, 3), call.nblocks, ptr(&call, 4));
+                                      ptr(&call, 3), call.nblocks, ptr(&call, 4), num_threads);
     Py_END_ALLOW_THREADS
     return finish_call(&call, st, Py_NewRef(Py_None));
 }
@@ -257,12 +262,13 @@ static PyObject *root_inverse(PyObject *m, PyObject *args, int bits, const char 
     shampoo_root_config cfg;
     int method;
     long long max_iterations, order;
+    int num_threads;
     shampoo_call call = {0};
-    if (!PyArg_ParseTuple(args, "OOOOOOidddppLddL", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
+    if (!PyArg_ParseTuple(args, "OOOOOOidddppLddLi", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
                           &method, &cfg.epsilon, &cfg.exponent_multiplier,
                           &cfg.bias_correction, &cfg.make_positive_semidefinite,
                           &cfg.retry_double_precision, &max_iterations, &cfg.tolerance,
-                          &cfg.rel_epsilon, &order))
+                          &cfg.rel_epsilon, &order, &num_threads))
         return NULL;
     if (method != SHAMPOO_ROOT_EIGEN && method != SHAMPOO_ROOT_NEWTON &&
         method != SHAMPOO_ROOT_HIGHER_ORDER)
@@ -279,11 +285,11 @@ static PyObject *root_inverse(PyObject *m, PyObject *args, int bits, const char 
     if (bits == 32)
         st = shampoo_root_inverse_f32(&ms->la, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                       call.nblocks, ptr(&call, 3), &cfg, ptr(&call, 4),
-                                      ptr(&call, 5));
+                                      ptr(&call, 5), num_threads);
     else
         st = shampoo_root_inverse_f64(&ms->la, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                       call.nblocks, ptr(&call, 3), &cfg, ptr(&call, 4),
-                                      ptr(&call, 5));
+                                      ptr(&call, 5), num_threads);
     Py_END_ALLOW_THREADS
     return finish_call(&call, st, Py_NewRef(Py_None));
 }

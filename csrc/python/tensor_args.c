@@ -111,6 +111,11 @@ static int view_get(shampoo_view *v, shampoo_module_state *st, const char *fn,
             return -1;
         }
         v->readonly = (mt->flags & SHAMPOO_DLPACK_FLAG_READ_ONLY) != 0;
+        if ((mt->flags & SHAMPOO_DLPACK_FLAG_IS_COPIED) && (spec->flags & SHAMPOO_ARG_OUT)) {
+            PyErr_Format(PyExc_ValueError, "%s: argument '%s' was exported as a copy, so "
+                         "results written to it would be lost", fn, arg);
+            return -1;
+        }
         t = &mt->dl_tensor;
     } else if (PyCapsule_IsValid(v->capsule, "dltensor")) {
         shampoo_dl_managed_tensor *mt = PyCapsule_GetPointer(v->capsule, "dltensor");
