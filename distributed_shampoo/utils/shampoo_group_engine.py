@@ -134,6 +134,9 @@ class ShampooGroupEngine:
         self.locals = [local_tensor(p) for p in self.params]
         self.group_index = group_index
         self.use_protected_eigh = use_protected_eigh
+        # The kernels spread blocks over as many threads as torch uses (BLAS stays at one
+        # thread inside the step; see _backend.single_threaded_blas).
+        self.num_threads = max(1, torch.get_num_threads())
         self.device = self._common_device(self.params)
         self.param_indices = list(range(len(self.params)))
         precision: PrecisionConfig = group["precision_config"]
@@ -333,6 +336,7 @@ class ShampooGroupEngine:
         return plan
 
     def _prepare_live(self, group: Dict[str, Any], grads: List[Optional[torch.Tensor]]) -> "StepPlan":
+        self.num_threads = max(1, torch.get_num_threads())  # follows torch.set_num_threads
         live_grads = [grads[i] for i in self._live]
         for g in live_grads:
             if g.is_sparse:
@@ -382,7 +386,7 @@ class ShampooGroupEngine:
                 self.root_work, new_factors, self.table, self.active,
                 epsilon=self.epsilon, exponent_multiplier=self.exponent_multiplier,
                 bias_correction=bias_correction, is_diagonal=self.diagonal_work,
-                status_out=self.root_status, **self.root_kwargs,
+                status_out=self.root_status, num_threads=self.num_threads, **self.root_kwargs,
             )
             self._check_roots()
         return StepPlan(t, root_step, bias_correction, param_blocks)
@@ -390,7 +394,9 @@ class ShampooGroupEngine:
     def _updated_factors_in_scratch(self) -> torch.Tensor:
         work = self.factor_work.copy_(self.factors)
         grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
-        _backend.factor_update(work, work, grads, self.table, self.active, self.beta2)
+        _backend.factor_update(
+            work, work, grads, self.table, self.active, self.beta2, num_threads=self.num_threads
+        )
         return work
 
     def apply(self, group: Dict[str, Any], plan: "StepPlan", track_residuals: bool = False) -> None:
@@ -414,7 +420,8 @@ class ShampooGroupEngine:
                 if self.factors.dtype == self.shampoo_dtype:
                     grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
                     _backend.factor_update(
-                        self.factors, self.factors, grads, self.table, self.active, self.beta2
+                        self.factors, self.factors, grads, self.table, self.active, self.beta2,
+                        num_threads=self.num_threads,
                     )
                 else:
                     self.factors.copy_(self._updated_factors_in_scratch())
@@ -451,11 +458,16 @@ class ShampooGroupEngine:
         shampoo_dir = None
         if not grafting_phase:
             if self.shampoo_dtype == working:
-                _backend.precondition(self.shampoo_dir, self.grad_blocks, inv_roots, self.table, self.active)
+                _backend.precondition(
+                    self.shampoo_dir, self.grad_blocks, inv_roots, self.table, self.active,
+                    num_threads=self.num_threads,
+                )
             else:
                 grads_s = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
                 out_s = self._scratch_like("dir_s", self.grad_blocks, self.shampoo_dtype)
-                _backend.precondition(out_s, grads_s, inv_roots, self.table, self.active)
+                _backend.precondition(
+                    out_s, grads_s, inv_roots, self.table, self.active, num_threads=self.num_threads
+                )
                 self.shampoo_dir.copy_(out_s)
             shampoo_dir = self.shampoo_dir
 
