@@ -67,7 +67,7 @@ _DTYPE_NAMES: Dict[Any, str] = {
 # here as (op, dtype, "cuda") entries when that extension is built; nothing else changes.
 _ENTRY: Dict[Tuple[str, str, str], Callable[..., Any]] = {
     (op, dtype, "cpu"): getattr(_C, f"{op}_{suffix}")
-    for op in ("gather", "factor_update", "precondition", "moments", "finish",
+    for op in ("gather", "scatter", "factor_update", "precondition", "moments", "finish",
                "root_inverse", "root_commit")
     for dtype, suffix in (("float32", "f32"), ("float64", "f64"))
 }
@@ -193,6 +193,13 @@ def gather(
     _checked("gather", ("grad_blocks", "param_blocks", "grad_flat", "param_flat", "table",
                         "active"), args)
     return _entry("gather", "grad_blocks", grad_blocks)(*args, float(l2_weight_decay))
+
+
+def scatter(flat: Any, blocks: Any, table: Any, active: Any) -> None:
+    """Block layout into the parameters' layout, for every active block (gather's inverse)."""
+    args = (flat, blocks, table, active)
+    _checked("scatter", ("flat", "blocks", "table", "active"), args)
+    _entry("scatter", "flat", flat)(*args)
 
 
 def factor_update(

@@ -158,3 +158,28 @@ def test_finish(dtype, case):
             scale = scale + mom * (mom * np.abs(m) + scale)
         _close(update[idx], -lr * P, lr * scale, dtype, ulps=24)
     assert np.all(update[~written] == SENTINEL)  # only active blocks' elements written
+
+
+def test_scatter_writes_blocks_into_param_layout_and_skips_inactive():
+    """scatter is gather's inverse: every active block lands at its strided place; inactive
+    blocks' places keep their old values. Oracle: NumPy slicing of the (5, 3) parameter."""
+    from distributed_shampoo import _backend as backend
+
+    table = backend.block_plan((5, 3), 2)  # blocks (2,2),(2,1),(2,2),(2,1),(1,2),(1,1)
+    table[:, backend.BF_ROOT] = 2
+    active = np.array([1, 1, 0, 1, 1, 0], dtype=np.uint8)
+    for dtype in (np.float32, np.float64):
+        blocks = np.arange(15, dtype=dtype) + 100
+        flat = np.full(15, -1.0, dtype=dtype)
+        backend.scatter(flat, blocks, table, active)
+        expected = np.full((5, 3), -1.0, dtype=dtype)
+        offset = 0
+        for index, (rows, cols) in enumerate([(slice(0, 2), slice(0, 2)), (slice(0, 2), slice(2, 3)),
+                                              (slice(2, 4), slice(0, 2)), (slice(2, 4), slice(2, 3)),
+                                              (slice(4, 5), slice(0, 2)), (slice(4, 5), slice(2, 3))]):
+            shape = expected[rows, cols].shape
+            size = shape[0] * shape[1]
+            if active[index]:
+                expected[rows, cols] = blocks[offset : offset + size].reshape(shape)
+            offset += size
+        np.testing.assert_array_equal(flat.reshape(5, 3), expected)

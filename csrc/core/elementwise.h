@@ -1,5 +1,6 @@
 /* The fused elementwise passes of one step, each one loop over the block table:
  *   gather  : param-layout gradient (and parameter) -> block layout, L2 decay, finiteness
+ *   scatter : block layout -> param layout (DDP: the gathered updates of every rank)
  *   moments : grafting accumulator, filtered gradient, bias correction (state in place)
  *   finish  : grafting preconditioner and norm ratio, decoupled decay, momentum, -lr * P,
  *             written back into param layout.
@@ -29,6 +30,14 @@ shampoo_status shampoo_gather_f64(double *grad_blocks, double *param_blocks,
                                   const double *grad_flat, const double *param_flat,
                                   const int64_t *table, int64_t nblocks, const uint8_t *active,
                                   double l2_weight_decay, int64_t *first_nonfinite_block);
+
+/* block(flat) <- blocks for every active block: the inverse of gather's block copy. Used to
+ * write gathered DDP updates (block layout, every rank's blocks) into the parameters' layout.
+ * flat: param layout, out; blocks: block layout, in. Inactive blocks are not written. */
+shampoo_status shampoo_scatter_f32(float *flat, const float *blocks, const int64_t *table,
+                                   int64_t nblocks, const uint8_t *active);
+shampoo_status shampoo_scatter_f64(double *flat, const double *blocks, const int64_t *table,
+                                   int64_t nblocks, const uint8_t *active);
 
 typedef struct shampoo_moments_params {
     int update_grafting_state;   /* nonzero: V is updated (AdaGrad/RMSprop/Adam grafting) */

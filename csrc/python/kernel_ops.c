@@ -73,6 +73,32 @@ static PyObject *gather(PyObject *m, PyObject *args, int bits, const char *fn)
     return finish_call(&call, st, PyLong_FromLongLong(first));
 }
 
+static PyObject *scatter(PyObject *m, PyObject *args, int bits, const char *fn)
+{
+    static const shampoo_arg_spec specs[] = {
+        {"flat", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_PARAM, SHAMPOO_ARG_OUT},
+        {"blocks", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, 0},
+        TABLE_ARG,
+        ACTIVE_ARG,
+    };
+    PyObject *o[4];
+    shampoo_call call = {0};
+    if (!PyArg_ParseTuple(args, "OOOO", &o[0], &o[1], &o[2], &o[3]))
+        return NULL;
+    if (shampoo_call_bind(&call, shampoo_get_state(m), fn, specs, o, 4, bits) < 0)
+        return fail_call(&call);
+    shampoo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    if (bits == 32)
+        st = shampoo_scatter_f32(ptr(&call, 0), ptr(&call, 1), ptr(&call, 2), call.nblocks,
+                                 ptr(&call, 3));
+    else
+        st = shampoo_scatter_f64(ptr(&call, 0), ptr(&call, 1), ptr(&call, 2), call.nblocks,
+                                 ptr(&call, 3));
+    Py_END_ALLOW_THREADS
+    return finish_call(&call, st, Py_NewRef(Py_None));
+}
+
 static PyObject *factor_update(PyObject *m, PyObject *args, int bits, const char *fn)
 {
     static const shampoo_arg_spec specs[] = {
@@ -323,6 +349,8 @@ static PyObject *root_commit(PyObject *m, PyObject *args, int bits, const char *
 /* The exported twins: each fixes the float width and its own name for messages. */
 static PyObject *gather_f32(PyObject *m, PyObject *a) { return gather(m, a, 32, "gather_f32"); }
 static PyObject *gather_f64(PyObject *m, PyObject *a) { return gather(m, a, 64, "gather_f64"); }
+static PyObject *scatter_f32(PyObject *m, PyObject *a) { return scatter(m, a, 32, "scatter_f32"); }
+static PyObject *scatter_f64(PyObject *m, PyObject *a) { return scatter(m, a, 64, "scatter_f64"); }
 static PyObject *factor_update_f32(PyObject *m, PyObject *a)
 {
     return factor_update(m, a, 32, "factor_update_f32");
@@ -363,6 +391,8 @@ static PyObject *root_commit_f64(PyObject *m, PyObject *a)
 PyMethodDef shampoo_kernel_methods[] = {
     {"gather_f32", gather_f32, METH_VARARGS, "gather (elementwise.h), float32"},
     {"gather_f64", gather_f64, METH_VARARGS, "gather (elementwise.h), float64"},
+    {"scatter_f32", scatter_f32, METH_VARARGS, "scatter (elementwise.h), float32"},
+    {"scatter_f64", scatter_f64, METH_VARARGS, "scatter (elementwise.h), float64"},
     {"factor_update_f32", factor_update_f32, METH_VARARGS, "factor update, float32"},
     {"factor_update_f64", factor_update_f64, METH_VARARGS, "factor update, float64"},
     {"precondition_f32", precondition_f32, METH_VARARGS, "preconditioning, float32"},

@@ -1,8 +1,8 @@
 /* Fills the shampoo_linalg table from SciPy's exported Fortran BLAS/LAPACK (capsules in
  * scipy.linalg.cython_blas / cython_lapack.__pyx_capi__), refusing unexpected signatures. */
-#include <string.h>
+#include "binding.h" /* Python.h first, as CPython requires */
 
-#include "binding.h"
+#include <string.h>
 
 /* The capsule names (= C signatures) of SciPy's PyPI wheels: 32-bit Fortran integers, every
  * argument by pointer; `s`/`d` are SciPy's typedefs for float/double. */

@@ -1,9 +1,10 @@
 /* Borrowing tensor arguments through DLPack for the length of one call: export, check device,
  * dtype, layout and lengths against the block table, then release. Part of the binding. */
+#include "binding.h" /* Python.h first, as CPython requires */
+
 #include <string.h>
 
 #include "../core/block_table.h"
-#include "binding.h"
 #include "dlpack_abi.h"
 
 static const char *dtype_name(shampoo_dl_data_type t)

@@ -517,16 +517,9 @@ class ShampooGroupEngine:
             torch._foreach_add_(self._live_params, self._live_grad_views)
 
     def _unpack(self, gathered: torch.Tensor, destination_flat: torch.Tensor) -> None:
-        """Writes every active global block of `gathered` into the parameters' layout: the
-        finish pass with nothing enabled and lr = -1 is an exact copy (update = 1 * P)."""
+        """Writes every active global block of `gathered` into the parameters' layout."""
         assert self.exchange is not None
-        _backend.finish(
-            destination_flat, gathered, gathered, None, None, None,
-            self.exchange.receive_table, self.full_active,
-            graft="none", grafting_phase=False, grafting_bias_correction=1.0,
-            grafting_epsilon=0.0, decoupled_weight_decay=0.0, momentum=0.0, dampening=0.0,
-            nesterov=False, lr=-1.0,
-        )
+        _backend.scatter(destination_flat, gathered, self.exchange.receive_table, self.full_active)
 
     def _check_roots(self) -> None:
         """Raises for non-finite factors or roots; decides which roots to commit."""
