@@ -10,6 +10,7 @@ CUDA with nccl when a GPU is visible, else CPU with gloo (--device chooses).
 """
 
 import trainer_utils as tu
+from runtime_setup import cleanup, set_seed, setup_runtime
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distributed_shampoo.shampoo_types import DDPShampooConfig
@@ -17,8 +18,8 @@ from distributed_shampoo.shampoo_types import DDPShampooConfig
 
 def main() -> None:
     args = tu.build_parser(__doc__).parse_args()
-    runtime = tu.setup_runtime(args, distributed=True)
-    tu.set_seed(args.seed)
+    runtime = setup_runtime(args, distributed=True)
+    set_seed(args.seed)
     model = tu.ConvNet(args.model_width).to(runtime.device)
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     model = DDP(model, device_ids=device_ids)
@@ -34,7 +35,7 @@ def main() -> None:
     try:
         tu.train_model(args, runtime, model, optimizer)
     finally:
-        tu.cleanup()
+        cleanup()
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ See --help for every optimizer flag, checkpointing (--checkpoint-dir) and metric
 """
 
 import trainer_utils as tu
+from runtime_setup import set_seed, setup_runtime
 
 
 def main() -> None:
     args = tu.build_parser(__doc__).parse_args()
-    runtime = tu.setup_runtime(args, distributed=False)
-    tu.set_seed(args.seed)
+    runtime = setup_runtime(args, distributed=False)
+    set_seed(args.seed)
     model = tu.ConvNet(args.model_width).to(runtime.device)
     optimizer = tu.instantiate_optimizer(args, model, distributed_config=None)
     tu.train_model(args, runtime, model, optimizer)

@@ -9,6 +9,7 @@ CUDA with nccl when a GPU is visible, else CPU with gloo (--device chooses).
 """
 
 import trainer_utils as tu
+from runtime_setup import cleanup, set_seed, setup_runtime
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import ShardingStrategy
 
@@ -18,8 +19,8 @@ from distributed_shampoo.utils.shampoo_fsdp_utils import compile_fsdp_parameter_
 
 def main() -> None:
     args = tu.build_parser(__doc__).parse_args()
-    runtime = tu.setup_runtime(args, distributed=True)
-    tu.set_seed(args.seed)
+    runtime = setup_runtime(args, distributed=True)
+    set_seed(args.seed)
     # The whole net is one FSDP unit: its flat parameter is cut into shards across parameter
     # boundaries, which FSDPShampooConfig's metadata maps back to the original shapes.
     model = FSDP(
@@ -38,7 +39,7 @@ def main() -> None:
     try:
         tu.train_model(args, runtime, model, optimizer)
     finally:
-        tu.cleanup()
+        cleanup()
 
 
 if __name__ == "__main__":

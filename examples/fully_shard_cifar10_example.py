@@ -10,6 +10,7 @@ its first dimension, sharded along its second (FSDP2's hybrid sharding).
 """
 
 import trainer_utils as tu
+from runtime_setup import cleanup, set_seed, setup_runtime
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -27,7 +28,7 @@ def main() -> None:
         "(replicate=R, shard=world/R) mesh",
     )
     args = parser.parse_args()
-    runtime = tu.setup_runtime(args, distributed=True)
+    runtime = setup_runtime(args, distributed=True)
     if args.replicate_degree < 1 or runtime.world_size % args.replicate_degree:
         raise SystemExit(
             f"--replicate-degree {args.replicate_degree} must divide the {runtime.world_size} ranks"
@@ -40,7 +41,7 @@ def main() -> None:
             (args.replicate_degree, runtime.world_size // args.replicate_degree),
             mesh_dim_names=("replicate", "shard"),
         )
-    tu.set_seed(args.seed)
+    set_seed(args.seed)
     model = tu.ConvNet(args.model_width).to(runtime.device)
     for layer in model.modules():  # each conv/linear layer its own unit, then the root
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
@@ -50,7 +51,7 @@ def main() -> None:
     try:
         tu.train_model(args, runtime, model, optimizer)
     finally:
-        tu.cleanup()
+        cleanup()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ init_device_mesh("cpu", ...) and gloo, on CUDA with nccl.
 """
 
 import trainer_utils as tu
+from runtime_setup import cleanup, set_seed, setup_runtime
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import ShardingStrategy
@@ -29,7 +30,7 @@ def main() -> None:
         "dimension gets the rest of the ranks",
     )
     args = parser.parse_args()
-    runtime = tu.setup_runtime(args, distributed=True)
+    runtime = setup_runtime(args, distributed=True)
     if args.replicate_degree < 1 or runtime.world_size % args.replicate_degree:
         raise SystemExit(
             f"--replicate-degree {args.replicate_degree} must divide the {runtime.world_size} ranks"
@@ -44,7 +45,7 @@ def main() -> None:
         (args.replicate_degree, runtime.world_size // args.replicate_degree),
         mesh_dim_names=("replicate", "shard"),
     )
-    tu.set_seed(args.seed)
+    set_seed(args.seed)
     model = FSDP(
         tu.ConvNet(args.model_width).to(runtime.device),
         device_mesh=mesh,
@@ -66,7 +67,7 @@ def main() -> None:
     try:
         tu.train_model(args, runtime, model, optimizer)
     finally:
-        tu.cleanup()
+        cleanup()
 
 
 if __name__ == "__main__":

@@ -32,7 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
+import cifar10_data  # noqa: E402
+import metrics  # noqa: E402
 import trainer_utils as tu  # noqa: E402
+from runtime_setup import Runtime  # noqa: E402
 
 STEPS = 3
 # Appended to every documented training command: synthetic data, a width-4 convnet, 16 images
@@ -284,11 +287,11 @@ def test_documented_plot_command(runs, monkeypatch) -> None:
 def _write_fake_cifar10(root: Path, per_file: int) -> Dict[str, np.ndarray]:
     """The python-version layout: cifar-10-batches-py/{data_batch_1..5,test_batch}, each a
     pickled dict with byte-string keys, b"data" uint8 (N, 3072) and b"labels" (a list)."""
-    folder = root / tu.CIFAR10_FOLDER
+    folder = root / cifar10_data.CIFAR10_FOLDER
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     written = {}
-    for name in tu.CIFAR10_TRAIN_FILES + tu.CIFAR10_TEST_FILES:
+    for name in cifar10_data.CIFAR10_TRAIN_FILES + cifar10_data.CIFAR10_TEST_FILES:
         data = rng.integers(0, 256, size=(per_file, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, size=per_file).tolist()
         batch = {
@@ -306,8 +309,8 @@ def _write_fake_cifar10(root: Path, per_file: int) -> Dict[str, np.ndarray]:
 
 def test_cifar10_reader_reads_the_python_format(tmp_path) -> None:
     written = _write_fake_cifar10(tmp_path, per_file=3)
-    train = tu.read_cifar10(tmp_path, train=True)
-    test = tu.read_cifar10(tmp_path, train=False)
+    train = cifar10_data.read_cifar10(tmp_path, train=True)
+    test = cifar10_data.read_cifar10(tmp_path, train=False)
     assert train.images.shape == (15, 3, 32, 32) and train.images.dtype == torch.uint8
     assert test.images.shape == (3, 3, 32, 32) and len(test) == 3
     # Row layout: 1024 red values, then green, then blue, each image row-major.
@@ -321,11 +324,11 @@ def test_cifar10_reader_reads_the_python_format(tmp_path) -> None:
 
 def test_missing_cifar10_says_how_to_get_it(tmp_path) -> None:
     args = tu.build_parser().parse_args(["--data-path", str(tmp_path / "nowhere")])
-    runtime = tu.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    runtime = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     with pytest.raises(SystemExit) as info:
-        tu.load_cifar10(args, runtime)
+        cifar10_data.load_cifar10(args, runtime)
     message = str(info.value)
-    assert tu.CIFAR10_URL in message and "cifar-10-batches-py" in message
+    assert cifar10_data.CIFAR10_URL in message and "cifar-10-batches-py" in message
     assert "--synthetic" in message and "--download" in message
 
 
@@ -350,7 +353,7 @@ def test_training_on_real_format_files(tmp_path, monkeypatch) -> None:
             "SGD",
         ]
     )
-    runtime = tu.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    runtime = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     torch.manual_seed(0)
     model = tu.ConvNet(args.model_width)
     final = tu.train_model(args, runtime, model, tu.instantiate_optimizer(args, model))
@@ -389,7 +392,7 @@ def test_grafting_and_list_flags() -> None:
 
 def test_progress_falls_back_to_prints_without_tqdm(monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
-    progress = tu.Progress(total=4, initial=0, enabled=True, use_tqdm=True, log_every=2)
+    progress = metrics.Progress(total=4, initial=0, enabled=True, use_tqdm=True, log_every=2)
     for step in range(1, 5):
         progress.update(step, loss=1.5, samples_per_s=100.0)
     progress.close()
@@ -405,7 +408,7 @@ def test_plot_metrics_writes_a_png(tmp_path) -> None:
     for name, scale in (("shampoo", 1.0), ("adam", 1.2)):
         path = tmp_path / f"{name}.csv"
         with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=tu.MetricsLogger.FIELDS)
+            writer = csv.DictWriter(f, fieldnames=metrics.MetricsLogger.FIELDS)
             writer.writeheader()
             for step in range(1, 21):
                 writer.writerow({"step": step, "epoch": 0, "loss": scale * 2.3 / step**0.5})
