@@ -40,6 +40,7 @@ ROOT_FACTOR_INF: int = _C.ROOT_FACTOR_INF
 ROOT_FAILED: int = _C.ROOT_FAILED
 ROOT_NONFINITE: int = _C.ROOT_NONFINITE
 ROOT_MAX_ITERS: int = _C.ROOT_MAX_ITERS
+ROOT_RETRIED_DOUBLE: int = _C.ROOT_RETRIED_DOUBLE
 
 # Estimated work (multiply-adds) of one kernel call below which its num_threads is ignored
 # and the calling thread runs alone (csrc/core/parallel.h).

@@ -25,7 +25,9 @@ typedef enum shampoo_root_status {
     SHAMPOO_ROOT_FAILED = 4,          /* eigh did not converge (after fp64 retry if enabled),
                                          or the higher-order method raised its ArithmeticError */
     SHAMPOO_ROOT_NONFINITE = 5,       /* the computed inverse root holds NaN or Inf */
-    SHAMPOO_ROOT_MAX_ITERS = 6        /* Newton/higher order hit max_iterations; result usable */
+    SHAMPOO_ROOT_MAX_ITERS = 6,       /* Newton/higher order hit max_iterations; result usable */
+    SHAMPOO_ROOT_RETRIED_DOUBLE = 7   /* float32 eigh failed, the float64 retry succeeded;
+                                         result usable (SPEC §5.3 logs a warning for it) */
 } shampoo_root_status;
 
 #endif

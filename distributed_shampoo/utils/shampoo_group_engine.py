@@ -45,7 +45,7 @@ from distributed_shampoo.utils.shampoo_scalars import (
 
 logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
 
-_ROOT_OK = (_backend.ROOT_OK, _backend.ROOT_MAX_ITERS)
+_ROOT_OK = (_backend.ROOT_OK, _backend.ROOT_MAX_ITERS, _backend.ROOT_RETRIED_DOUBLE)
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -553,6 +553,11 @@ class ShampooGroupEngine:
             logger.warning(
                 f"Matrix inverse root computation failed for factor matrix {where(int(factor))}. "
                 "Using previous inv_factor_matrix and continuing..."
+            )
+        for factor in np.flatnonzero(status == _backend.ROOT_RETRIED_DOUBLE):
+            logger.warning(
+                f"Failed to compute eigendecomposition in {self.shampoo_dtype} precision for factor "
+                f"matrix {where(int(factor))}! Retried in double precision, which succeeded."
             )
         if np.any(status == _backend.ROOT_MAX_ITERS):
             method = self.root_kwargs["method"]
