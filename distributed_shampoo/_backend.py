@@ -11,7 +11,8 @@ device dispatch in Python.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,18 +47,18 @@ ROOT_RETRIED_DOUBLE: int = _C.ROOT_RETRIED_DOUBLE
 # and the calling thread runs alone (csrc/core/parallel.h).
 PARALLEL_MIN_COST: int = _C.PARALLEL_MIN_COST
 
-_ROOT_METHODS: Dict[str, int] = {
+_ROOT_METHODS: dict[str, int] = {
     "eigen": _C.ROOT_EIGEN,
     "newton": _C.ROOT_NEWTON,
     "higher_order": _C.ROOT_HIGHER_ORDER,
 }
-_GRAFTS: Dict[str, int] = {
+_GRAFTS: dict[str, int] = {
     "none": _C.GRAFT_NONE,
     "sgd": _C.GRAFT_SGD,
     "diagonal": _C.GRAFT_DIAGONAL,
 }
 
-_DTYPE_NAMES: Dict[Any, str] = {
+_DTYPE_NAMES: dict[Any, str] = {
     torch.float32: "float32",
     torch.float64: "float64",
     np.dtype(np.float32): "float32",
@@ -66,7 +67,7 @@ _DTYPE_NAMES: Dict[Any, str] = {
 
 # (op, dtype, device) -> entry point. CUDA kernels (distributed_shampoo._C_cuda) are added
 # here as (op, dtype, "cuda") entries when that extension is built; nothing else changes.
-_ENTRY: Dict[Tuple[str, str, str], Callable[..., Any]] = {
+_ENTRY: dict[tuple[str, str, str], Callable[..., Any]] = {
     (op, dtype, "cpu"): getattr(_C, f"{op}_{suffix}")
     for op in ("gather", "scatter", "factor_update", "precondition", "moments", "finish",
                "root_inverse", "root_commit")
@@ -161,7 +162,7 @@ def _thread_count(op: str, num_threads: int) -> int:
     return int(num_threads)
 
 
-def merge_small_dims(shape: Sequence[int], threshold: int) -> Tuple[int, ...]:
+def merge_small_dims(shape: Sequence[int], threshold: int) -> tuple[int, ...]:
     """SPEC B §2.1: drop size-1 dims, then greedily merge neighbours while <= threshold."""
     return _C.merge_small_dims(shape, int(threshold))
 
@@ -185,7 +186,7 @@ def validate_table(
 
 
 def gather(
-    grad_blocks: Any, param_blocks: Optional[Any], grad_flat: Any, param_flat: Optional[Any],
+    grad_blocks: Any, param_blocks: Any | None, grad_flat: Any, param_flat: Any | None,
     table: Any, active: Any, l2_weight_decay: float,
 ) -> int:
     """Param-layout gradient (and parameter) into block layout, plus L2 decay (SPEC §4.3).
@@ -260,7 +261,7 @@ def precondition(
 
 
 def moments(
-    grads: Any, grafting_state: Optional[Any], filtered_grad: Optional[Any], table: Any,
+    grads: Any, grafting_state: Any | None, filtered_grad: Any | None, table: Any,
     active: Any, *, update_grafting_state: bool, grafting_beta2: float, beta1: float,
     beta3: float, bias_correction1: float,
 ) -> None:
@@ -275,8 +276,8 @@ def moments(
 
 
 def finish(
-    update_flat: Any, grads: Any, shampoo_dir: Optional[Any], grafting_state: Optional[Any],
-    param_blocks: Optional[Any], momentum_state: Optional[Any], table: Any, active: Any, *,
+    update_flat: Any, grads: Any, shampoo_dir: Any | None, grafting_state: Any | None,
+    param_blocks: Any | None, momentum_state: Any | None, table: Any, active: Any, *,
     graft: str, grafting_phase: bool, grafting_bias_correction: float, grafting_epsilon: float,
     decoupled_weight_decay: float, momentum: float, dampening: float, nesterov: bool,
     lr: float,

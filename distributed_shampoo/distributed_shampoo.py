@@ -6,7 +6,8 @@ half first, then every group's commit, so a failed step changes nothing (SPEC A.
 """
 
 import logging
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -43,7 +44,7 @@ class DistributedShampoo(torch.optim.Optimizer):
         self,
         params: Iterable[Any],
         lr: float = 1e-2,
-        betas: Tuple[float, float] = (0.9, 1.0),
+        betas: tuple[float, float] = (0.9, 1.0),
         beta3: float = -1.0,
         epsilon: float = 1e-12,
         momentum: float = 0.0,
@@ -52,23 +53,23 @@ class DistributedShampoo(torch.optim.Optimizer):
         max_preconditioner_dim: int = 1024,
         precondition_frequency: int = 1,
         start_preconditioning_step: int = -1,
-        inv_root_override: Union[int, Sequence[int]] = 0,
+        inv_root_override: int | Sequence[int] = 0,
         exponent_multiplier: float = 1.0,
         use_nesterov: bool = False,
         use_bias_correction: bool = True,
         use_decoupled_weight_decay: bool = True,
-        grafting_config: Optional[GraftingConfig] = None,
+        grafting_config: GraftingConfig | None = None,
         use_merge_dims: bool = True,
-        use_pytorch_compile: Optional[bool] = None,
-        shampoo_pt2_compile_config: Optional[ShampooPT2CompileConfig] = None,
-        distributed_config: Optional[DistributedConfig] = None,
-        preconditioner_dtype: Optional[torch.dtype] = None,
-        precision_config: Optional[PrecisionConfig] = None,
+        use_pytorch_compile: bool | None = None,
+        shampoo_pt2_compile_config: ShampooPT2CompileConfig | None = None,
+        distributed_config: DistributedConfig | None = None,
+        preconditioner_dtype: torch.dtype | None = None,
+        precision_config: PrecisionConfig | None = None,
         use_protected_eigh: bool = True,
         track_root_inv_residuals: bool = False,
         root_inv_config: RootInvConfig = DefaultEigenConfig,
     ) -> None:
-        defaults: Dict[str, Any] = {
+        defaults: dict[str, Any] = {
             "lr": lr,
             "betas": betas,
             "beta3": beta3,
@@ -119,7 +120,7 @@ class DistributedShampoo(torch.optim.Optimizer):
         self._use_protected_eigh = use_protected_eigh
         self._track_root_inv_residuals = track_root_inv_residuals
         self._shampoo_pt2_compile_config = shampoo_pt2_compile_config
-        self._engines: List[ShampooGroupEngine] = []
+        self._engines: list[ShampooGroupEngine] = []
         for index, group in enumerate(self.param_groups):
             validate_group(group, where=f"param group {index}: ", warn=False)
             if not group["params"]:
@@ -138,7 +139,7 @@ class DistributedShampoo(torch.optim.Optimizer):
                 _log_blocks(engine)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -150,7 +151,7 @@ class DistributedShampoo(torch.optim.Optimizer):
                     engine.apply(group, plan, self._track_root_inv_residuals)
         return loss
 
-    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_engines", None) is not None:
             raise NotImplementedError(
                 "DistributedShampoo allocates its state at construction; add_param_group after "
@@ -159,27 +160,27 @@ class DistributedShampoo(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     # -------------------------------------------------------------------- checkpointing
-    def state_dict(self) -> Dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The standard torch.optim protocol (works with torch.save); see SPEC A.3.11."""
         return shampoo_state_dict.state_dict(self)
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Loads what state_dict() returned; validates everything before changing anything.
         With a distributed_config this is collective: every rank loads or every rank raises."""
         shampoo_state_dict.load_state_dict(self, state_dict)
 
     def distributed_state_dict(
         self,
-        key_to_param: Iterable[Tuple[str, torch.Tensor]],
+        key_to_param: Iterable[tuple[str, torch.Tensor]],
         save_param_groups: bool = True,
-    ) -> Dict[str, Any]:
+    ) -> dict[str, Any]:
         """{"state": {param_fqn: {flat_key: tensor}}, "param_groups": {...}} (SPEC B §8.1)."""
         return shampoo_state_dict.distributed_state_dict(self, key_to_param, save_param_groups)
 
     def load_distributed_state_dict(
         self,
-        state_dict: Dict[str, Any],
-        key_to_param: Iterable[Tuple[str, torch.Tensor]],
+        state_dict: dict[str, Any],
+        key_to_param: Iterable[tuple[str, torch.Tensor]],
         save_param_groups: bool = True,
         enable_missing_key_check: bool = True,
     ) -> None:
@@ -193,8 +194,8 @@ class DistributedShampoo(torch.optim.Optimizer):
 
 
 def _resolve_pt2_config(
-    use_pytorch_compile: Optional[bool], config: Optional[ShampooPT2CompileConfig]
-) -> Optional[ShampooPT2CompileConfig]:
+    use_pytorch_compile: bool | None, config: ShampooPT2CompileConfig | None
+) -> ShampooPT2CompileConfig | None:
     """SPEC B §1.3 steps 17-18, then an honest note: C kernels are not traced by PT2."""
     if use_pytorch_compile is True and config is None:
         config = ShampooPT2CompileConfig()

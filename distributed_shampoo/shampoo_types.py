@@ -5,13 +5,13 @@ bad value is reported where it was written, not at the first step.
 """
 
 import enum
-from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.nn import Parameter
 
-from distributed_shampoo.matrix_functions_types import (  # noqa: F401  (re-exported, SPEC A.1)
+from distributed_shampoo.matrix_functions_types import (
     CoupledHigherOrderConfig,
     CoupledNewtonConfig,
     DefaultEigenConfig,
@@ -161,7 +161,7 @@ class DDPShampooConfig(DistributedConfig):
 class FSDPShampooConfig(DistributedConfig):
     """FSDP (v1, use_orig_params=True): each rank preconditions its own shard pieces."""
 
-    param_to_metadata: Dict[Parameter, FSDPParameterMetadata]
+    param_to_metadata: dict[Parameter, FSDPParameterMetadata]
 
 
 @dataclass(kw_only=True)
@@ -181,7 +181,7 @@ class ShampooPT2CompileConfig:
     """Accepted and validated for API compatibility; see README (C kernels are not traced)."""
 
     pytorch_compile_backend: str = "inductor"
-    enable_shampoo_pt2_dynamic_shape: Optional[bool] = False
+    enable_shampoo_pt2_dynamic_shape: bool | None = False
 
 
 @dataclass(init=False, frozen=True)

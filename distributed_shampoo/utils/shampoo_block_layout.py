@@ -5,8 +5,8 @@ concatenates the per-parameter plans into one table whose offsets address the gr
 buffers (block_table.h), and records which parameter and block key each row belongs to.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ import torch
 from distributed_shampoo import _backend
 
 
-def root_for_order(order: int, inv_root_override: Union[int, Sequence[int]]) -> int:
+def root_for_order(order: int, inv_root_override: int | Sequence[int]) -> int:
     """SPEC B §4.6.1 with A.3.2: a list is indexed by tensor order and 0 means 2 * order."""
     if isinstance(inv_root_override, Sequence):
         override = inv_root_override[order] if order < len(inv_root_override) else 0
@@ -27,9 +27,9 @@ def root_for_order(order: int, inv_root_override: Union[int, Sequence[int]]) -> 
 class BlockLayout:
     table: torch.Tensor                  # int64 [num_blocks, BF_COUNT]
     block_param: np.ndarray              # int64 [num_blocks]: index of the block's parameter
-    block_keys: List[str]                # "block_{k}", k restarting at 0 for each parameter
-    block_shapes: List[Tuple[int, ...]]  # dims of each block (() for an order-0 block)
-    param_offsets: List[int]             # element offset of each parameter, param layout
+    block_keys: list[str]                # "block_{k}", k restarting at 0 for each parameter
+    block_shapes: list[tuple[int, ...]]  # dims of each block (() for an order-0 block)
+    param_offsets: list[int]             # element offset of each parameter, param layout
     param_numel: int                     # elements of all parameters (param-layout size)
     numel: int                           # elements of the blocks in this layout
     factor_numel: int                    # elements of all factor matrices
@@ -55,11 +55,11 @@ class TensorPiece:
     of the valid sub-tensors its flattened shard is cut into (SPEC B §7.3.2)."""
 
     param_index: int
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     offset: int  # element offset of the piece inside its parameter's local data
 
 
-def whole_tensors(shapes: Sequence[Tuple[int, ...]]) -> List[TensorPiece]:
+def whole_tensors(shapes: Sequence[tuple[int, ...]]) -> list[TensorPiece]:
     return [TensorPiece(i, tuple(shape), 0) for i, shape in enumerate(shapes)]
 
 
@@ -68,14 +68,14 @@ def build_block_layout(
     pieces: Sequence[TensorPiece],
     max_preconditioner_dim: int,
     use_merge_dims: bool,
-    inv_root_override: Union[int, Sequence[int]],
+    inv_root_override: int | Sequence[int],
     key_prefix: str = "block_",
 ) -> BlockLayout:
     """Blocks of every piece, in piece order; block keys count per parameter."""
     param_offsets = np.concatenate([[0], np.cumsum(param_numels, dtype=np.int64)])
     tables = []
-    block_param: List[int] = []
-    block_keys: List[str] = []
+    block_param: list[int] = []
+    block_keys: list[str] = []
     blocks_per_param = [0] * len(param_numels)
     numel = factor_numel = factor_count = 0
     for piece in pieces:

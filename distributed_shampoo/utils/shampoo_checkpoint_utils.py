@@ -1,14 +1,14 @@
 """Flat JSON keys for nested optimizer state (SPEC B §8.1), and back."""
 
 import json
-from typing import Any, Dict, List
+from typing import Any
 
 
-def flatten(input_dict: Dict[Any, Any]) -> Dict[str, Any]:
+def flatten(input_dict: dict[Any, Any]) -> dict[str, Any]:
     """{"a": {0: t}} -> {'["a", 0]': t}; empty sub-dicts vanish."""
-    flat: Dict[str, Any] = {}
+    flat: dict[str, Any] = {}
 
-    def visit(prefix: List[Any], value: Any) -> None:
+    def visit(prefix: list[Any], value: Any) -> None:
         if isinstance(value, dict):
             for key, sub in value.items():
                 visit(prefix + [key], sub)
@@ -20,9 +20,9 @@ def flatten(input_dict: Dict[Any, Any]) -> Dict[str, Any]:
     return flat
 
 
-def unflatten(flattened_dict: Dict[str, Any]) -> Dict[Any, Any]:
+def unflatten(flattened_dict: dict[str, Any]) -> dict[Any, Any]:
     """Inverse of flatten."""
-    nested: Dict[Any, Any] = {}
+    nested: dict[Any, Any] = {}
     for flat_key, value in flattened_dict.items():
         path = json.loads(flat_key)
         if not isinstance(path, list) or not path:

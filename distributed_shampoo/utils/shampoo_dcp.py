@@ -26,7 +26,7 @@ Use the same planner with the older `torch.distributed.checkpoint.load_state_dic
 import dataclasses
 import json
 import re
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner
@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 
 __all__ = ["ShampooLoadPlanner"]
 
-_Path = Tuple[Any, ...]
+_Path = tuple[Any, ...]
 _BLOCK_KEY = re.compile(r"^(rank_\d+-)?block_\d+$")
 
 
@@ -71,13 +71,13 @@ class ShampooLoadPlanner(DefaultLoadPlanner):
         if not kwargs.get("flatten_state_dict", True):
             raise ValueError("ShampooLoadPlanner needs flatten_state_dict=True.")
         super().__init__(**kwargs)
-        self._prefixes: Set[_Path] = set()
+        self._prefixes: set[_Path] = set()
 
     # ------------------------------------------------------------------- local (each rank)
     def set_up_planner(
         self,
-        state_dict: Dict[str, Any],
-        metadata: Optional[Metadata] = None,
+        state_dict: dict[str, Any],
+        metadata: Metadata | None = None,
         is_coordinator: bool = False,
     ) -> None:
         super().set_up_planner(state_dict, metadata, is_coordinator)
@@ -101,7 +101,7 @@ class ShampooLoadPlanner(DefaultLoadPlanner):
                 device = current.device if isinstance(current, torch.Tensor) else None
                 self._put(fqn, torch.empty(entry.size, dtype=entry.properties.dtype, device=device))
             # A non-tensor entry: DCP replaces the value with it, and the load reports it.
-        groups: Dict[_Path, List[str]] = {}
+        groups: dict[_Path, list[str]] = {}
         for fqn, path in self.mappings.items():
             group = self._group_of(path)
             if group is not None:
@@ -124,7 +124,7 @@ class ShampooLoadPlanner(DefaultLoadPlanner):
             self.state_dict, self.metadata, not self.allow_partial_load
         )
 
-    def _group_of(self, path: _Path) -> Optional[_Path]:
+    def _group_of(self, path: _Path) -> _Path | None:
         """prefix + ("param_groups", group_key) for a param-group entry of our state dicts."""
         for prefix in self._prefixes:
             n = len(prefix)
@@ -143,7 +143,7 @@ class ShampooLoadPlanner(DefaultLoadPlanner):
         _container(self.original_state_dict, path[:-1])[path[-1]] = value
 
     # ------------------------------------------------------------------ global (coordinator)
-    def _checkpoint_path(self, fqn: str) -> Optional[_Path]:
+    def _checkpoint_path(self, fqn: str) -> _Path | None:
         """The object path of a checkpoint entry under one of our prefixes, else None."""
         planner_data = getattr(self.metadata, "planner_data", None)
         path = planner_data.get(fqn) if isinstance(planner_data, dict) else None
@@ -172,15 +172,15 @@ class ShampooLoadPlanner(DefaultLoadPlanner):
                 return path
         return None
 
-    def create_global_plan(self, global_plan: List[LoadPlan]) -> List[LoadPlan]:
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
         global_plan = super().create_global_plan(global_plan)
         assert self.metadata is not None
         requested = [{item.dest_index.fqn for item in plan.items} for plan in global_plan]
         everything = set().union(*requested)
-        heads: List[Set[_Path]] = []  # per rank: prefix + ("state", name) it loads
-        loaded_groups: Set[_Path] = set()
+        heads: list[set[_Path]] = []  # per rank: prefix + ("state", name) it loads
+        loaded_groups: set[_Path] = set()
         for fqns in requested:
-            mine: Set[_Path] = set()
+            mine: set[_Path] = set()
             for fqn in fqns:
                 path = self._checkpoint_path(fqn)
                 if path is None:
@@ -191,7 +191,7 @@ class ShampooLoadPlanner(DefaultLoadPlanner):
                 else:
                     mine.add(path[:-1])
             heads.append(mine)
-        extras: List[List[Tuple[_Path, Any]]] = [[] for _ in global_plan]
+        extras: list[list[tuple[_Path, Any]]] = [[] for _ in global_plan]
         for fqn, entry in self.metadata.state_dict_metadata.items():
             if fqn in everything:
                 continue

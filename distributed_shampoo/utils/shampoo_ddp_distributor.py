@@ -7,7 +7,6 @@ block sizes alone, identically on every rank, so no rank needs to ask another.
 """
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -40,7 +39,7 @@ class DDPPlacement:
     """The trainer group one optimizer spreads its blocks over (shared by its param groups)."""
 
     config: DDPShampooConfig
-    process_group: Optional[dist.ProcessGroup]
+    process_group: dist.ProcessGroup | None
     group_size: int
     group_rank: int
 
@@ -50,7 +49,7 @@ class DDPPlacement:
         return assign_blocks(layout.table.numpy()[:, _backend.BF_NUMEL], element_size, self.group_size)
 
 
-def _all_gather_into(output: torch.Tensor, chunk: torch.Tensor, group: Optional[dist.ProcessGroup]) -> None:
+def _all_gather_into(output: torch.Tensor, chunk: torch.Tensor, group: dist.ProcessGroup | None) -> None:
     # torch 2.13 renames all_gather_into_tensor (deprecated there) to all_gather_single.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(output, chunk, group=group)

@@ -5,8 +5,8 @@ It also checks that the config matches how the model is wrapped, because a misma
 otherwise train silently on the wrong tensors (a local shard taken for a whole parameter).
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,8 +25,8 @@ from distributed_shampoo.utils.shampoo_fsdp_utils import fsdp_pieces
 
 @dataclass
 class Distribution:
-    placement: Optional[DDPPlacement] = None   # blocks spread over a trainer group
-    pieces_by_group: Optional[List[List[TensorPiece]]] = None  # FSDP: shards cut into pieces
+    placement: DDPPlacement | None = None   # blocks spread over a trainer group
+    pieces_by_group: list[list[TensorPiece]] | None = None  # FSDP: shards cut into pieces
     key_prefix: str = "block_"
 
 
@@ -46,7 +46,7 @@ def _require_process_group(config: DistributedConfig) -> None:
         )
 
 
-def _check_wrapping(config: Optional[DistributedConfig], params: Sequence[torch.Tensor]) -> None:
+def _check_wrapping(config: DistributedConfig | None, params: Sequence[torch.Tensor]) -> None:
     dtensors = any(_is_dtensor(p) for p in params)
     if any(_is_flat_parameter(p) for p in params):
         raise ValueError(
@@ -95,7 +95,7 @@ def hsdp_trainer_group(config: HSDPShampooConfig) -> DDPPlacement:
             f"size {replicas} of device_mesh."
         )
     rank = dist.get_rank()
-    mine: Optional[DDPPlacement] = None
+    mine: DDPPlacement | None = None
     for column in range(shards):
         ranks = [int(r) for r in mesh[:, column].tolist()]
         for first in range(0, replicas, size):
@@ -107,7 +107,7 @@ def hsdp_trainer_group(config: HSDPShampooConfig) -> DDPPlacement:
     return mine
 
 
-def plan_distribution(config: Optional[DistributedConfig], param_groups: Sequence[dict]) -> Distribution:
+def plan_distribution(config: DistributedConfig | None, param_groups: Sequence[dict]) -> Distribution:
     params = [p for group in param_groups for p in group["params"]]
     _check_wrapping(config, params)
     if config is None:

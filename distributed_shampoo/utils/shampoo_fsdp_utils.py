@@ -5,7 +5,7 @@ This is the only module that reads FSDP's private attributes (`_handle.flat_para
 2.13 and tests/test_fsdp.py pins the behaviour.
 """
 
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -14,11 +14,11 @@ from distributed_shampoo.shampoo_types import FSDPParameterMetadata
 from distributed_shampoo.utils.shampoo_block_layout import TensorPiece
 
 
-def compile_fsdp_parameter_metadata(module: nn.Module) -> Dict[nn.Parameter, FSDPParameterMetadata]:
+def compile_fsdp_parameter_metadata(module: nn.Module) -> dict[nn.Parameter, FSDPParameterMetadata]:
     """Where this rank's shard of every original parameter lies, for FSDPShampooConfig."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    metadata: Dict[nn.Parameter, FSDPParameterMetadata] = {}
+    metadata: dict[nn.Parameter, FSDPParameterMetadata] = {}
     for fsdp_module in FSDP.fsdp_modules(module):
         handle = getattr(fsdp_module, "_handle", None)
         if handle is None:
@@ -45,23 +45,23 @@ def compile_fsdp_parameter_metadata(module: nn.Module) -> Dict[nn.Parameter, FSD
 
 
 def parse_fsdp_params(
-    named_params: Dict[str, nn.Parameter], param_metadata: Dict[nn.Parameter, FSDPParameterMetadata]
-) -> Tuple[Dict[str, nn.Parameter], Dict[str, nn.Parameter], Dict[str, nn.Parameter]]:
+    named_params: dict[str, nn.Parameter], param_metadata: dict[nn.Parameter, FSDPParameterMetadata]
+) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter], dict[str, nn.Parameter]]:
     """(fully or grad-op sharded, hybrid sharded, other) parameters, in `named_params` order."""
     from torch.distributed.fsdp import ShardingStrategy
 
     sharded = {ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP}
     hybrid = {ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2}
-    fsdp: Dict[str, nn.Parameter] = {}
-    hsdp: Dict[str, nn.Parameter] = {}
-    other: Dict[str, nn.Parameter] = {}
+    fsdp: dict[str, nn.Parameter] = {}
+    hsdp: dict[str, nn.Parameter] = {}
+    other: dict[str, nn.Parameter] = {}
     for name, param in named_params.items():
         strategy = param_metadata[param].sharding_strategy if param in param_metadata else None
         (fsdp if strategy in sharded else hsdp if strategy in hybrid else other)[name] = param
     return fsdp, hsdp, other
 
 
-def split_shard(shape: Sequence[int], start: int, end: int) -> List[Tuple[int, Tuple[int, ...]]]:
+def split_shard(shape: Sequence[int], start: int, end: int) -> list[tuple[int, tuple[int, ...]]]:
     """SPEC B §7.3.2: cuts the flat range [start, end) of a tensor of `shape` into valid
     sub-tensors; returns (offset from `start`, piece shape) in order."""
     shape = tuple(int(d) for d in shape)
@@ -69,7 +69,7 @@ def split_shard(shape: Sequence[int], start: int, end: int) -> List[Tuple[int, T
         return []
     if not shape:  # a 0-d parameter: its one element as a vector
         return [(0, (end - start,))]
-    pieces: List[Tuple[int, Tuple[int, ...]]] = []
+    pieces: list[tuple[int, tuple[int, ...]]] = []
 
     def recover(a: int, b: int, dim: int) -> None:
         if a == b:
@@ -97,12 +97,12 @@ def split_shard(shape: Sequence[int], start: int, end: int) -> List[Tuple[int, T
 
 
 def fsdp_pieces(
-    params: Sequence[torch.Tensor], param_to_metadata: Dict[nn.Parameter, FSDPParameterMetadata]
-) -> List[TensorPiece]:
+    params: Sequence[torch.Tensor], param_to_metadata: dict[nn.Parameter, FSDPParameterMetadata]
+) -> list[TensorPiece]:
     """Every parameter's local shard cut back into sub-tensors of its original shape.
 
     Parameters FSDP does not shard (absent from the metadata, or NO_SHARD) are taken whole."""
-    pieces: List[TensorPiece] = []
+    pieces: list[TensorPiece] = []
     for index, param in enumerate(params):
         meta = param_to_metadata.get(param)  # type: ignore[call-overload]
         # FSDP keeps NO_SHARD parameters whole (it also falls back to NO_SHARD when a shard

@@ -8,8 +8,9 @@ scratch first, so a failed step leaves parameters and state bitwise unchanged (S
 """
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -39,8 +40,8 @@ from distributed_shampoo.utils.shampoo_ddp_distributor import DDPExchange, DDPPl
 from distributed_shampoo.utils.shampoo_residuals import log_root_inverse_residuals
 from distributed_shampoo.utils.shampoo_scalars import (
     first_moment_bias_correction,
-    float32_bias_correction,
     fl32,
+    float32_bias_correction,
 )
 
 logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
@@ -59,9 +60,9 @@ def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def root_method_kwargs(config: RootInvConfig) -> Dict[str, Any]:
+def root_method_kwargs(config: RootInvConfig) -> dict[str, Any]:
     """The method-specific arguments of _backend.root_inverse for a root-inverse config."""
-    kwargs: Dict[str, Any] = dict(
+    kwargs: dict[str, Any] = dict(
         method="eigen",
         make_positive_semidefinite=True,
         retry_double_precision=True,
@@ -97,7 +98,7 @@ class StepPlan:
     step: int
     root_step: bool
     bias_correction: float
-    param_blocks: Optional[torch.Tensor]
+    param_blocks: torch.Tensor | None
 
 
 class GraftingSpec:
@@ -119,12 +120,12 @@ class ShampooGroupEngine:
     def __init__(
         self,
         params: Sequence[torch.Tensor],
-        group: Dict[str, Any],
+        group: dict[str, Any],
         group_index: int,
-        shampoo_dtype: Optional[torch.dtype],
+        shampoo_dtype: torch.dtype | None,
         use_protected_eigh: bool,
-        ddp: Optional[DDPPlacement] = None,
-        pieces: Optional[Sequence[TensorPiece]] = None,
+        ddp: DDPPlacement | None = None,
+        pieces: Sequence[TensorPiece] | None = None,
         key_prefix: str = "block_",
     ) -> None:
         """`pieces` (default: every parameter whole) says how parameters are cut before
@@ -170,7 +171,7 @@ class ShampooGroupEngine:
 
         n, nf = layout.numel, layout.factor_numel
         self.table = layout.table.to(self.device)
-        self.exchange: Optional[DDPExchange] = None
+        self.exchange: DDPExchange | None = None
         if ddp is not None:
             self.exchange = DDPExchange(self.full_layout, owners, ddp, self.device, self.working_dtype)
             # finish() packs this rank's updates block after block: the all-gather payload.
@@ -197,12 +198,12 @@ class ShampooGroupEngine:
         self.root_status = torch.zeros(layout.factor_count, dtype=torch.int32)
         self.root_commit = torch.zeros(layout.factor_count, dtype=torch.uint8)
         self.active = torch.zeros(layout.num_blocks, dtype=torch.uint8, device=self.device)
-        self.param_flat: Optional[torch.Tensor] = None
-        self.param_blocks: Optional[torch.Tensor] = None
-        self._scratch: Dict[Tuple[str, torch.dtype], torch.Tensor] = {}
+        self.param_flat: torch.Tensor | None = None
+        self.param_blocks: torch.Tensor | None = None
+        self._scratch: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         self._grad_views = self._param_shaped_views(self.grad_flat)
-        self._active_params: Optional[Tuple[bool, ...]] = None
-        self._live: List[int] = []
+        self._active_params: tuple[bool, ...] | None = None
+        self._live: list[int] = []
 
     # ----------------------------------------------------------------------------- set-up
     @staticmethod
@@ -216,7 +217,7 @@ class ShampooGroupEngine:
         _backend.check_device_supported(device, "params")
         return device
 
-    def _param_shaped_views(self, flat: torch.Tensor) -> List[torch.Tensor]:
+    def _param_shaped_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [
             flat[offset : offset + t.numel()].view(t.shape)
             for offset, t in zip(self.layout.param_offsets, self.locals)
@@ -230,13 +231,13 @@ class ShampooGroupEngine:
             buffer = self._scratch[key] = torch.empty(like.numel(), dtype=dtype, device=self.device)
         return buffer
 
-    def _working(self, name: str, state: Optional[torch.Tensor], dtype: torch.dtype) -> Any:
+    def _working(self, name: str, state: torch.Tensor | None, dtype: torch.dtype) -> Any:
         """`state` itself when stored in `dtype`, else a working copy in scratch (SPEC B §6.2)."""
         if state is None or state.dtype == dtype:
             return state
         return self._scratch_like(name, state, dtype).copy_(state)
 
-    def _ensure_param_buffers(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _ensure_param_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.param_flat is None or self.param_blocks is None:
             self.param_flat = torch.zeros_like(self.grad_flat)
             self.param_blocks = torch.zeros_like(self.grad_blocks)
@@ -244,27 +245,27 @@ class ShampooGroupEngine:
         return self.param_flat, self.param_blocks
 
     # ---------------------------------------------------------------------- state access
-    def block_states(self) -> Dict[int, Dict[str, Dict[str, Any]]]:
+    def block_states(self) -> dict[int, dict[str, dict[str, Any]]]:
         """Per parameter index: {block_key: nested state dict of live views} (SPEC B §8.1)."""
         layout = self.layout
         table = layout.table.numpy()
-        states: Dict[int, Dict[str, Dict[str, Any]]] = {}
+        states: dict[int, dict[str, dict[str, Any]]] = {}
         for b, key in enumerate(layout.block_keys):
             row = table[b]
             shape = layout.block_shapes[b]
             offset, numel = int(row[_backend.BF_BLOCK_OFFSET]), int(row[_backend.BF_NUMEL])
             factor_offset = int(row[_backend.BF_FACTOR_OFFSET])
             first_factor = int(row[_backend.BF_FACTOR_INDEX])
-            factors: Dict[int, Any] = {}
-            inverses: Dict[int, Any] = {}
-            diagonal: Dict[int, Any] = {}
+            factors: dict[int, Any] = {}
+            inverses: dict[int, Any] = {}
+            diagonal: dict[int, Any] = {}
             for k, d in enumerate(shape):
                 view = slice(factor_offset, factor_offset + d * d)
                 factors[k] = {"quantized_values": self.factors[view].view(d, d)}
                 inverses[k] = {"quantized_values": self.inv_factors[view].view(d, d)}
                 diagonal[k] = self.diagonal[first_factor + k]
                 factor_offset += d * d
-            state: Dict[str, Any] = {
+            state: dict[str, Any] = {
                 "shampoo": {
                     "factor_matrices": factors,
                     "inv_factor_matrices": inverses,
@@ -290,7 +291,7 @@ class ShampooGroupEngine:
         )
 
     # ------------------------------------------------------------------------------ step
-    def _set_active(self, active_params: Tuple[bool, ...]) -> None:
+    def _set_active(self, active_params: tuple[bool, ...]) -> None:
         if self._active_params is not None and int(self.step_count) >= 1:
             logger.warning(
                 "The set of parameters with gradients changed from the previous step in param "
@@ -306,9 +307,9 @@ class ShampooGroupEngine:
         self._live = [i for i, a in enumerate(active_params) if a]
         self._live_params = [self.locals[i] for i in self._live]
         self._live_grad_views = [self._grad_views[i] for i in self._live]
-        self._live_param_views: Optional[List[torch.Tensor]] = None
+        self._live_param_views: list[torch.Tensor] | None = None
 
-    def prepare(self, group: Dict[str, Any]) -> Optional["StepPlan"]:
+    def prepare(self, group: dict[str, Any]) -> Optional["StepPlan"]:
         """The fallible half of a step (SPEC B §4.1-§4.6): gathers and checks the gradients
         and, on a root step, computes new factors and inverse roots into scratch. Raises
         before any parameter or state changes; returns None when no gradient exists."""
@@ -335,7 +336,7 @@ class ShampooGroupEngine:
             )
         return plan
 
-    def _prepare_live(self, group: Dict[str, Any], grads: List[Optional[torch.Tensor]]) -> "StepPlan":
+    def _prepare_live(self, group: dict[str, Any], grads: list[torch.Tensor | None]) -> "StepPlan":
         self.num_threads = max(1, torch.get_num_threads())  # follows torch.set_num_threads
         live_grads = [grads[i] for i in self._live]
         for g in live_grads:
@@ -399,7 +400,7 @@ class ShampooGroupEngine:
         )
         return work
 
-    def apply(self, group: Dict[str, Any], plan: "StepPlan", track_residuals: bool = False) -> None:
+    def apply(self, group: dict[str, Any], plan: "StepPlan", track_residuals: bool = False) -> None:
         """The infallible half of a step (SPEC B §4.4-§4.11): commits factors and roots,
         then moments, preconditioning, grafting, momentum and the parameter update."""
         t = plan.step

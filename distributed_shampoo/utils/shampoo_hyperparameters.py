@@ -7,7 +7,7 @@ per-group override can neither skip validation nor keep a literal -1 default.
 import logging
 import numbers
 from collections.abc import Sequence
-from typing import Any, Dict
+from typing import Any
 
 from distributed_shampoo.matrix_functions_types import (
     CoupledHigherOrderConfig,
@@ -50,7 +50,7 @@ def _require_int(name: str, value: Any) -> None:
         raise TypeError(f"Invalid {name}: {value!r}. Must be an integer.")
 
 
-def validate_group(group: Dict[str, Any], where: str = "", warn: bool = True) -> None:
+def validate_group(group: dict[str, Any], where: str = "", warn: bool = True) -> None:
     """Validates and resolves `group` in place, in the order of SPEC B §1.3.
 
     `where` prefixes messages (e.g. "param group 1: ") so a per-group error says which group;
@@ -176,7 +176,7 @@ def _validate_inv_root_override(override: Any, where: str) -> None:
         )
 
 
-def _validate_configs(group: Dict[str, Any], where: str) -> None:
+def _validate_configs(group: dict[str, Any], where: str) -> None:
     grafting = group["grafting_config"]
     if grafting is not None and not isinstance(
         grafting, (SGDGraftingConfig, AdaGradGraftingConfig)

@@ -6,7 +6,7 @@ It runs only when tracking is on, after steps that recompute inverse roots.
 """
 
 import logging
-from typing import Any, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ def _eigen_power(matrix: np.ndarray, exponent: float, epsilon: float) -> np.ndar
 
 def root_inverse_residuals(
     factor: np.ndarray, inverse_root: np.ndarray, root: int, epsilon: float, multiplier: float
-) -> Tuple[float, float]:
+) -> tuple[float, float]:
     """(relative error of inverse_root, relative residual of its -root power), SPEC B §5.7."""
     exact = _eigen_power(factor, -multiplier / root, epsilon)
     error = np.abs(exact - inverse_root).max() / max(np.abs(exact).max(), np.finfo(float).tiny)

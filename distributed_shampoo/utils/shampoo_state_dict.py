@@ -17,7 +17,8 @@ is already inside the optimizer before it can be checked: `ShampooLoadPlanner`
 
 import copy
 import logging
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,7 @@ from distributed_shampoo.utils.shampoo_hyperparameters import validate_group
 
 logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
 
-_Loaded = List[Tuple[str, Dict[str, torch.Tensor], Mapping[str, Any]]]
+_Loaded = list[tuple[str, dict[str, torch.Tensor], Mapping[str, Any]]]
 _SHARDED_CONFIGS = (FSDPShampooConfig, HSDPShampooConfig, FullyShardShampooConfig)
 
 RESHARDING_NOTE = (
@@ -71,7 +72,7 @@ def _hint(optimizer: Any, key: str) -> str:
 
 
 def _check_param_state(
-    optimizer: Any, name: str, current: Dict[str, torch.Tensor], loaded: Mapping[str, Any]
+    optimizer: Any, name: str, current: dict[str, torch.Tensor], loaded: Mapping[str, Any]
 ) -> None:
     if not isinstance(loaded, Mapping):
         raise TypeError(
@@ -117,7 +118,7 @@ def _check_param_state(
             raise ValueError(f"State {key} of parameter {name} is negative: {int(value)}.")
 
 
-def _aliases_live_state(loaded_states: _Loaded) -> Optional[str]:
+def _aliases_live_state(loaded_states: _Loaded) -> str | None:
     """The first loaded tensor that shares memory with the state it would be copied into."""
     for name, current, loaded in loaded_states:
         if not isinstance(loaded, Mapping):
@@ -157,8 +158,8 @@ _ALIAS_NOTE = (
 def _validate(
     optimizer: Any,
     loaded_states: _Loaded,
-    loaded_groups: Sequence[Tuple[Dict[str, Any], Mapping[str, Any]]],
-) -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
+    loaded_groups: Sequence[tuple[dict[str, Any], Mapping[str, Any]]],
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     for name, current, loaded in loaded_states:
         _check_param_state(optimizer, name, current, loaded)
     resolved = []
@@ -174,7 +175,7 @@ def _validate(
     return resolved
 
 
-def _agree(optimizer: Any, error: Optional[BaseException]) -> None:
+def _agree(optimizer: Any, error: BaseException | None) -> None:
     """With a distributed_config, every rank learns whether any rank failed; all raise then.
 
     Loading is collective there (every rank calls it, as every rank calls step()), so a bad
@@ -188,7 +189,7 @@ def _agree(optimizer: Any, error: Optional[BaseException]) -> None:
             raise error
         return
     mine = None if error is None else (type(error).__name__, str(error))
-    everyone: List[Optional[Tuple[str, str]]] = [None] * dist.get_world_size()
+    everyone: list[tuple[str, str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     failures = [(rank, failure) for rank, failure in enumerate(everyone) if failure is not None]
     if error is not None:
@@ -205,12 +206,12 @@ def _agree(optimizer: Any, error: Optional[BaseException]) -> None:
 def _check_and_apply(
     optimizer: Any,
     loaded_states: _Loaded,
-    loaded_groups: Sequence[Tuple[Dict[str, Any], Mapping[str, Any]]],
-    early_error: Optional[BaseException] = None,
+    loaded_groups: Sequence[tuple[dict[str, Any], Mapping[str, Any]]],
+    early_error: BaseException | None = None,
 ) -> None:
     """Validates every state and group (and agrees across ranks), then copies them in."""
     error = early_error
-    resolved: List[Tuple[Dict[str, Any], Dict[str, Any]]] = []
+    resolved: list[tuple[dict[str, Any], dict[str, Any]]] = []
     if error is None:
         try:
             resolved = _validate(optimizer, loaded_states, loaded_groups)
@@ -232,22 +233,22 @@ def _check_and_apply(
         group.update({k: v for k, v in candidate.items() if k != PARAMS})
 
 
-def _group_key(group: Dict[str, Any], param_to_key: Mapping[torch.Tensor, str]) -> str:
+def _group_key(group: dict[str, Any], param_to_key: Mapping[torch.Tensor, str]) -> str:
     return "/".join(sorted(param_to_key[p] for p in group[PARAMS]))
 
 
-def _group_hyperparameters(group: Dict[str, Any]) -> Dict[str, Any]:
+def _group_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     return {k: copy.deepcopy(v) for k, v in group.items() if k != PARAMS}
 
 
 # ------------------------------------------------------------------ standard protocol
-def state_dict(optimizer: Any) -> Dict[str, Any]:
+def state_dict(optimizer: Any) -> dict[str, Any]:
     """torch.optim-style: {"state": {param_index: {flat_key: tensor}}, "param_groups": [...]}.
 
     Under DDP/HSDP each rank returns the blocks it owns (and FSDP-family ranks their shards'
     blocks): save it per rank and load it with the same world size and config."""
     index = 0
-    states: Dict[int, Dict[str, torch.Tensor]] = {}
+    states: dict[int, dict[str, torch.Tensor]] = {}
     groups = []
     for group in optimizer.param_groups:
         indices = []
@@ -262,7 +263,7 @@ def state_dict(optimizer: Any) -> Dict[str, Any]:
 
 def _prepare_standard(
     optimizer: Any, state_dict: Mapping[str, Any]
-) -> Tuple[_Loaded, List[Tuple[Dict[str, Any], Mapping[str, Any]]]]:
+) -> tuple[_Loaded, list[tuple[dict[str, Any], Mapping[str, Any]]]]:
     if not isinstance(state_dict, Mapping) or set(state_dict) != {"state", "param_groups"}:
         raise ValueError(
             "state_dict must be a mapping with exactly the keys 'state' and 'param_groups' "
@@ -273,7 +274,7 @@ def _prepare_standard(
         raise ValueError(
             f"Different param_groups count: {len(optimizer.param_groups)} vs {len(loaded_groups)}"
         )
-    params: List[torch.Tensor] = []
+    params: list[torch.Tensor] = []
     for index, (group, loaded) in enumerate(zip(optimizer.param_groups, loaded_groups)):
         if len(loaded.get(PARAMS, ())) != len(group[PARAMS]):
             raise ValueError(
@@ -307,8 +308,8 @@ def _prepare_standard(
 
 def load_state_dict(optimizer: Any, state_dict: Mapping[str, Any]) -> None:
     checks: _Loaded = []
-    groups: List[Tuple[Dict[str, Any], Mapping[str, Any]]] = []
-    early: Optional[BaseException] = None
+    groups: list[tuple[dict[str, Any], Mapping[str, Any]]] = []
+    early: BaseException | None = None
     try:
         checks, groups = _prepare_standard(optimizer, state_dict)
     except Exception as caught:  # reaches _agree on every rank
@@ -318,11 +319,11 @@ def load_state_dict(optimizer: Any, state_dict: Mapping[str, Any]) -> None:
 
 # ---------------------------------------------------------- distributed (by FQN) protocol
 def distributed_state_dict(
-    optimizer: Any, key_to_param: Iterable[Tuple[str, torch.Tensor]], save_param_groups: bool
-) -> Dict[str, Any]:
+    optimizer: Any, key_to_param: Iterable[tuple[str, torch.Tensor]], save_param_groups: bool
+) -> dict[str, Any]:
     """The live state tensors by parameter name (nothing is copied)."""
     param_to_key = {param: key for key, param in key_to_param}
-    ret: Dict[str, Any] = {
+    ret: dict[str, Any] = {
         "state": {
             param_to_key[p]: flatten(optimizer.state[p])
             for group in optimizer.param_groups
@@ -352,10 +353,10 @@ def distributed_state_dict(
 def _prepare_distributed(
     optimizer: Any,
     state_dict: Mapping[str, Any],
-    key_to_param: Iterable[Tuple[str, torch.Tensor]],
+    key_to_param: Iterable[tuple[str, torch.Tensor]],
     save_param_groups: bool,
     enable_missing_key_check: bool,
-) -> Tuple[_Loaded, List[Tuple[Dict[str, Any], Mapping[str, Any]]]]:
+) -> tuple[_Loaded, list[tuple[dict[str, Any], Mapping[str, Any]]]]:
     key_to_param = dict(key_to_param)
     param_to_key = {param: key for key, param in key_to_param.items()}
     if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("state"), Mapping):
@@ -394,7 +395,7 @@ def _prepare_distributed(
                     raise KeyError(
                         f"Parameter {key} has optimizer state but none in the checkpoint."
                     )
-    hyperparameters: List[Tuple[Dict[str, Any], Mapping[str, Any]]] = []
+    hyperparameters: list[tuple[dict[str, Any], Mapping[str, Any]]] = []
     if save_param_groups:
         loaded_groups = state_dict.get("param_groups")
         if not isinstance(loaded_groups, Mapping):
@@ -416,13 +417,13 @@ def _prepare_distributed(
 def load_distributed_state_dict(
     optimizer: Any,
     state_dict: Mapping[str, Any],
-    key_to_param: Iterable[Tuple[str, torch.Tensor]],
+    key_to_param: Iterable[tuple[str, torch.Tensor]],
     save_param_groups: bool,
     enable_missing_key_check: bool,
 ) -> None:
     checks: _Loaded = []
-    groups: List[Tuple[Dict[str, Any], Mapping[str, Any]]] = []
-    early: Optional[BaseException] = None
+    groups: list[tuple[dict[str, Any], Mapping[str, Any]]] = []
+    early: BaseException | None = None
     try:
         checks, groups = _prepare_distributed(
             optimizer, state_dict, key_to_param, save_param_groups, enable_missing_key_check
