@@ -25,28 +25,48 @@ def root_for_order(order: int, inv_root_override: int | Sequence[int]) -> int:
 
 @dataclass
 class BlockLayout:
+    """A block table and which parameter and key each row belongs to; sizes and the
+    factor-to-block maps are derived from the table, which is the one source of truth."""
+
     table: torch.Tensor                  # int64 [num_blocks, BF_COUNT]
     block_param: np.ndarray              # int64 [num_blocks]: index of the block's parameter
     block_keys: list[str]                # "block_{k}", k restarting at 0 for each parameter
-    block_shapes: list[tuple[int, ...]]  # dims of each block (() for an order-0 block)
     param_offsets: list[int]             # element offset of each parameter, param layout
     param_numel: int                     # elements of all parameters (param-layout size)
-    numel: int                           # elements of the blocks in this layout
-    factor_numel: int                    # elements of all factor matrices
-    factor_count: int                    # number of factor matrices
-    factor_block: np.ndarray             # int64 [factor_count]: block of each factor
-    factor_dim: np.ndarray               # int64 [factor_count]: its dimension in the block
-    global_blocks: np.ndarray            # int64 [num_blocks]: index of each row in the full plan
+
+    def __post_init__(self) -> None:
+        rows = self.table.numpy()
+        orders = rows[:, _backend.BF_ORDER].astype(np.int64)
+        dims = rows[:, _backend.BF_DIMS : _backend.BF_DIMS + _backend.MAX_ORDER].astype(np.int64)
+        self.block_shapes = [tuple(int(d) for d in row[:order]) for row, order in zip(dims, orders)]
+        self.numel = int(rows[:, _backend.BF_NUMEL].sum())   # elements of these blocks
+        self.factor_numel = int((dims**2).sum())             # elements of their factors
+        self.factor_count = int(orders.sum())
+        self.factor_block = np.repeat(np.arange(len(rows), dtype=np.int64), orders)
+        self.factor_dim = np.arange(self.factor_count, dtype=np.int64) - np.repeat(
+            rows[:, _backend.BF_FACTOR_INDEX], orders
+        )
 
     @property
     def num_blocks(self) -> int:
         return len(self.block_keys)
 
-    def factor_label(self, factor: int, param_indices: Sequence[int]) -> str:
+    def factor_label(self, factor: int) -> str:
         """'{param_index}.{block_key}.{dim}' (SPEC B §2.3) for a flat factor index."""
         block = int(self.factor_block[factor])
-        dim = int(self.factor_dim[factor])
-        return f"{param_indices[self.block_param[block]]}.{self.block_keys[block]}.{dim}"
+        return f"{self.block_param[block]}.{self.block_keys[block]}.{int(self.factor_dim[factor])}"
+
+
+def _compact_offsets(table: np.ndarray) -> torch.Tensor:
+    """Block-layout, factor-layout and factor-index offsets packed in row order."""
+    numel = table[:, _backend.BF_NUMEL]
+    orders = table[:, _backend.BF_ORDER]
+    dims = table[:, _backend.BF_DIMS : _backend.BF_DIMS + _backend.MAX_ORDER].astype(np.int64)
+    factor_sizes = (dims**2).sum(axis=1)
+    table[:, _backend.BF_BLOCK_OFFSET] = np.cumsum(numel) - numel
+    table[:, _backend.BF_FACTOR_OFFSET] = np.cumsum(factor_sizes) - factor_sizes
+    table[:, _backend.BF_FACTOR_INDEX] = np.cumsum(orders) - orders
+    return torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64))
 
 
 @dataclass(frozen=True)
@@ -77,7 +97,6 @@ def build_block_layout(
     block_param: list[int] = []
     block_keys: list[str] = []
     blocks_per_param = [0] * len(param_numels)
-    numel = factor_numel = factor_count = 0
     for piece in pieces:
         shape = piece.shape
         merged = (
@@ -93,39 +112,18 @@ def build_block_layout(
         orders = plan[:, _backend.BF_ORDER]
         plan[:, _backend.BF_ROOT] = [max(root_for_order(int(o), inv_root_override), 1) for o in orders]
         plan[:, _backend.BF_PARAM_OFFSET] += int(param_offsets[piece.param_index]) + piece.offset
-        plan[:, _backend.BF_BLOCK_OFFSET] += numel
-        plan[:, _backend.BF_FACTOR_OFFSET] += factor_numel
-        plan[:, _backend.BF_FACTOR_INDEX] += factor_count
-        dims = plan[:, _backend.BF_DIMS : _backend.BF_DIMS + _backend.MAX_ORDER]
-        numel += int(np.prod(shape, dtype=np.int64))
-        factor_numel += int((dims.astype(np.int64) ** 2).sum())
-        factor_count += int(orders.sum())
         tables.append(plan)
         first = blocks_per_param[piece.param_index]
         blocks_per_param[piece.param_index] += len(plan)
         block_param.extend([piece.param_index] * len(plan))
         block_keys.extend(f"{key_prefix}{k}" for k in range(first, first + len(plan)))
     table = np.concatenate(tables) if tables else np.zeros((0, _backend.BF_COUNT), np.int64)
-    shapes_out = [
-        tuple(int(d) for d in row[_backend.BF_DIMS : _backend.BF_DIMS + row[_backend.BF_ORDER]])
-        for row in table
-    ]
-    orders = table[:, _backend.BF_ORDER].astype(np.int64)
-    factor_block = np.repeat(np.arange(len(table), dtype=np.int64), orders)
-    factor_dim = np.concatenate([np.arange(o, dtype=np.int64) for o in orders] or [np.zeros(0, np.int64)])
     return BlockLayout(
-        table=torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64)),
+        table=_compact_offsets(table),
         block_param=np.asarray(block_param, dtype=np.int64),
         block_keys=block_keys,
-        block_shapes=shapes_out,
         param_offsets=[int(o) for o in param_offsets[:-1]],
         param_numel=int(param_offsets[-1]),
-        numel=numel,
-        factor_numel=factor_numel,
-        factor_count=factor_count,
-        factor_block=factor_block,
-        factor_dim=factor_dim,
-        global_blocks=np.arange(len(table), dtype=np.int64),
     )
 
 
@@ -135,30 +133,13 @@ def select_blocks(layout: BlockLayout, keep: np.ndarray) -> BlockLayout:
     Parameter offsets and strides are kept: a subset still reads gradients from the whole
     group's param-layout buffer (e.g. the blocks one DDP rank owns).
     """
-    table = layout.table.numpy()[keep].copy()
-    numel = table[:, _backend.BF_NUMEL]
-    orders = table[:, _backend.BF_ORDER]
-    dims = table[:, _backend.BF_DIMS : _backend.BF_DIMS + _backend.MAX_ORDER].astype(np.int64)
-    factor_sizes = (dims**2).sum(axis=1)
-    table[:, _backend.BF_BLOCK_OFFSET] = np.cumsum(numel) - numel
-    table[:, _backend.BF_FACTOR_OFFSET] = np.cumsum(factor_sizes) - factor_sizes
-    table[:, _backend.BF_FACTOR_INDEX] = np.cumsum(orders) - orders
     indices = np.flatnonzero(keep)
-    factor_block = np.repeat(np.arange(len(table), dtype=np.int64), orders)
-    factor_dim = np.concatenate([np.arange(o, dtype=np.int64) for o in orders] or [np.zeros(0, np.int64)])
     return BlockLayout(
-        table=torch.from_numpy(np.ascontiguousarray(table)),
+        table=_compact_offsets(layout.table.numpy()[indices].copy()),
         block_param=layout.block_param[indices],
         block_keys=[layout.block_keys[i] for i in indices],
-        block_shapes=[layout.block_shapes[i] for i in indices],
         param_offsets=layout.param_offsets,
         param_numel=layout.param_numel,
-        numel=int(numel.sum()),
-        factor_numel=int(factor_sizes.sum()),
-        factor_count=int(orders.sum()),
-        factor_block=factor_block,
-        factor_dim=factor_dim,
-        global_blocks=layout.global_blocks[indices],
     )
 
 

@@ -112,6 +112,7 @@ class DDPExchange:
         self.received = torch.zeros(self.chunk * group_size, dtype=working_dtype, device=device)
         self.own = self.buffer[group_rank * self.chunk : (group_rank + 1) * self.chunk]
         self.local_numel = local_numel[group_rank]
+        self.failure_flag = torch.zeros(1, device=device)
 
     def exchange(self, local_payload: torch.Tensor) -> torch.Tensor:
         """All-gathers each rank's payload (its blocks, packed); returns the gathered buffer in
@@ -124,6 +125,6 @@ class DDPExchange:
         """Whether any rank of the trainer group failed its step's checks; every rank calls
         this each step so that all of them raise together instead of one hanging in the
         all-gather (SPEC A.3.6)."""
-        flag = torch.tensor([1.0 if failed else 0.0], device=self.buffer.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.process_group)
-        return bool(flag.item())
+        self.failure_flag.fill_(1.0 if failed else 0.0)
+        dist.all_reduce(self.failure_flag, op=dist.ReduceOp.MAX, group=self.process_group)
+        return bool(self.failure_flag.item())

@@ -139,7 +139,6 @@ class ShampooGroupEngine:
         # thread inside the step; see _backend.single_threaded_blas).
         self.num_threads = max(1, torch.get_num_threads())
         self.device = self._common_device(self.params)
-        self.param_indices = list(range(len(self.params)))
         precision: PrecisionConfig = group["precision_config"]
         # All blocks of the group; this engine keeps state for, and computes, its own blocks:
         # all of them, or under DDP the ones this rank owns.
@@ -285,7 +284,7 @@ class ShampooGroupEngine:
     def describe_block(self, block: int) -> str:
         p = int(self.layout.block_param[block])
         return (
-            f"parameter {self.param_indices[p]} of param group {self.group_index} "
+            f"parameter {p} of param group {self.group_index} "
             f"(shape {tuple(self.params[p].shape)}), block {self.layout.block_keys[block]} "
             f"(shape {self.layout.block_shapes[block]})"
         )
@@ -361,9 +360,7 @@ class ShampooGroupEngine:
         param_flat = param_blocks = None
         if weight_decay != 0.0 or (self.exchange is not None and self.exchange.communicate_params):
             param_flat, param_blocks = self._ensure_param_buffers()
-            if self._live_param_views is None:
-                self._live_param_views = [self._param_views[i] for i in self._live]
-            torch._foreach_copy_(self._live_param_views, self._live_params)
+            torch._foreach_copy_(self._live_param_targets(), self._live_params)
         bad = _backend.gather(
             self.grad_blocks, param_blocks, self.grad_flat, param_flat, self.table, self.active,
             0.0 if decoupled else weight_decay,
@@ -379,7 +376,7 @@ class ShampooGroupEngine:
         root_step = self.layout.factor_numel > 0 and ((t % frequency == 0 and t > start) or t == start)
         bias_correction = 1.0
         if root_step:
-            new_factors = self._updated_factors_in_scratch()
+            new_factors = self._update_factors(self.factor_work)
             self.diagonal_work.copy_(self.diagonal)
             if self.shampoo_bias_correction:
                 bias_correction = float32_bias_correction(self.beta2, t)
@@ -392,13 +389,22 @@ class ShampooGroupEngine:
             self._check_roots()
         return StepPlan(t, root_step, bias_correction, param_blocks)
 
-    def _updated_factors_in_scratch(self) -> torch.Tensor:
-        work = self.factor_work.copy_(self.factors)
+    def _update_factors(self, target: torch.Tensor) -> torch.Tensor:
+        """SPEC B §4.4 into `target`: the live factors (in place) or factor_work (scratch, a
+        copy of them first), in the Shampoo dtype."""
+        if target is not self.factors:
+            target.copy_(self.factors)
         grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
         _backend.factor_update(
-            work, work, grads, self.table, self.active, self.beta2, num_threads=self.num_threads
+            target, target, grads, self.table, self.active, self.beta2, num_threads=self.num_threads
         )
-        return work
+        return target
+
+    def _live_param_targets(self) -> list[torch.Tensor]:
+        """Views of param_flat for the parameters with gradients (built once per pattern)."""
+        if self._live_param_views is None:
+            self._live_param_views = [self._param_views[i] for i in self._live]
+        return self._live_param_views
 
     def apply(self, group: dict[str, Any], plan: "StepPlan", track_residuals: bool = False) -> None:
         """The infallible half of a step (SPEC B §4.4-§4.11): commits factors and roots,
@@ -418,14 +424,11 @@ class ShampooGroupEngine:
                 log_root_inverse_residuals(self, plan.bias_correction)
         else:
             if self.layout.factor_numel > 0:
+                # Nothing can fail any more: update in place unless stored in another dtype.
                 if self.factors.dtype == self.shampoo_dtype:
-                    grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
-                    _backend.factor_update(
-                        self.factors, self.factors, grads, self.table, self.active, self.beta2,
-                        num_threads=self.num_threads,
-                    )
+                    self._update_factors(self.factors)
                 else:
-                    self.factors.copy_(self._updated_factors_in_scratch())
+                    self.factors.copy_(self._update_factors(self.factor_work))
             inv_roots = self.inv_factors
             if self.inv_factors.dtype != self.shampoo_dtype:
                 inv_roots = self.root_work.copy_(self.inv_factors)
@@ -510,9 +513,7 @@ class ShampooGroupEngine:
             assert plan.param_blocks is not None and self.param_flat is not None
             self.payload.add_(plan.param_blocks)
             self._unpack(self.exchange.exchange(self.payload), self.param_flat)
-            if self._live_param_views is None:
-                self._live_param_views = [self._param_views[i] for i in self._live]
-            torch._foreach_copy_(self._live_params, self._live_param_views)
+            torch._foreach_copy_(self._live_params, self._live_param_targets())
         else:
             self._unpack(self.exchange.exchange(self.payload), self.grad_flat)
             torch._foreach_add_(self._live_params, self._live_grad_views)
@@ -528,7 +529,7 @@ class ShampooGroupEngine:
         layout = self.layout
 
         def where(factor: int) -> str:
-            label = layout.factor_label(factor, self.param_indices)
+            label = layout.factor_label(factor)
             return f"{label} ({self.describe_block(int(layout.factor_block[factor]))})"
 
         for code, text in (
