@@ -3,6 +3,7 @@
  * points live in kernel_ops.c; tensors are borrowed through DLPack in tensor_args.c. */
 #include "binding.h"
 
+#include "../core/batch_plan.h"
 #include "../core/block_table.h"
 #include "../core/blocking.h"
 #include "../core/elementwise.h"
@@ -131,7 +132,7 @@ static PyObject *block_plan(PyObject *module, PyObject *args)
         shampoo_raise_status("block_plan", st);
         goto done;
     }
-    if (shampoo_view_table(&table, shampoo_get_state(module), "block_plan", "table", obj, 1) < 0)
+    if (shampoo_view_table(&table, &shampoo_get_state(module)->dl, "block_plan", "table", obj, 1) < 0)
         goto done;
     if (table.rows != count) {
         PyErr_Format(PyExc_ValueError, "block_plan: argument 'table' has %lld rows; the plan "
@@ -158,7 +159,7 @@ static PyObject *table_validate(PyObject *module, PyObject *args)
     if (!PyArg_ParseTuple(args, "OLLLL:table_validate", &obj, &block_numel, &factor_numel,
                           &factor_count, &param_numel))
         return NULL;
-    if (shampoo_view_table(&table, shampoo_get_state(module), "table_validate", "table", obj, 0) < 0)
+    if (shampoo_view_table(&table, &shampoo_get_state(module)->dl, "table_validate", "table", obj, 0) < 0)
         goto done;
     if (shampoo_table_validate(table.data, table.rows, block_numel, factor_numel,
                                factor_count, param_numel) != SHAMPOO_OK) {
@@ -172,7 +173,43 @@ done:
     return result;
 }
 
+/* batch_plan(table) -> bytes: the batch plan (batch_plan.h) as native int64s, for Python
+ * to wrap without a copy (numpy.frombuffer) and send to the GPU once. */
+static PyObject *batch_plan(PyObject *module, PyObject *args)
+{
+    PyObject *obj, *result = NULL;
+    shampoo_view table = {0};
+    if (!PyArg_ParseTuple(args, "O:batch_plan", &obj))
+        return NULL;
+    if (shampoo_view_table(&table, &shampoo_get_state(module)->dl, "batch_plan", "table", obj,
+                           0) < 0)
+        goto done;
+    if (shampoo_table_validate(table.data, table.rows, -1, -1, -1, -1) != SHAMPOO_OK) {
+        PyErr_SetString(PyExc_ValueError, "batch_plan: argument 'table' is malformed");
+        goto done;
+    }
+    int64_t length = shampoo_batch_plan_length(table.data, table.rows);
+    if (length < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(length * (int64_t)sizeof(int64_t)));
+    if (result == NULL)
+        goto done;
+    shampoo_status st = shampoo_batch_plan_build(table.data, table.rows,
+                                                 (int64_t *)PyBytes_AsString(result), length);
+    if (st != SHAMPOO_OK) {
+        Py_CLEAR(result);
+        shampoo_raise_status("batch_plan", st);
+    }
+done:
+    shampoo_view_release(&table);
+    return result;
+}
+
 static PyMethodDef shampoo_methods[] = {
+    {"batch_plan", batch_plan, METH_VARARGS,
+     "batch_plan(table) -> bytes: the table's blocks grouped by shape (int64s, batch_plan.h)"},
     {"merge_small_dims", merge_small_dims, METH_VARARGS,
      "merge_small_dims(shape, threshold) -> tuple: SPEC B §2.1"},
     {"block_count", block_count, METH_VARARGS,
@@ -197,6 +234,10 @@ static int add_constants(PyObject *m)
         {"BF_PARAM_OFFSET", SHAMPOO_BF_PARAM_OFFSET}, {"BF_ROOT", SHAMPOO_BF_ROOT},
         {"BF_DIMS", SHAMPOO_BF_DIMS}, {"BF_STRIDES", SHAMPOO_BF_STRIDES},
         {"BF_COUNT", SHAMPOO_BF_COUNT}, {"MAX_ORDER", SHAMPOO_MAX_ORDER},
+        {"PLAN_HEADER", SHAMPOO_PLAN_HEADER},
+        {"PLAN_GROUP_FIELDS", SHAMPOO_PLAN_GROUP_FIELDS}, {"PG_ORDER", SHAMPOO_PG_ORDER},
+        {"PG_COUNT", SHAMPOO_PG_COUNT}, {"PG_FIRST", SHAMPOO_PG_FIRST},
+        {"PG_NUMEL", SHAMPOO_PG_NUMEL}, {"PG_DIMS", SHAMPOO_PG_DIMS},
         {"ROOT_OK", SHAMPOO_ROOT_OK}, {"ROOT_INACTIVE", SHAMPOO_ROOT_INACTIVE},
         {"ROOT_FACTOR_NAN", SHAMPOO_ROOT_FACTOR_NAN},
         {"ROOT_FACTOR_INF", SHAMPOO_ROOT_FACTOR_INF}, {"ROOT_FAILED", SHAMPOO_ROOT_FAILED},
@@ -221,12 +262,7 @@ static int shampoo_exec(PyObject *m)
     if (add_constants(m) < 0 || PyModule_AddFunctions(m, shampoo_kernel_methods) < 0 ||
         shampoo_linalg_load(st) < 0)
         return -1;
-    st->dlpack_name = PyUnicode_InternFromString("__dlpack__");
-    st->empty_tuple = PyTuple_New(0);
-    st->dlpack_kwargs = Py_BuildValue("{s:(ii)}", "max_version", 1, 0);
-    if (st->dlpack_name == NULL || st->empty_tuple == NULL || st->dlpack_kwargs == NULL)
-        return -1;
-    return 0;
+    return shampoo_dlpack_state_init(&st->dl, 1 /* CPU */);
 }
 
 static int shampoo_traverse(PyObject *m, visitproc visit, void *arg)
@@ -236,10 +272,7 @@ static int shampoo_traverse(PyObject *m, visitproc visit, void *arg)
         return 0;
     Py_VISIT(st->blas_capi);
     Py_VISIT(st->lapack_capi);
-    Py_VISIT(st->dlpack_name);
-    Py_VISIT(st->dlpack_kwargs);
-    Py_VISIT(st->empty_tuple);
-    return 0;
+    return shampoo_dlpack_state_traverse(&st->dl, visit, arg);
 }
 
 static int shampoo_clear(PyObject *m)
@@ -249,9 +282,7 @@ static int shampoo_clear(PyObject *m)
         return 0;
     Py_CLEAR(st->blas_capi);
     Py_CLEAR(st->lapack_capi);
-    Py_CLEAR(st->dlpack_name);
-    Py_CLEAR(st->dlpack_kwargs);
-    Py_CLEAR(st->empty_tuple);
+    shampoo_dlpack_state_clear(&st->dl);
     return 0;
 }
 

@@ -14,13 +14,24 @@
 #include "../core/linalg.h"
 #include "../core/status.h"
 
+/* What borrowing tensors needs (tensor_args.c); each module's state embeds one. */
+typedef struct shampoo_dlpack_state {
+    PyObject *dlpack_name;      /* "__dlpack__" */
+    PyObject *dlpack_kwargs;    /* {"max_version": (1, 0)} (+ "stream": -1 for CUDA) */
+    PyObject *empty_tuple;
+    int device_type;            /* DLPack device of the kernels' buffers: 1 CPU, 2 CUDA */
+} shampoo_dlpack_state;
+
+/* Fills st (new references) for kernels whose buffers live on device_type; -1 on error. */
+int shampoo_dlpack_state_init(shampoo_dlpack_state *st, int device_type);
+void shampoo_dlpack_state_clear(shampoo_dlpack_state *st);
+int shampoo_dlpack_state_traverse(shampoo_dlpack_state *st, visitproc visit, void *arg);
+
 typedef struct shampoo_module_state {
     shampoo_linalg la;          /* filled once at import from SciPy's capsules */
     PyObject *blas_capi;        /* scipy.linalg.cython_blas.__pyx_capi__ (keeps pointers alive) */
     PyObject *lapack_capi;      /* scipy.linalg.cython_lapack.__pyx_capi__ */
-    PyObject *dlpack_name;      /* "__dlpack__" */
-    PyObject *dlpack_kwargs;    /* {"max_version": (1, 0)} */
-    PyObject *empty_tuple;
+    shampoo_dlpack_state dl;
 } shampoo_module_state;
 
 /* What an argument holds; the element type follows from it. */
@@ -28,7 +39,9 @@ typedef enum shampoo_arg_kind {
     SHAMPOO_ARG_REAL,   /* float32 or float64, the same for every REAL argument of a call */
     SHAMPOO_ARG_TABLE,  /* int64 [nblocks, SHAMPOO_BF_COUNT] */
     SHAMPOO_ARG_MASK,   /* uint8 or bool, one per block or per factor */
-    SHAMPOO_ARG_INT32   /* int32, one per factor */
+    SHAMPOO_ARG_INT32,  /* int32, one per factor */
+    SHAMPOO_ARG_INT64,  /* int64, any length (a batch plan, a failure flag) */
+    SHAMPOO_ARG_BYTES   /* uint8 scratch of any length */
 } shampoo_arg_kind;
 
 /* Which block-table extent an argument's length must cover. */
@@ -45,7 +58,8 @@ enum {
     SHAMPOO_ARG_OUT = 1,       /* written by the kernel: must be writable, must not overlap
                                   any other argument */
     SHAMPOO_ARG_OPTIONAL = 2,  /* None allowed (NULL pointer) */
-    SHAMPOO_ARG_ALIAS_OK = 4   /* may be exactly the same buffer as another ALIAS_OK argument */
+    SHAMPOO_ARG_ALIAS_OK = 4,  /* may be exactly the same buffer as another ALIAS_OK argument */
+    SHAMPOO_ARG_HOST = 8       /* in host memory even when the kernels' buffers are on a GPU */
 };
 
 typedef struct shampoo_arg_spec {
@@ -63,6 +77,8 @@ typedef struct shampoo_view {
     int64_t rows;      /* the table's row count */
     int elsize;        /* bytes per element */
     int readonly;
+    int device_type;   /* DLPack device type and id of the buffer */
+    int device_id;
     double empty[1];   /* stands in for the data pointer of a zero-element buffer */
 } shampoo_view;
 
@@ -74,18 +90,19 @@ typedef struct shampoo_call {
     int nargs;
     int real_bits; /* 32 or 64 */
     int64_t nblocks;
+    int device_id; /* DLPack device id of the device buffers (-1 until one is seen) */
     shampoo_view views[SHAMPOO_MAX_ARGS];
 } shampoo_call;
 
-/* Borrows objs[i] per specs[i], checks kinds, dtypes, layout, lengths against the table and
- * overlaps. Returns 0, or -1 with an exception set; call shampoo_call_release either way. */
-int shampoo_call_bind(shampoo_call *call, shampoo_module_state *st, const char *fn,
+/* Borrows objs[i] per specs[i], checks kinds, dtypes, devices, layout, lengths against the
+ * (host) table and overlaps. Returns 0, or -1 with an exception set; call shampoo_call_release either way. */
+int shampoo_call_bind(shampoo_call *call, shampoo_dlpack_state *st, const char *fn,
                       const shampoo_arg_spec *specs, PyObject *const *objs, int nargs,
                       int real_bits);
 void shampoo_call_release(shampoo_call *call);
 
 /* Borrows one int64 2-D [rows, SHAMPOO_BF_COUNT] table argument (block_plan, validate). */
-int shampoo_view_table(shampoo_view *v, shampoo_module_state *st, const char *fn,
+int shampoo_view_table(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,
                        const char *arg, PyObject *obj, int writable);
 void shampoo_view_release(shampoo_view *v);
 

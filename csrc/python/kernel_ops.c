@@ -53,7 +53,7 @@ static PyObject *gather(PyObject *m, PyObject *args, int bits, const char *fn)
     shampoo_call call = {0};
     if (!PyArg_ParseTuple(args, "OOOOOOd", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &l2))
         return NULL;
-    if (shampoo_call_bind(&call, shampoo_get_state(m), fn, specs, o, 6, bits) < 0)
+    if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 6, bits) < 0)
         return fail_call(&call);
     if (is_none(&call, 3) && (!is_none(&call, 1) || l2 != 0.0)) {
         PyErr_Format(PyExc_ValueError, "%s: argument 'param_flat' is required when "
@@ -85,7 +85,7 @@ static PyObject *scatter(PyObject *m, PyObject *args, int bits, const char *fn)
     shampoo_call call = {0};
     if (!PyArg_ParseTuple(args, "OOOO", &o[0], &o[1], &o[2], &o[3]))
         return NULL;
-    if (shampoo_call_bind(&call, shampoo_get_state(m), fn, specs, o, 4, bits) < 0)
+    if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 4, bits) < 0)
         return fail_call(&call);
     shampoo_status st;
     Py_BEGIN_ALLOW_THREADS
@@ -116,7 +116,7 @@ static PyObject *factor_update(PyObject *m, PyObject *args, int bits, const char
     if (!PyArg_ParseTuple(args, "OOOOOdi", &o[0], &o[1], &o[2], &o[3], &o[4], &beta2,
                           &num_threads))
         return NULL;
-    if (shampoo_call_bind(&call, shampoo_get_state(m), fn, specs, o, 5, bits) < 0)
+    if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 5, bits) < 0)
         return fail_call(&call);
     const shampoo_module_state *ms = shampoo_get_state(m);
     shampoo_status st;
@@ -147,7 +147,7 @@ static PyObject *precondition(PyObject *m, PyObject *args, int bits, const char 
     shampoo_call call = {0};
     if (!PyArg_ParseTuple(args, "OOOOOi", &o[0], &o[1], &o[2], &o[3], &o[4], &num_threads))
         return NULL;
-    if (shampoo_call_bind(&call, shampoo_get_state(m), fn, specs, o, 5, bits) < 0)
+    if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 5, bits) < 0)
         return fail_call(&call);
     const shampoo_module_state *ms = shampoo_get_state(m);
     shampoo_status st;
@@ -180,7 +180,7 @@ static PyObject *moments(PyObject *m, PyObject *args, int bits, const char *fn)
                           &p.update_grafting_state, &p.grafting_beta2, &p.beta1, &p.beta3,
                           &p.bias_correction1))
         return NULL;
-    if (shampoo_call_bind(&call, shampoo_get_state(m), fn, specs, o, 5, bits) < 0)
+    if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 5, bits) < 0)
         return fail_call(&call);
     if (p.update_grafting_state && is_none(&call, 1)) {
         PyErr_Format(PyExc_ValueError, "%s: argument 'grafting_state' is required when "
@@ -257,7 +257,7 @@ static PyObject *finish(PyObject *m, PyObject *args, int bits, const char *fn)
                           &p.lr))
         return NULL;
     p.graft = (shampoo_graft_kind)graft;
-    if (shampoo_call_bind(&call, shampoo_get_state(m), fn, specs, o, 8, bits) < 0 ||
+    if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 8, bits) < 0 ||
         finish_args_ok(&call, &p) < 0)
         return fail_call(&call);
     shampoo_status st;
@@ -303,7 +303,7 @@ static PyObject *root_inverse(PyObject *m, PyObject *args, int bits, const char 
     cfg.method = (shampoo_root_method)method;
     cfg.max_iterations = max_iterations;
     cfg.order = order;
-    if (shampoo_call_bind(&call, shampoo_get_state(m), fn, specs, o, 6, bits) < 0)
+    if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 6, bits) < 0)
         return fail_call(&call);
     const shampoo_module_state *ms = shampoo_get_state(m);
     shampoo_status st;
@@ -332,7 +332,7 @@ static PyObject *root_commit(PyObject *m, PyObject *args, int bits, const char *
     shampoo_call call = {0};
     if (!PyArg_ParseTuple(args, "OOOO", &o[0], &o[1], &o[2], &o[3]))
         return NULL;
-    if (shampoo_call_bind(&call, shampoo_get_state(m), fn, specs, o, 4, bits) < 0)
+    if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 4, bits) < 0)
         return fail_call(&call);
     shampoo_status st;
     Py_BEGIN_ALLOW_THREADS

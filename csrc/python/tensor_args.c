@@ -51,13 +51,19 @@ static int dtype_ok(shampoo_arg_kind kind, shampoo_dl_data_type t, int real_bits
     case SHAMPOO_ARG_INT32:
         *expected = "int32";
         return t.code == SHAMPOO_DL_INT && t.bits == 32;
+    case SHAMPOO_ARG_INT64:
+        *expected = "int64";
+        return t.code == SHAMPOO_DL_INT && t.bits == 64;
+    case SHAMPOO_ARG_BYTES:
+        *expected = "uint8";
+        return t.code == SHAMPOO_DL_UINT && t.bits == 8;
     }
     return 0;
 }
 
 /* Calls obj.__dlpack__(max_version=(1, 0)), falling back to obj.__dlpack__() for producers
  * that predate versioned capsules. New reference, or NULL with TypeError set. */
-static PyObject *dlpack_export(shampoo_module_state *st, const char *fn, const char *arg,
+static PyObject *dlpack_export(shampoo_dlpack_state *st, const char *fn, const char *arg,
                                PyObject *obj)
 {
     PyObject *meth = PyObject_GetAttr(obj, st->dlpack_name);
@@ -88,7 +94,7 @@ static PyObject *dlpack_export(shampoo_module_state *st, const char *fn, const c
 }
 
 /* Exports obj and fills v; checks device, dtype, compact row-major layout and alignment. */
-static int view_get(shampoo_view *v, shampoo_module_state *st, const char *fn,
+static int view_get(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,
                     const shampoo_arg_spec *spec, PyObject *obj, int real_bits)
 {
     const char *arg = spec->name;
@@ -126,12 +132,15 @@ static int view_get(shampoo_view *v, shampoo_module_state *st, const char *fn,
                      "DLPack capsule", fn, arg, v->capsule);
         return -1;
     }
-    if (t->device.device_type != SHAMPOO_DL_CPU) {
-        PyErr_Format(PyExc_TypeError, "%s: argument '%s' lives on a non-CPU device (DLPack "
-                     "device type %d); these kernels take CPU tensors", fn, arg,
-                     (int)t->device.device_type);
+    const int want = (spec->flags & SHAMPOO_ARG_HOST) ? SHAMPOO_DL_CPU : st->device_type;
+    if ((int)t->device.device_type != want) {
+        PyErr_Format(PyExc_TypeError, "%s: argument '%s' lives on DLPack device type %d; it "
+                     "must be %s", fn, arg, (int)t->device.device_type,
+                     want == SHAMPOO_DL_CPU ? "a CPU tensor" : "a CUDA tensor");
         return -1;
     }
+    v->device_type = t->device.device_type;
+    v->device_id = t->device.device_id;
     const char *expected = "";
     if (!dtype_ok(spec->kind, t->dtype, real_bits, &expected)) {
         PyErr_Format(PyExc_TypeError, "%s: argument '%s' has dtype %s; expected %s", fn, arg,
@@ -203,7 +212,7 @@ void shampoo_view_release(shampoo_view *v)
     v->data = NULL;
 }
 
-int shampoo_view_table(shampoo_view *v, shampoo_module_state *st, const char *fn,
+int shampoo_view_table(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,
                        const char *arg, PyObject *obj, int writable)
 {
     shampoo_arg_spec spec = {arg, SHAMPOO_ARG_TABLE, SHAMPOO_LAYOUT_NONE,
@@ -269,7 +278,36 @@ static int check_extents(shampoo_call *call, const shampoo_arg_spec *specs,
     return -1;
 }
 
-int shampoo_call_bind(shampoo_call *call, shampoo_module_state *st, const char *fn,
+int shampoo_dlpack_state_init(shampoo_dlpack_state *st, int device_type)
+{
+    st->device_type = device_type;
+    st->dlpack_name = PyUnicode_InternFromString("__dlpack__");
+    st->empty_tuple = PyTuple_New(0);
+    /* stream -1: torch exports without making any stream wait (the kernels run on the
+     * caller's current stream, where the tensors were produced) */
+    st->dlpack_kwargs = device_type == SHAMPOO_DL_CPU
+                            ? Py_BuildValue("{s:(ii)}", "max_version", 1, 0)
+                            : Py_BuildValue("{s:(ii),s:i}", "max_version", 1, 0, "stream", -1);
+    return st->dlpack_name != NULL && st->empty_tuple != NULL && st->dlpack_kwargs != NULL
+               ? 0 : -1;
+}
+
+void shampoo_dlpack_state_clear(shampoo_dlpack_state *st)
+{
+    Py_CLEAR(st->dlpack_name);
+    Py_CLEAR(st->dlpack_kwargs);
+    Py_CLEAR(st->empty_tuple);
+}
+
+int shampoo_dlpack_state_traverse(shampoo_dlpack_state *st, visitproc visit, void *arg)
+{
+    Py_VISIT(st->dlpack_name);
+    Py_VISIT(st->dlpack_kwargs);
+    Py_VISIT(st->empty_tuple);
+    return 0;
+}
+
+int shampoo_call_bind(shampoo_call *call, shampoo_dlpack_state *st, const char *fn,
                       const shampoo_arg_spec *specs, PyObject *const *objs, int nargs,
                       int real_bits)
 {
@@ -278,12 +316,31 @@ int shampoo_call_bind(shampoo_call *call, shampoo_module_state *st, const char *
     call->nargs = nargs;
     call->real_bits = real_bits;
     call->nblocks = 0;
+    call->device_id = -1;
     for (int i = 0; i < nargs; i++) {
-        if (view_get(&call->views[i], st, fn, &specs[i], objs[i], real_bits) < 0)
+        shampoo_view *v = &call->views[i];
+        if (view_get(v, st, fn, &specs[i], objs[i], real_bits) < 0)
             return -1;
-        if (specs[i].kind == SHAMPOO_ARG_TABLE) {
-            table = call->views[i].data;
-            call->nblocks = call->views[i].rows;
+        if (v->data != NULL && v->device_type != SHAMPOO_DL_CPU) {
+            if (call->device_id >= 0 && v->device_id != call->device_id) {
+                PyErr_Format(PyExc_ValueError, "%s: argument '%s' is on GPU %d, the others on "
+                             "GPU %d", fn, specs[i].name, v->device_id, call->device_id);
+                return -1;
+            }
+            call->device_id = v->device_id;
+        }
+        /* sizes are checked against the table the host can read */
+        if (specs[i].kind == SHAMPOO_ARG_TABLE && v->device_type == SHAMPOO_DL_CPU) {
+            table = v->data;
+            call->nblocks = v->rows;
+        }
+    }
+    for (int i = 0; i < nargs; i++) {
+        if (specs[i].kind == SHAMPOO_ARG_TABLE && call->views[i].rows != call->nblocks) {
+            PyErr_Format(PyExc_ValueError, "%s: argument '%s' has %lld rows, the host table "
+                         "%lld", fn, specs[i].name, (long long)call->views[i].rows,
+                         (long long)call->nblocks);
+            return -1;
         }
     }
     for (int i = 0; i < nargs; i++) {

@@ -1,0 +1,156 @@
+/* Shared by the CUDA sources: launch geometry, error mapping, table access on the device,
+ * and the failure-flag test (shampoo_cuda.h). One C++ template per kernel serves float and
+ * double; the extern "C" entry points instantiate it twice. */
+#ifndef SHAMPOO_CUDA_COMMON_CUH
+#define SHAMPOO_CUDA_COMMON_CUH
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "../core/block_table.h"
+#include "../core/status.h"
+#include "shampoo_cuda.h"
+
+#define SHAMPOO_CUDA_THREADS 256
+/* Grid limit used along y (blocks run along x, which allows 2^31 - 1). */
+#define SHAMPOO_CUDA_MAX_GRID_Y 65535
+
+static inline cudaStream_t shampoo_stream(const shampoo_cuda_env *env)
+{
+    return (cudaStream_t)env->stream;
+}
+
+/* The status of the launches just enqueued. */
+static inline shampoo_status shampoo_cuda_launched(void)
+{
+    return cudaGetLastError() == cudaSuccess ? SHAMPOO_OK : SHAMPOO_ERR_CUDA;
+}
+
+/* Chunks of SHAMPOO_CUDA_THREADS elements needed to cover the largest block of the table
+ * (host copy), capped at the y limit (kernels loop over the rest). At least 1. */
+static inline unsigned shampoo_chunks_for(const int64_t *table_host, int64_t nblocks)
+{
+    int64_t most = 1;
+    for (int64_t b = 0; b < nblocks; b++) {
+        int64_t n = table_host[b * SHAMPOO_BF_COUNT + SHAMPOO_BF_NUMEL];
+        most = n > most ? n : most;
+    }
+    int64_t chunks = (most + SHAMPOO_CUDA_THREADS - 1) / SHAMPOO_CUDA_THREADS;
+    return (unsigned)(chunks < SHAMPOO_CUDA_MAX_GRID_Y ? chunks : SHAMPOO_CUDA_MAX_GRID_Y);
+}
+
+/* Whether a step's failure flag says: write nothing (shampoo_cuda.h). */
+__device__ static inline bool shampoo_step_failed(const int64_t *fail)
+{
+    return fail != nullptr && fail[0] != INT64_MAX;
+}
+
+__device__ static inline const int64_t *shampoo_row(const int64_t *table, int64_t b)
+{
+    return table + b * (int64_t)SHAMPOO_BF_COUNT;
+}
+
+/* Param-layout offset of element i (row-major position inside the block) of a block. */
+__device__ static inline int64_t shampoo_param_index(const int64_t *row, int64_t i)
+{
+    const int64_t order = row[SHAMPOO_BF_ORDER];
+    int64_t pos = row[SHAMPOO_BF_PARAM_OFFSET];
+    for (int64_t k = order - 1; k >= 0; k--) {
+        const int64_t d = row[SHAMPOO_BF_DIMS + k];
+        pos += (i % d) * row[SHAMPOO_BF_STRIDES + k];
+        i /= d;
+    }
+    return pos;
+}
+
+/* Element offset of factor k of a row from its factor 0 (factor layout). */
+__device__ __host__ static inline int64_t shampoo_factor_offset_k(const int64_t *row, int64_t k)
+{
+    int64_t offset = 0;
+    for (int64_t j = 0; j < k; j++)
+        offset += row[SHAMPOO_BF_DIMS + j] * row[SHAMPOO_BF_DIMS + j];
+    return offset;
+}
+
+/* Bytes rounded up so that the next workspace region stays 256-byte aligned. */
+static inline size_t shampoo_align256(size_t bytes)
+{
+    return (bytes + 255) & ~(size_t)255;
+}
+
+/* Block-layout and factor-layout extents of a (validated) host table. */
+static inline void shampoo_table_extents(const int64_t *table_host, int64_t nblocks,
+                                         int64_t *block_numel, int64_t *factor_numel)
+{
+    *block_numel = 0;
+    *factor_numel = 0;
+    for (int64_t b = 0; b < nblocks; b++) {
+        const int64_t *row = table_host + b * (int64_t)SHAMPOO_BF_COUNT;
+        int64_t end = row[SHAMPOO_BF_BLOCK_OFFSET] + row[SHAMPOO_BF_NUMEL];
+        *block_numel = end > *block_numel ? end : *block_numel;
+        end = row[SHAMPOO_BF_FACTOR_OFFSET];
+        for (int64_t k = 0; k < row[SHAMPOO_BF_ORDER]; k++)
+            end += row[SHAMPOO_BF_DIMS + k] * row[SHAMPOO_BF_DIMS + k];
+        *factor_numel = end > *factor_numel ? end : *factor_numel;
+    }
+}
+
+/* Points cuBLAS at the call's stream and torch-owned workspace (both may change between
+ * calls: torch's current stream, the caching allocator's block). */
+static inline shampoo_status shampoo_blas_bind(const shampoo_cuda_env *env)
+{
+    const shampoo_cuda_libs *libs = env->libs;
+    if (libs == NULL || env->blas == NULL)
+        return SHAMPOO_ERR_INVALID_ARG;
+    if (libs->cublas_set_stream(env->blas, env->stream) != 0)
+        return SHAMPOO_ERR_CUDA;
+    if (env->blas_workspace != NULL &&
+        libs->cublas_set_workspace(env->blas, env->blas_workspace,
+                                   env->blas_workspace_bytes) != 0)
+        return SHAMPOO_ERR_CUDA;
+    return SHAMPOO_OK;
+}
+
+/* One batched GEMM C_i = op(A_i) op(B_i) (alpha 1, beta 0) through the loaded cuBLAS. */
+static inline int shampoo_gemm_batched(const shampoo_cuda_libs *libs, void *handle, int ta,
+                                       int tb, int m, int n, int k, const float *const *a,
+                                       int lda, const float *const *b, int ldb, float *const *c,
+                                       int ldc, int batch)
+{
+    const float one = 1.0f, zero = 0.0f;
+    return libs->sgemm_batched(handle, ta, tb, m, n, k, &one, a, lda, b, ldb, &zero, c, ldc,
+                               batch);
+}
+
+static inline int shampoo_gemm_batched(const shampoo_cuda_libs *libs, void *handle, int ta,
+                                       int tb, int m, int n, int k, const double *const *a,
+                                       int lda, const double *const *b, int ldb,
+                                       double *const *c, int ldc, int batch)
+{
+    const double one = 1.0, zero = 0.0;
+    return libs->dgemm_batched(handle, ta, tb, m, n, k, &one, a, lda, b, ldb, &zero, c, ldc,
+                               batch);
+}
+
+/* Strided batched GEMM over contiguous n x n matrices (alpha 1, beta 0). */
+static inline int shampoo_gemm_strided(const shampoo_cuda_libs *libs, void *handle, int ta,
+                                       int tb, int n, const float *a, const float *b, float *c,
+                                       int batch)
+{
+    const float one = 1.0f, zero = 0.0f;
+    const long long nn = (long long)n * n;
+    return libs->sgemm_strided(handle, ta, tb, n, n, n, &one, a, n, nn, b, n, nn, &zero, c, n,
+                               nn, batch);
+}
+
+static inline int shampoo_gemm_strided(const shampoo_cuda_libs *libs, void *handle, int ta,
+                                       int tb, int n, const double *a, const double *b,
+                                       double *c, int batch)
+{
+    const double one = 1.0, zero = 0.0;
+    const long long nn = (long long)n * n;
+    return libs->dgemm_strided(handle, ta, tb, n, n, n, &one, a, n, nn, b, n, nn, &zero, c, n,
+                               nn, batch);
+}
+
+#endif

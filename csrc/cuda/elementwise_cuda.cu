@@ -1,0 +1,483 @@
+/* The elementwise passes (elementwise.h) and the root commit (matrix_root.h) on the device:
+ * gather, scatter, moments, finish, root_commit (shampoo_cuda.h). Each op is one launch over
+ * the whole table: grid.x = table block, grid.y = chunks of SHAMPOO_CUDA_THREADS elements,
+ * each thread striding along y over the rest of its block. The arithmetic repeats the CPU
+ * bodies (elementwise.inc, matrix_root.inc) op for op in `real`; the build passes
+ * -fmad=false so no product is fused into an add, as on the CPU. */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cuda_common.cuh"
+
+/* gridDim.x is at most 2^31 - 1, and every launch puts one table block on each x index. */
+static bool grid_fits(int64_t nblocks)
+{
+    return nblocks <= (int64_t)INT32_MAX;
+}
+
+/* The checks every op shares: the CPU's nblocks/table/active checks, plus env and the host
+ * copy of the table that plans the launch. */
+static bool table_args_ok(const shampoo_cuda_env *env, int64_t nblocks, const int64_t *table,
+                          const int64_t *table_host, const uint8_t *active)
+{
+    return env != nullptr && nblocks >= 0 &&
+           (nblocks == 0 || (table != nullptr && table_host != nullptr && active != nullptr));
+}
+
+static dim3 block_grid(const int64_t *table_host, int64_t nblocks)
+{
+    return dim3((unsigned)nblocks, shampoo_chunks_for(table_host, nblocks));
+}
+
+/* The first element of a block this thread visits, and the stride to the next one. */
+__device__ static inline int64_t first_elem(void)
+{
+    return (int64_t)blockIdx.y * SHAMPOO_CUDA_THREADS + threadIdx.x;
+}
+
+__device__ static inline int64_t elem_stride(void)
+{
+    return (int64_t)gridDim.y * SHAMPOO_CUDA_THREADS;
+}
+
+/* As the CPU root2: sqrt in double, then rounded (exactly sqrtf for floats). */
+template <typename real> __device__ static inline real root2(real x)
+{
+    return (real)sqrt((double)x);
+}
+
+/* torch.lerp, exactly as the CPU lerp. */
+template <typename real> __device__ static inline real lerp(real a, real b, real w)
+{
+    return fabs((double)w) < 0.5 ? a + w * (b - a) : b - (b - a) * ((real)1 - w);
+}
+
+/* graft(G_hat) for one element, as the CPU graft (V NULL: SGD). */
+template <typename real>
+__device__ static inline real graft(real g, const real *V, int64_t i, real bcg, real eps)
+{
+    return V != nullptr ? g / (root2<real>(V[i] / bcg) + eps) : g;
+}
+
+/* ---- gather ---------------------------------------------------------------------------- */
+
+template <typename real>
+__global__ static void gather_kernel(real *grad_blocks, real *param_blocks,
+                                     const real *grad_flat, const real *param_flat,
+                                     const int64_t *table, const uint8_t *active, int use_l2,
+                                     real wd, int64_t step, int64_t *fail)
+{
+    const int64_t b = blockIdx.x;
+    if (!active[b])
+        return; /* uniform over the thread block, so the __syncthreads_or below is safe */
+    const int64_t *row = shampoo_row(table, b);
+    const int64_t off = row[SHAMPOO_BF_BLOCK_OFFSET], numel = row[SHAMPOO_BF_NUMEL];
+    int bad = 0;
+    for (int64_t i = first_elem(); i < numel; i += elem_stride()) {
+        const int64_t p = shampoo_param_index(row, i);
+        real x = grad_flat[p];
+        if (use_l2)
+            x = x + wd * param_flat[p]; /* SPEC §4.3: G + wd * W */
+        bad |= !isfinite(x);
+        grad_blocks[off + i] = x;
+        if (param_blocks != nullptr)
+            param_blocks[off + i] = param_flat[p];
+    }
+    /* One pair of atomics per thread block at most, even when every element is bad. Only
+     * this kernel writes the flag during the launch, and only down to `step`, so the
+     * "earlier step failed" test cannot change under us. */
+    if (__syncthreads_or(bad) && threadIdx.x == 0 && fail[0] >= step) {
+        atomicMin((long long *)&fail[0], (long long)step);
+        atomicMin((long long *)&fail[1], (long long)b);
+    }
+}
+
+template <typename real>
+static shampoo_status gather(const shampoo_cuda_env *env, real *grad_blocks, real *param_blocks,
+                             const real *grad_flat, const real *param_flat,
+                             const int64_t *table, const int64_t *table_host, int64_t nblocks,
+                             const uint8_t *active, double l2_weight_decay, int64_t step,
+                             int64_t *fail)
+{
+    if (!table_args_ok(env, nblocks, table, table_host, active) || grad_blocks == nullptr ||
+        grad_flat == nullptr || fail == nullptr ||
+        ((param_blocks != nullptr || l2_weight_decay != 0.0) && param_flat == nullptr))
+        return SHAMPOO_ERR_INVALID_ARG;
+    if (nblocks == 0)
+        return SHAMPOO_OK;
+    if (!grid_fits(nblocks))
+        return SHAMPOO_ERR_UNSUPPORTED;
+    gather_kernel<real><<<block_grid(table_host, nblocks), SHAMPOO_CUDA_THREADS, 0,
+                          shampoo_stream(env)>>>(
+        grad_blocks, param_blocks, grad_flat, param_flat, table, active,
+        l2_weight_decay != 0.0, (real)l2_weight_decay, step, fail);
+    return shampoo_cuda_launched();
+}
+
+/* ---- scatter --------------------------------------------------------------------------- */
+
+template <typename real>
+__global__ static void scatter_kernel(real *flat, const real *blocks, const int64_t *table,
+                                      const uint8_t *active)
+{
+    const int64_t b = blockIdx.x;
+    if (!active[b])
+        return;
+    const int64_t *row = shampoo_row(table, b);
+    const int64_t off = row[SHAMPOO_BF_BLOCK_OFFSET], numel = row[SHAMPOO_BF_NUMEL];
+    for (int64_t i = first_elem(); i < numel; i += elem_stride())
+        flat[shampoo_param_index(row, i)] = blocks[off + i];
+}
+
+template <typename real>
+static shampoo_status scatter(const shampoo_cuda_env *env, real *flat, const real *blocks,
+                              const int64_t *table, const int64_t *table_host, int64_t nblocks,
+                              const uint8_t *active)
+{
+    if (!table_args_ok(env, nblocks, table, table_host, active) || flat == nullptr ||
+        blocks == nullptr)
+        return SHAMPOO_ERR_INVALID_ARG;
+    if (nblocks == 0)
+        return SHAMPOO_OK;
+    if (!grid_fits(nblocks))
+        return SHAMPOO_ERR_UNSUPPORTED;
+    scatter_kernel<real><<<block_grid(table_host, nblocks), SHAMPOO_CUDA_THREADS, 0,
+                           shampoo_stream(env)>>>(flat, blocks, table, active);
+    return shampoo_cuda_launched();
+}
+
+/* ---- moments --------------------------------------------------------------------------- */
+
+/* The CPU's scalars of shampoo_moments, converted to `real` once on the host. */
+template <typename real> struct moments_scalars {
+    int v_sum, use_bc1;
+    real b2, one_minus_b2, w1, w3, bc1;
+};
+
+template <typename real>
+__global__ static void moments_kernel(real *grads, real *V, real *filtered_grad,
+                                      const int64_t *table, const uint8_t *active,
+                                      moments_scalars<real> s, const int64_t *fail)
+{
+    const int64_t b = blockIdx.x;
+    if (!active[b] || shampoo_step_failed(fail))
+        return;
+    const int64_t *row = shampoo_row(table, b);
+    const int64_t off = row[SHAMPOO_BF_BLOCK_OFFSET], numel = row[SHAMPOO_BF_NUMEL];
+    for (int64_t j = first_elem(); j < numel; j += elem_stride()) {
+        const int64_t i = off + j;
+        real g = grads[i];
+        if (V != nullptr) {
+            real v = V[i];
+            if (s.v_sum) {
+                v = v + g * g;
+            } else {
+                v = v * s.b2;                       /* _foreach_mul_ */
+                v = v + s.one_minus_b2 * g * g;     /* _foreach_addcmul_ */
+            }
+            V[i] = v;
+        }
+        if (filtered_grad != nullptr) {
+            const real f = filtered_grad[i];
+            const real g_hat = lerp<real>(f, g, s.w3);
+            filtered_grad[i] = lerp<real>(f, g, s.w1);
+            g = g_hat;
+        }
+        if (s.use_bc1)
+            g = g / s.bc1;
+        grads[i] = g;
+    }
+}
+
+template <typename real>
+static shampoo_status moments(const shampoo_cuda_env *env, real *grads, real *grafting_state,
+                              real *filtered_grad, const int64_t *table,
+                              const int64_t *table_host, int64_t nblocks,
+                              const uint8_t *active, const shampoo_moments_params *p,
+                              const int64_t *fail)
+{
+    if (!table_args_ok(env, nblocks, table, table_host, active) || grads == nullptr ||
+        p == nullptr || (p->update_grafting_state && grafting_state == nullptr) ||
+        ((p->beta1 != 0.0) != (filtered_grad != nullptr)))
+        return SHAMPOO_ERR_INVALID_ARG;
+    if (nblocks == 0)
+        return SHAMPOO_OK;
+    if (!grid_fits(nblocks))
+        return SHAMPOO_ERR_UNSUPPORTED;
+    moments_scalars<real> s;
+    s.v_sum = p->grafting_beta2 == 1.0; /* AdaGrad: plain sum, no decay (§4.5) */
+    s.use_bc1 = p->bias_correction1 != 1.0;
+    s.b2 = (real)p->grafting_beta2;
+    s.one_minus_b2 = (real)(1.0 - p->grafting_beta2);
+    s.w1 = (real)(1.0 - p->beta1);
+    s.w3 = (real)(1.0 - p->beta3);
+    s.bc1 = (real)p->bias_correction1;
+    moments_kernel<real><<<block_grid(table_host, nblocks), SHAMPOO_CUDA_THREADS, 0,
+                           shampoo_stream(env)>>>(
+        grads, p->update_grafting_state ? grafting_state : nullptr, filtered_grad, table,
+        active, s, fail);
+    return shampoo_cuda_launched();
+}
+
+/* ---- finish ---------------------------------------------------------------------------- */
+
+/* The CPU's scalars of shampoo_finish, converted to `real` once on the host. */
+template <typename real> struct finish_scalars {
+    int grafting_phase, use_wd, nesterov;
+    real bcg, eps, wd, mom, one_minus_damp, neg_lr;
+};
+
+/* Phase 1: one thread block per table block writes its grafting ratio (SPEC §4.8) into
+ * ratio[b]. Deterministic: each thread sums a fixed strided subset in order, then a fixed
+ * tree combines the partial sums. */
+template <typename real>
+__global__ static void finish_norms_kernel(double *ratio, const real *grads,
+                                           const real *shampoo_dir, const real *V,
+                                           const int64_t *table, const uint8_t *active,
+                                           real bcg, real eps, const int64_t *fail)
+{
+    __shared__ double gs[SHAMPOO_CUDA_THREADS], ps[SHAMPOO_CUDA_THREADS];
+    const int64_t b = blockIdx.x;
+    if (!active[b] || shampoo_step_failed(fail))
+        return; /* phase 2 writes -0.0 without the ratio when the step failed */
+    const int64_t *row = shampoo_row(table, b);
+    const int64_t off = row[SHAMPOO_BF_BLOCK_OFFSET], numel = row[SHAMPOO_BF_NUMEL];
+    const unsigned t = threadIdx.x;
+    double gsum = 0.0, psum = 0.0;
+    for (int64_t i = off + t; i < off + numel; i += SHAMPOO_CUDA_THREADS) {
+        const real q = graft<real>(grads[i], V, i, bcg, eps);
+        gsum += (double)q * (double)q;
+        psum += (double)shampoo_dir[i] * (double)shampoo_dir[i];
+    }
+    gs[t] = gsum;
+    ps[t] = psum;
+    __syncthreads();
+    for (unsigned half = SHAMPOO_CUDA_THREADS / 2; half > 0; half /= 2) {
+        if (t < half) {
+            gs[t] += gs[t + half];
+            ps[t] += ps[t + half];
+        }
+        __syncthreads();
+    }
+    if (t == 0) {
+        const real gnorm = (real)sqrt(gs[0]), pnorm = (real)sqrt(ps[0]);
+        ratio[b] = (double)(gnorm / (pnorm + (real)1e-16));
+    }
+}
+
+/* Phase 2: the CPU's elementwise loop; ratio is NULL when the CPU does not rescale. */
+template <typename real>
+__global__ static void finish_kernel(real *update_flat, const real *grads,
+                                     const real *shampoo_dir, const real *V,
+                                     const real *param_blocks, real *momentum_state,
+                                     const double *ratio, const int64_t *table,
+                                     const uint8_t *active, finish_scalars<real> s,
+                                     const int64_t *fail)
+{
+    const int64_t b = blockIdx.x;
+    if (!active[b])
+        return;
+    const int64_t *row = shampoo_row(table, b);
+    const int64_t off = row[SHAMPOO_BF_BLOCK_OFFSET], numel = row[SHAMPOO_BF_NUMEL];
+    if (shampoo_step_failed(fail)) {
+        /* x + -0.0 == x bitwise: the caller's add leaves the parameters as they were. */
+        for (int64_t j = first_elem(); j < numel; j += elem_stride())
+            update_flat[shampoo_param_index(row, j)] = -(real)0;
+        return;
+    }
+    const real r = ratio != nullptr ? (real)ratio[b] : (real)1;
+    for (int64_t j = first_elem(); j < numel; j += elem_stride()) {
+        const int64_t i = off + j;
+        real x;
+        if (s.grafting_phase)
+            x = graft<real>(grads[i], V, i, s.bcg, s.eps);
+        else
+            x = ratio != nullptr ? shampoo_dir[i] * r : shampoo_dir[i];
+        if (s.use_wd)
+            x = x + s.wd * param_blocks[i];             /* §4.9 */
+        if (momentum_state != nullptr) {                /* §4.10 */
+            real m = momentum_state[i] * s.mom;
+            m = m + s.one_minus_damp * x;
+            momentum_state[i] = m;
+            x = s.nesterov ? x * s.one_minus_damp + s.mom * m : m;
+        }
+        update_flat[shampoo_param_index(row, j)] = s.neg_lr * x; /* §4.11 */
+    }
+}
+
+extern "C" size_t shampoo_cuda_finish_workspace(int64_t nblocks)
+{
+    if (nblocks <= 0)
+        return 0;
+    return ((size_t)nblocks * sizeof(double) + 255) / 256 * 256;
+}
+
+template <typename real>
+static shampoo_status finish(const shampoo_cuda_env *env, real *update_flat, const real *grads,
+                             const real *shampoo_dir, const real *grafting_state,
+                             const real *param_blocks, real *momentum_state,
+                             const int64_t *table, const int64_t *table_host, int64_t nblocks,
+                             const uint8_t *active, const shampoo_finish_params *p,
+                             const int64_t *fail)
+{
+    if (!table_args_ok(env, nblocks, table, table_host, active) || update_flat == nullptr ||
+        grads == nullptr || p == nullptr ||
+        (p->graft != SHAMPOO_GRAFT_NONE && p->graft != SHAMPOO_GRAFT_SGD &&
+         p->graft != SHAMPOO_GRAFT_DIAGONAL) ||
+        (p->grafting_phase && p->graft == SHAMPOO_GRAFT_NONE) ||
+        (p->graft == SHAMPOO_GRAFT_DIAGONAL && grafting_state == nullptr) ||
+        (!p->grafting_phase && shampoo_dir == nullptr) ||
+        (p->decoupled_weight_decay != 0.0 && param_blocks == nullptr) ||
+        ((p->momentum != 0.0) != (momentum_state != nullptr)))
+        return SHAMPOO_ERR_INVALID_ARG;
+    if (nblocks == 0)
+        return SHAMPOO_OK;
+    /* Phase 1 (the CPU's rescale) needs one double per block of scratch. */
+    const bool rescale = !p->grafting_phase && p->graft != SHAMPOO_GRAFT_NONE;
+    if (rescale && (env->workspace == nullptr ||
+                    env->workspace_bytes < shampoo_cuda_finish_workspace(nblocks)))
+        return SHAMPOO_ERR_INVALID_ARG;
+    if (!grid_fits(nblocks))
+        return SHAMPOO_ERR_UNSUPPORTED;
+    const real *V = p->graft == SHAMPOO_GRAFT_DIAGONAL ? grafting_state : nullptr;
+    finish_scalars<real> s;
+    s.grafting_phase = p->grafting_phase != 0;
+    s.use_wd = p->decoupled_weight_decay != 0.0;
+    s.nesterov = p->nesterov != 0;
+    s.bcg = (real)p->grafting_bias_correction;
+    s.eps = (real)p->grafting_epsilon;
+    s.wd = (real)p->decoupled_weight_decay;
+    s.mom = (real)p->momentum;
+    s.one_minus_damp = (real)(1.0 - p->dampening);
+    s.neg_lr = (real)-p->lr;
+    double *ratio = rescale ? (double *)env->workspace : nullptr;
+    const cudaStream_t stream = shampoo_stream(env);
+    if (rescale)
+        finish_norms_kernel<real><<<(unsigned)nblocks, SHAMPOO_CUDA_THREADS, 0, stream>>>(
+            ratio, grads, shampoo_dir, V, table, active, s.bcg, s.eps, fail);
+    finish_kernel<real><<<block_grid(table_host, nblocks), SHAMPOO_CUDA_THREADS, 0, stream>>>(
+        update_flat, grads, shampoo_dir, V, param_blocks, momentum_state, ratio, table, active,
+        s, fail);
+    return shampoo_cuda_launched();
+}
+
+/* ---- root commit ----------------------------------------------------------------------- */
+
+/* The CPU's row checks (root_table_scan in matrix_root.c), plus the launch's chunk count:
+ * enough to cover the block with the most factor elements (sum of its d_k^2), which may
+ * exceed its numel, so shampoo_chunks_for does not apply. */
+static shampoo_status commit_scan(const int64_t *table_host, int64_t nblocks,
+                                  int64_t *nfactors, unsigned *chunks)
+{
+    const int64_t dim_limit = 46340; /* as the CPU: largest n with n*n <= INT_MAX */
+    int64_t most = 1;
+    *nfactors = 0;
+    for (int64_t b = 0; b < nblocks; b++) {
+        const int64_t *row = table_host + b * (int64_t)SHAMPOO_BF_COUNT;
+        const int64_t order = row[SHAMPOO_BF_ORDER];
+        if (order < 0 || order > SHAMPOO_MAX_ORDER || row[SHAMPOO_BF_FACTOR_OFFSET] < 0 ||
+            row[SHAMPOO_BF_FACTOR_INDEX] < 0)
+            return SHAMPOO_ERR_INVALID_ARG;
+        for (int64_t k = 0; k < order; k++) {
+            const int64_t n = row[SHAMPOO_BF_DIMS + k];
+            if (n < 0 || n > dim_limit)
+                return SHAMPOO_ERR_INVALID_ARG;
+            most = n * n > most ? n * n : most;
+        }
+        *nfactors += order;
+    }
+    const int64_t c = (most + SHAMPOO_CUDA_THREADS - 1) / SHAMPOO_CUDA_THREADS;
+    *chunks = (unsigned)(c < SHAMPOO_CUDA_MAX_GRID_Y ? c : SHAMPOO_CUDA_MAX_GRID_Y);
+    return SHAMPOO_OK;
+}
+
+/* Every factor of every block (no active mask, as the CPU): committed factors copy the new
+ * root src into dst, the others restore src from dst. Elementwise, so dst == src is safe. */
+template <typename real>
+__global__ static void root_commit_kernel(real *dst, real *src, const int64_t *table,
+                                          const uint8_t *commit)
+{
+    const int64_t *row = shampoo_row(table, blockIdx.x);
+    const int64_t base = row[SHAMPOO_BF_FACTOR_OFFSET];
+    for (int64_t k = 0; k < row[SHAMPOO_BF_ORDER]; k++) {
+        const int64_t n = row[SHAMPOO_BF_DIMS + k];
+        const int64_t at = base + shampoo_factor_offset_k(row, k);
+        const bool take = commit[row[SHAMPOO_BF_FACTOR_INDEX] + k] != 0;
+        real *to = take ? dst + at : src + at;
+        const real *from = take ? src + at : dst + at;
+        for (int64_t i = first_elem(); i < n * n; i += elem_stride())
+            to[i] = from[i];
+    }
+}
+
+template <typename real>
+static shampoo_status root_commit(const shampoo_cuda_env *env, real *dst, real *src,
+                                  const int64_t *table, const int64_t *table_host,
+                                  int64_t nblocks, const uint8_t *commit)
+{
+    if (env == nullptr || nblocks < 0 ||
+        (nblocks > 0 && (table == nullptr || table_host == nullptr)))
+        return SHAMPOO_ERR_INVALID_ARG;
+    int64_t nfactors;
+    unsigned chunks;
+    const shampoo_status status = commit_scan(table_host, nblocks, &nfactors, &chunks);
+    if (status != SHAMPOO_OK)
+        return status;
+    if (nfactors > 0 && (dst == nullptr || src == nullptr || commit == nullptr))
+        return SHAMPOO_ERR_INVALID_ARG;
+    if (nfactors == 0) /* includes nblocks == 0: nothing to copy */
+        return SHAMPOO_OK;
+    if (!grid_fits(nblocks))
+        return SHAMPOO_ERR_UNSUPPORTED;
+    root_commit_kernel<real><<<dim3((unsigned)nblocks, chunks), SHAMPOO_CUDA_THREADS, 0,
+                               shampoo_stream(env)>>>(dst, src, table, commit);
+    return shampoo_cuda_launched();
+}
+
+/* ---- C entry points -------------------------------------------------------------------- */
+
+#define SHAMPOO_CUDA_ELEMENTWISE_ENTRIES(real, sfx)                                            \
+    extern "C" shampoo_status shampoo_cuda_gather_##sfx(                                       \
+        const shampoo_cuda_env *env, real *grad_blocks, real *param_blocks,                    \
+        const real *grad_flat, const real *param_flat, const int64_t *table,                   \
+        const int64_t *table_host, int64_t nblocks, const uint8_t *active,                     \
+        double l2_weight_decay, int64_t step, int64_t *fail)                                   \
+    {                                                                                          \
+        return gather<real>(env, grad_blocks, param_blocks, grad_flat, param_flat, table,      \
+                            table_host, nblocks, active, l2_weight_decay, step, fail);         \
+    }                                                                                          \
+    extern "C" shampoo_status shampoo_cuda_scatter_##sfx(                                      \
+        const shampoo_cuda_env *env, real *flat, const real *blocks, const int64_t *table,     \
+        const int64_t *table_host, int64_t nblocks, const uint8_t *active)                     \
+    {                                                                                          \
+        return scatter<real>(env, flat, blocks, table, table_host, nblocks, active);           \
+    }                                                                                          \
+    extern "C" shampoo_status shampoo_cuda_moments_##sfx(                                      \
+        const shampoo_cuda_env *env, real *grads, real *grafting_state, real *filtered_grad,   \
+        const int64_t *table, const int64_t *table_host, int64_t nblocks,                      \
+        const uint8_t *active, const shampoo_moments_params *p, const int64_t *fail)           \
+    {                                                                                          \
+        return moments<real>(env, grads, grafting_state, filtered_grad, table, table_host,     \
+                             nblocks, active, p, fail);                                        \
+    }                                                                                          \
+    extern "C" shampoo_status shampoo_cuda_finish_##sfx(                                       \
+        const shampoo_cuda_env *env, real *update_flat, const real *grads,                     \
+        const real *shampoo_dir, const real *grafting_state, const real *param_blocks,         \
+        real *momentum_state, const int64_t *table, const int64_t *table_host,                 \
+        int64_t nblocks, const uint8_t *active, const shampoo_finish_params *p,                \
+        const int64_t *fail)                                                                   \
+    {                                                                                          \
+        return finish<real>(env, update_flat, grads, shampoo_dir, grafting_state,              \
+                            param_blocks, momentum_state, table, table_host, nblocks, active,  \
+                            p, fail);                                                          \
+    }                                                                                          \
+    extern "C" shampoo_status shampoo_cuda_root_commit_##sfx(                                  \
+        const shampoo_cuda_env *env, real *dst, real *src, const int64_t *table,               \
+        const int64_t *table_host, int64_t nblocks, const uint8_t *commit)                     \
+    {                                                                                          \
+        return root_commit<real>(env, dst, src, table, table_host, nblocks, commit);           \
+    }
+
+SHAMPOO_CUDA_ELEMENTWISE_ENTRIES(float, f32)
+SHAMPOO_CUDA_ELEMENTWISE_ENTRIES(double, f64)
