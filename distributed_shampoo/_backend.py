@@ -1,8 +1,11 @@
-"""The one door to the compiled kernels (distributed_shampoo._C).
+"""The one door to the compiled kernels (distributed_shampoo._C, and _C_cuda when built).
 
 Each function here makes one call into C over a whole block table (one per phase per step,
-whatever the number of blocks). Tensors are torch CPU tensors or NumPy arrays, contiguous,
-float32/float64 for float buffers; they cross by DLPack and are only borrowed for the call.
+whatever the number of blocks). Tensors are torch CPU tensors or NumPy arrays (the CPU
+kernels) or torch CUDA tensors (the CUDA kernels, on torch's current stream, with scratch
+allocated here through torch), contiguous, float32/float64 for float buffers; they cross by
+DLPack and are only borrowed for the call. CUDA calls need the table as a KernelTable (the
+host copy the binding checks sizes against, a device copy and the batch plan).
 This module checks what callers get wrong (grad-tracking, device, layout, dtype) and names the
 argument; the binding re-checks every size against the block table, so bad input raises
 instead of crashing. The (op, dtype, device) -> entry point table below is the only dtype and
@@ -11,6 +14,9 @@ device dispatch in Python.
 
 from __future__ import annotations
 
+import glob
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +25,11 @@ import torch
 from threadpoolctl import ThreadpoolController
 
 from distributed_shampoo import _C
+
+try:  # built only where a CUDA toolkit was found at install time
+    from distributed_shampoo import _C_cuda
+except ImportError:
+    _C_cuda = None
 
 # Block-table fields and limits (csrc/core/block_table.h).
 BF_ORDER: int = _C.BF_ORDER
@@ -32,6 +43,20 @@ BF_DIMS: int = _C.BF_DIMS
 BF_STRIDES: int = _C.BF_STRIDES
 BF_COUNT: int = _C.BF_COUNT
 MAX_ORDER: int = _C.MAX_ORDER
+
+# Batch-plan layout (csrc/core/batch_plan.h).
+PLAN_HEADER: int = _C.PLAN_HEADER
+PLAN_GROUP_FIELDS: int = _C.PLAN_GROUP_FIELDS
+PG_ORDER: int = _C.PG_ORDER
+PG_COUNT: int = _C.PG_COUNT
+PG_FIRST: int = _C.PG_FIRST
+PG_NUMEL: int = _C.PG_NUMEL
+PG_DIMS: int = _C.PG_DIMS
+
+# A failure flag (int64[2], csrc/cuda/shampoo_cuda.h) with no failure recorded.
+FAIL_NONE: int = 2**63 - 1
+# Bytes handed to cuBLAS as its workspace per call (NVIDIA's recommendation for Hopper).
+_CUBLAS_WORKSPACE_BYTES = 32 * 1024 * 1024
 
 # Per-factor outcomes of root_inverse (csrc/core/status.h).
 ROOT_OK: int = _C.ROOT_OK
@@ -67,10 +92,13 @@ _DTYPE_NAMES: dict[Any, str] = {
 
 # (op, dtype, device) -> entry point. CUDA kernels (distributed_shampoo._C_cuda) are added
 # here as (op, dtype, "cuda") entries when that extension is built; nothing else changes.
+_OPS = ("gather", "scatter", "factor_update", "precondition", "moments", "finish",
+        "root_inverse", "root_commit")
 _ENTRY: dict[tuple[str, str, str], Callable[..., Any]] = {
-    (op, dtype, "cpu"): getattr(_C, f"{op}_{suffix}")
-    for op in ("gather", "scatter", "factor_update", "precondition", "moments", "finish",
-               "root_inverse", "root_commit")
+    (op, dtype, device): getattr(module, f"{op}_{suffix}")
+    for device, module in (("cpu", _C), ("cuda", _C_cuda))
+    if module is not None
+    for op in _OPS
     for dtype, suffix in (("float32", "f32"), ("float64", "f64"))
 }
 _DEVICES = sorted({device for _, _, device in _ENTRY})
@@ -114,6 +142,117 @@ def check_device_supported(device: torch.device, name: str) -> None:
         raise TypeError(
             f"{name} are on device {device}; the compiled kernels support: {', '.join(_DEVICES)}"
         )
+
+
+def cuda_available() -> bool:
+    """Whether CUDA parameters can use the CUDA kernels: _C_cuda was built and a GPU is
+    visible to torch."""
+    return _C_cuda is not None and torch.cuda.is_available()
+
+
+def batch_plan(table: Any) -> np.ndarray:
+    """The blocks of an int64 block table grouped by shape (csrc/core/batch_plan.h)."""
+    return np.frombuffer(_C.batch_plan(table), dtype=np.int64).copy()
+
+
+class KernelTable:
+    """A block table as the kernels of one device take it: the host copy (the binding checks
+    buffer sizes against it and the GPU kernels plan their launches from it), a copy on the
+    device, and the batch plan in both places. Built once per engine; on CUDA the copies
+    to the device happen here, never in a step."""
+
+    def __init__(self, table: Any, device: torch.device | str) -> None:
+        host = torch.as_tensor(np.asarray(table, dtype=np.int64)).contiguous()
+        _C.table_validate(host, -1, -1, -1, -1)
+        self.host = host
+        self.nblocks = int(host.shape[0])
+        self.device = torch.device(device)
+        self.plan_host = torch.from_numpy(batch_plan(host))
+        if self.device.type == "cpu":
+            self.device_table, self.plan_device = self.host, self.plan_host
+        else:
+            self.device_table = host.to(self.device)
+            self.plan_device = self.plan_host.to(self.device)
+        self._workspace_bytes: dict[tuple[str, int], int] = {}
+
+    def workspace(self, op: str, bits: int) -> torch.Tensor | None:
+        """Device scratch for one call of `op`, from torch's caching allocator (sizes are
+        computed once per op and width; the allocation is reused by the allocator)."""
+        key = (op, bits)
+        nbytes = self._workspace_bytes.get(key)
+        if nbytes is None:
+            nbytes = self._workspace_bytes[key] = _C_cuda.workspace_bytes(
+                op, _stream(self.device), self.device.index or 0, self.host, self.plan_host, bits
+            )
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device) if nbytes else None
+
+
+def new_failure_flag(device: torch.device | str) -> torch.Tensor:
+    """A step failure flag for the CUDA kernels (csrc/cuda/shampoo_cuda.h), no failure set."""
+    return torch.full((2,), FAIL_NONE, dtype=torch.int64, device=device)
+
+
+def _library_candidates(stem: str) -> list[str]:
+    """Where cuBLAS / cuSOLVER (stem "libcublas" / "libcusolver") may be, best first: the
+    copy this process already loaded (torch's own), NVIDIA's pip wheels on sys.path, the
+    toolkit, then the bare sonames for the dynamic loader."""
+    found: list[str] = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith(f"{stem}.so") and path not in found:
+                    found.append(path)
+    except OSError:
+        pass
+    roots = [os.path.join(entry, "nvidia") for entry in sys.path if entry]
+    roots += [os.path.join(os.path.dirname(torch.__file__), "lib")]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            roots.append(os.path.join(home, "lib64"))
+    for root in roots:
+        for path in sorted(glob.glob(os.path.join(root, "**", f"{stem}.so*"), recursive=True)):
+            if path not in found:
+                found.append(path)
+    found += [f"{stem}.so.{major}" for major in (13, 12, 11)] + [f"{stem}.so"]
+    return found
+
+
+_cuda_ready = False
+
+
+def _ensure_cuda_libraries() -> None:
+    """Loads cuBLAS and cuSOLVER into _C_cuda on first CUDA use (ImportError if absent)."""
+    global _cuda_ready
+    if not _cuda_ready:
+        _C_cuda.load_libraries(_library_candidates("libcublas"), _library_candidates("libcusolver"))
+        _cuda_ready = True
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _is_cuda(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_cuda
+
+
+def _host_table(table: Any) -> Any:
+    return table.host if isinstance(table, KernelTable) else table
+
+
+def _cuda_table(op: str, table: Any, like: torch.Tensor) -> KernelTable:
+    """The KernelTable a CUDA call needs, on the device of `like`."""
+    if not isinstance(table, KernelTable):
+        raise TypeError(f"{op}: argument 'table' must be a KernelTable for CUDA tensors")
+    if table.device != like.device:
+        raise ValueError(f"{op}: argument 'table' is for {table.device}, the buffers are on {like.device}")
+    _ensure_cuda_libraries()
+    return table
+
+
+def _blas_workspace(device: torch.device) -> torch.Tensor:
+    return torch.empty(_CUBLAS_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
 
 
 def _check(fn: str, name: str, t: Any) -> None:
@@ -187,34 +326,58 @@ def validate_table(
 
 def gather(
     grad_blocks: Any, param_blocks: Any | None, grad_flat: Any, param_flat: Any | None,
-    table: Any, active: Any, l2_weight_decay: float,
+    table: Any, active: Any, l2_weight_decay: float, *, step: int = 0, fail: Any = None,
 ) -> int:
     """Param-layout gradient (and parameter) into block layout, plus L2 decay (SPEC §4.3).
-    Returns the first active block whose gradient holds NaN/Inf, or -1."""
-    args = (grad_blocks, param_blocks, grad_flat, param_flat, table, active)
+    Returns the first active block whose gradient holds NaN/Inf, or -1. On CUDA the host
+    does not wait for that answer: `fail` (new_failure_flag) records it for step `step`
+    instead, and -1 is returned."""
+    args = (grad_blocks, param_blocks, grad_flat, param_flat, _host_table(table), active)
     _checked("gather", ("grad_blocks", "param_blocks", "grad_flat", "param_flat", "table",
                         "active"), args)
-    return _entry("gather", "grad_blocks", grad_blocks)(*args, float(l2_weight_decay))
+    kernel = _entry("gather", "grad_blocks", grad_blocks)
+    if not _is_cuda(grad_blocks):
+        return kernel(*args, float(l2_weight_decay))
+    kt = _cuda_table("gather", table, grad_blocks)
+    if fail is None:
+        raise ValueError("gather: argument 'fail' (new_failure_flag) is required for CUDA tensors")
+    kernel(_stream(grad_blocks.device), grad_blocks, param_blocks, grad_flat, param_flat,
+           kt.device_table, kt.host, active, fail, float(l2_weight_decay), int(step))
+    return -1
 
 
 def scatter(flat: Any, blocks: Any, table: Any, active: Any) -> None:
     """Block layout into the parameters' layout, for every active block (gather's inverse)."""
-    args = (flat, blocks, table, active)
+    args = (flat, blocks, _host_table(table), active)
     _checked("scatter", ("flat", "blocks", "table", "active"), args)
-    _entry("scatter", "flat", flat)(*args)
+    kernel = _entry("scatter", "flat", flat)
+    if not _is_cuda(flat):
+        kernel(*args)
+        return
+    kt = _cuda_table("scatter", table, flat)
+    kernel(_stream(flat.device), flat, blocks, kt.device_table, kt.host, active)
 
 
 def factor_update(
     factors_out: Any, factors_in: Any, grads: Any, table: Any, active: Any, beta2: float, *,
-    num_threads: int = 1,
+    num_threads: int = 1, fail: Any = None,
 ) -> None:
     """F_k <- beta2 F_k + (1 - beta2) U_k U_k^T (or F_k + U_k U_k^T if beta2 == 1), SPEC §4.4.
     factors_out may be factors_in (in place). num_threads: threads across blocks (see
-    single_threaded_blas); the result is bitwise the same for every value."""
-    args = (factors_out, factors_in, grads, table, active)
+    single_threaded_blas); the result is bitwise the same for every value. CUDA: nothing is
+    written while `fail` records a failure; num_threads is not used."""
+    args = (factors_out, factors_in, grads, _host_table(table), active)
     _checked("factor_update", ("factors_out", "factors_in", "grads", "table", "active"), args)
     threads = _thread_count("factor_update", num_threads)
-    _entry("factor_update", "factors_out", factors_out)(*args, float(beta2), threads)
+    kernel = _entry("factor_update", "factors_out", factors_out)
+    if not _is_cuda(factors_out):
+        kernel(*args, float(beta2), threads)
+        return
+    kt = _cuda_table("factor_update", table, factors_out)
+    bits = 8 * factors_out.element_size()
+    kernel(_stream(factors_out.device), kt.workspace("factor_update", bits),
+           _blas_workspace(factors_out.device), factors_out, factors_in, grads, kt.device_table,
+           kt.host, kt.plan_device, kt.plan_host, active, fail, float(beta2))
 
 
 def root_inverse(
@@ -231,22 +394,38 @@ def root_inverse(
         raise ValueError(
             f"root_inverse: argument 'method' must be one of {sorted(_ROOT_METHODS)}, got {method!r}"
         )
-    args = (out, factors, table, active, is_diagonal, status_out)
+    args = (out, factors, _host_table(table), active, is_diagonal, status_out)
     _checked("root_inverse", ("out", "factors", "table", "active", "is_diagonal",
                               "status_out"), args)
     threads = _thread_count("root_inverse", num_threads)
-    _entry("root_inverse", "out", out)(
-        *args, code, float(epsilon), float(exponent_multiplier), float(bias_correction),
-        bool(make_positive_semidefinite), bool(retry_double_precision), int(max_iterations),
-        float(tolerance), float(rel_epsilon), int(order), threads,
-    )
+    kernel = _entry("root_inverse", "out", out)
+    scalars = (code, float(epsilon), float(exponent_multiplier), float(bias_correction),
+               bool(make_positive_semidefinite), bool(retry_double_precision),
+               int(max_iterations), float(tolerance), float(rel_epsilon), int(order))
+    if not _is_cuda(out):
+        kernel(*args, *scalars, threads)
+        return
+    if method != "eigen":
+        raise ValueError(
+            f"root_inverse: method {method!r} is not available on CUDA; only 'eigen' (use "
+            "EigenConfig, the default root_inv_config, for CUDA parameters)"
+        )
+    kt = _cuda_table("root_inverse", table, out)
+    kernel(_stream(out.device), kt.workspace("root_inverse", 8 * out.element_size()),
+           _blas_workspace(out.device), out, factors, kt.device_table, kt.host, active,
+           is_diagonal, status_out, *scalars)
 
 
 def root_commit(dst: Any, src: Any, table: Any, commit: Any) -> None:
     """Per factor: commit[f] ? dst[f] <- src[f] : src[f] <- dst[f] (factor layout)."""
-    args = (dst, src, table, commit)
+    args = (dst, src, _host_table(table), commit)
     _checked("root_commit", ("dst", "src", "table", "commit"), args)
-    _entry("root_commit", "dst", dst)(*args)
+    kernel = _entry("root_commit", "dst", dst)
+    if not _is_cuda(dst):
+        kernel(*args)
+        return
+    kt = _cuda_table("root_commit", table, dst)
+    kernel(_stream(dst.device), dst, src, kt.device_table, kt.host, commit)
 
 
 def precondition(
@@ -254,25 +433,38 @@ def precondition(
 ) -> None:
     """out = G x_0 Q_0 ... x_{d-1} Q_{d-1} per active block (SPEC §4.8); order 0: out = G.
     num_threads: threads across blocks; the result is bitwise the same for every value."""
-    args = (out, grads, inv_roots, table, active)
+    args = (out, grads, inv_roots, _host_table(table), active)
     _checked("precondition", ("out", "grads", "inv_roots", "table", "active"), args)
     threads = _thread_count("precondition", num_threads)
-    _entry("precondition", "out", out)(*args, threads)
+    kernel = _entry("precondition", "out", out)
+    if not _is_cuda(out):
+        kernel(*args, threads)
+        return
+    # CUDA: inactive blocks of out are left unspecified (computed into scratch)
+    kt = _cuda_table("precondition", table, out)
+    kernel(_stream(out.device), kt.workspace("precondition", 8 * out.element_size()),
+           _blas_workspace(out.device), out, grads, inv_roots, kt.device_table, kt.host,
+           kt.plan_device, kt.plan_host, active)
 
 
 def moments(
     grads: Any, grafting_state: Any | None, filtered_grad: Any | None, table: Any,
     active: Any, *, update_grafting_state: bool, grafting_beta2: float, beta1: float,
-    beta3: float, bias_correction1: float,
+    beta3: float, bias_correction1: float, fail: Any = None,
 ) -> None:
     """Grafting accumulator (SPEC §4.5), filtered gradient and bias correction (§4.7), in
-    place: grads becomes G_hat."""
-    args = (grads, grafting_state, filtered_grad, table, active)
+    place: grads becomes G_hat. CUDA: nothing is written while `fail` records a failure."""
+    args = (grads, grafting_state, filtered_grad, _host_table(table), active)
     _checked("moments", ("grads", "grafting_state", "filtered_grad", "table", "active"), args)
-    _entry("moments", "grads", grads)(
-        *args, bool(update_grafting_state), float(grafting_beta2), float(beta1), float(beta3),
-        float(bias_correction1),
-    )
+    scalars = (bool(update_grafting_state), float(grafting_beta2), float(beta1), float(beta3),
+               float(bias_correction1))
+    kernel = _entry("moments", "grads", grads)
+    if not _is_cuda(grads):
+        kernel(*args, *scalars)
+        return
+    kt = _cuda_table("moments", table, grads)
+    kernel(_stream(grads.device), grads, grafting_state, filtered_grad, kt.device_table,
+           kt.host, active, fail, *scalars)
 
 
 def finish(
@@ -280,19 +472,26 @@ def finish(
     param_blocks: Any | None, momentum_state: Any | None, table: Any, active: Any, *,
     graft: str, grafting_phase: bool, grafting_bias_correction: float, grafting_epsilon: float,
     decoupled_weight_decay: float, momentum: float, dampening: float, nesterov: bool,
-    lr: float,
+    lr: float, fail: Any = None,
 ) -> None:
     """Grafting, decoupled weight decay, momentum and -lr (SPEC §4.8-§4.11); writes the update
-    of every active block into update_flat (param layout)."""
+    of every active block into update_flat (param layout). CUDA: while `fail` records a
+    failure, every update is -0.0 (adding it leaves a parameter bitwise unchanged) and the
+    momentum is not touched."""
     code = _GRAFTS.get(graft)
     if code is None:
         raise ValueError(f"finish: argument 'graft' must be one of {sorted(_GRAFTS)}, got {graft!r}")
     args = (update_flat, grads, shampoo_dir, grafting_state, param_blocks, momentum_state,
-            table, active)
+            _host_table(table), active)
     _checked("finish", ("update_flat", "grads", "shampoo_dir", "grafting_state",
                         "param_blocks", "momentum_state", "table", "active"), args)
-    _entry("finish", "update_flat", update_flat)(
-        *args, code, bool(grafting_phase), float(grafting_bias_correction),
-        float(grafting_epsilon), float(decoupled_weight_decay), float(momentum),
-        float(dampening), bool(nesterov), float(lr),
-    )
+    scalars = (code, bool(grafting_phase), float(grafting_bias_correction),
+               float(grafting_epsilon), float(decoupled_weight_decay), float(momentum),
+               float(dampening), bool(nesterov), float(lr))
+    kernel = _entry("finish", "update_flat", update_flat)
+    if not _is_cuda(update_flat):
+        kernel(*args, *scalars)
+        return
+    kt = _cuda_table("finish", table, update_flat)
+    kernel(_stream(update_flat.device), kt.workspace("finish", 8 * update_flat.element_size()),
+           *args[:6], kt.device_table, kt.host, active, fail, *scalars)

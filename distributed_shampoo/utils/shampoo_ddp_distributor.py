@@ -107,7 +107,7 @@ class DDPExchange:
             mine = owners == r
             sizes = numels[mine]
             receive[mine, _backend.BF_BLOCK_OFFSET] = r * self.chunk + np.cumsum(sizes) - sizes
-        self.receive_table = torch.from_numpy(receive).to(device)
+        self.receive_table = _backend.KernelTable(receive, device)
         self.buffer = torch.zeros(self.chunk * group_size, dtype=self.comm_dtype, device=device)
         self.received = torch.zeros(self.chunk * group_size, dtype=working_dtype, device=device)
         self.own = self.buffer[group_rank * self.chunk : (group_rank + 1) * self.chunk]
@@ -128,3 +128,9 @@ class DDPExchange:
         self.failure_flag.fill_(1.0 if failed else 0.0)
         dist.all_reduce(self.failure_flag, op=dist.ReduceOp.MAX, group=self.process_group)
         return bool(self.failure_flag.item())
+
+    def agree_on_device_failure(self, fail: torch.Tensor) -> None:
+        """The CUDA form, without waiting for the device: every rank's failure flag
+        (_backend.new_failure_flag) takes the earliest failed step of the group, so that all
+        ranks skip the step together (the block index stays the local one)."""
+        dist.all_reduce(fail[:1], op=dist.ReduceOp.MIN, group=self.process_group)

@@ -169,12 +169,18 @@ class ShampooGroupEngine:
             return torch.zeros(numel, dtype=dtype, device=self.device)
 
         n, nf = layout.numel, layout.factor_numel
-        self.table = layout.table.to(self.device)
+        self.table = _backend.KernelTable(layout.table, self.device)
+        self.on_cuda = self.device.type == "cuda"
+        if self.on_cuda and self.root_kwargs["method"] != "eigen":
+            raise ValueError(
+                f"param group {group_index}: root_inv_config {type(group['root_inv_config']).__name__} "
+                "is not available for CUDA parameters; use EigenConfig (the default)."
+            )
         self.exchange: DDPExchange | None = None
         if ddp is not None:
             self.exchange = DDPExchange(self.full_layout, owners, ddp, self.device, self.working_dtype)
             # finish() packs this rank's updates block after block: the all-gather payload.
-            self.payload_table = contiguous_destination(layout).to(self.device)
+            self.payload_table = _backend.KernelTable(contiguous_destination(layout), self.device)
             self.payload = zeros(n, self.working_dtype)
             self.full_active = torch.zeros(self.full_layout.num_blocks, dtype=torch.uint8, device=self.device)
         # Live optimizer state (storage dtypes of SPEC B §3 / §6).
@@ -195,7 +201,7 @@ class ShampooGroupEngine:
         self.root_work = zeros(nf, self.shampoo_dtype)
         self.diagonal_work = torch.ones_like(self.diagonal)
         self.root_status = torch.zeros(layout.factor_count, dtype=torch.int32)
-        self.root_commit = torch.zeros(layout.factor_count, dtype=torch.uint8)
+        self.root_commit = torch.zeros(layout.factor_count, dtype=torch.uint8, device=self.device)
         self.active = torch.zeros(layout.num_blocks, dtype=torch.uint8, device=self.device)
         self.param_flat: torch.Tensor | None = None
         self.param_blocks: torch.Tensor | None = None
@@ -203,6 +209,13 @@ class ShampooGroupEngine:
         self._grad_views = self._param_shaped_views(self.grad_flat)
         self._active_params: tuple[bool, ...] | None = None
         self._live: list[int] = []
+        # CUDA: the step's failure flag stays on the device (a step that computes no root
+        # inverse must not wait for the GPU); a pinned copy is read once it has arrived.
+        self.fail = _backend.new_failure_flag(self.device) if self.on_cuda else None
+        self._fail_seen = (
+            torch.full((2,), _backend.FAIL_NONE, dtype=torch.int64).pin_memory() if self.on_cuda else None
+        )
+        self._fail_copied: Any = None  # torch.cuda.Event of the last copy into _fail_seen
 
     # ----------------------------------------------------------------------------- set-up
     @staticmethod
@@ -318,7 +331,8 @@ class ShampooGroupEngine:
             self._set_active(active_params)
         if not self._live:
             return None
-        if self.exchange is None:
+        if self.exchange is None or (self.on_cuda and not self._is_root_step(group)):
+            # CUDA non-root steps agree through the device flag (agree_on_device_failure)
             return self._prepare_live(group, grads)
         # Under DDP every rank learns whether any rank failed, so that all raise together
         # rather than some waiting forever in the all-gather (SPEC A.3.6).
@@ -356,6 +370,13 @@ class ShampooGroupEngine:
 
         weight_decay = float(group["weight_decay"])
         decoupled = bool(group["use_decoupled_weight_decay"])
+        if self.on_cuda and self.exchange is None:
+            # an earlier step's failure, if already known. Under DDP only root steps look
+            # (all ranks at the same step), so that no rank raises while others all-gather.
+            self._raise_device_failure(wait=False)
+        t = int(self.step_count) + 1
+        frequency, start = group["precondition_frequency"], group["start_preconditioning_step"]
+        root_step = self.layout.factor_numel > 0 and ((t % frequency == 0 and t > start) or t == start)
         torch._foreach_copy_(self._live_grad_views, live_grads)
         param_flat = param_blocks = None
         if weight_decay != 0.0 or (self.exchange is not None and self.exchange.communicate_params):
@@ -363,17 +384,22 @@ class ShampooGroupEngine:
             torch._foreach_copy_(self._live_param_targets(), self._live_params)
         bad = _backend.gather(
             self.grad_blocks, param_blocks, self.grad_flat, param_flat, self.table, self.active,
-            0.0 if decoupled else weight_decay,
+            0.0 if decoupled else weight_decay, step=t, fail=self.fail,
         )
         if bad >= 0:
             raise ValueError(
                 f"Encountered nan or inf values in the gradient of {self.describe_block(bad)}. "
                 "The step was not taken; parameters and optimizer state are unchanged."
             )
+        if self.on_cuda:
+            if self.exchange is not None:
+                self.exchange.agree_on_device_failure(self.fail)
+            self._fail_seen.copy_(self.fail, non_blocking=True)
+            self._fail_copied = torch.cuda.Event()
+            self._fail_copied.record()
+            if root_step:  # a root step waits for the device anyway: report at once
+                self._raise_device_failure(wait=True)
 
-        t = int(self.step_count) + 1
-        frequency, start = group["precondition_frequency"], group["start_preconditioning_step"]
-        root_step = self.layout.factor_numel > 0 and ((t % frequency == 0 and t > start) or t == start)
         bias_correction = 1.0
         if root_step:
             new_factors = self._update_factors(self.factor_work)
@@ -389,6 +415,39 @@ class ShampooGroupEngine:
             self._check_roots()
         return StepPlan(t, root_step, bias_correction, param_blocks)
 
+    def _is_root_step(self, group: dict[str, Any]) -> bool:
+        t = int(self.step_count) + 1
+        frequency, start = group["precondition_frequency"], group["start_preconditioning_step"]
+        return self.layout.factor_numel > 0 and ((t % frequency == 0 and t > start) or t == start)
+
+    def _raise_device_failure(self, wait: bool) -> None:
+        """CUDA: raises for a step whose gradient held NaN/Inf, once the host knows of it
+        (at once when `wait`). The device skipped that step and every later one (the flag is
+        sticky), so rolling the step count back leaves the optimizer exactly as after the
+        last good step."""
+        event = self._fail_copied
+        if event is None or not (wait or event.query()):
+            return
+        event.synchronize()
+        step, block = (int(v) for v in self._fail_seen.tolist())
+        if step == _backend.FAIL_NONE:
+            return
+        skipped = int(self.step_count) + 1 - step
+        self.fail.fill_(_backend.FAIL_NONE)
+        self._fail_seen.fill_(_backend.FAIL_NONE)
+        self.step_count.fill_(step - 1)
+        where = (
+            f"the gradient of {self.describe_block(block)}"
+            if block != _backend.FAIL_NONE
+            else "a gradient on another rank of the trainer group"
+        )
+        raise ValueError(
+            f"Encountered nan or inf values in {where} at step {step}. On CUDA this is found "
+            f"without waiting for the GPU, so it is reported now; that step and the "
+            f"{max(skipped - 1, 0)} after it were not taken: parameters and optimizer state "
+            f"are unchanged since step {step - 1}."
+        )
+
     def _update_factors(self, target: torch.Tensor) -> torch.Tensor:
         """SPEC B §4.4 into `target`: the live factors (in place) or factor_work (scratch, a
         copy of them first), in the Shampoo dtype."""
@@ -396,7 +455,8 @@ class ShampooGroupEngine:
             target.copy_(self.factors)
         grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
         _backend.factor_update(
-            target, target, grads, self.table, self.active, self.beta2, num_threads=self.num_threads
+            target, target, grads, self.table, self.active, self.beta2,
+            num_threads=self.num_threads, fail=self.fail,
         )
         return target
 
@@ -453,6 +513,7 @@ class ShampooGroupEngine:
             update_grafting_state=update_grafting, grafting_beta2=self.grafting.beta2,
             beta1=beta1, beta3=beta3,
             bias_correction1=first_moment_bias_correction(beta1, beta3, t) if use_bias_correction else 1.0,
+            fail=self.fail,
         )
         if beta1 != 0.0 and filtered_grad is not self.filtered_grad:
             self.filtered_grad.copy_(filtered_grad)  # type: ignore[union-attr]
@@ -494,7 +555,7 @@ class ShampooGroupEngine:
             grafting_epsilon=self.grafting.epsilon,
             decoupled_weight_decay=weight_decay if decoupled else 0.0,
             momentum=momentum, dampening=float(group["dampening"]),
-            nesterov=bool(group["use_nesterov"]), lr=fl32(lr),
+            nesterov=bool(group["use_nesterov"]), lr=fl32(lr), fail=self.fail,
         )
         if momentum_state is not None and momentum_state is not self.momentum:
             self.momentum.copy_(momentum_state)  # type: ignore[union-attr]
