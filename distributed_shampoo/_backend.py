@@ -167,6 +167,8 @@ class KernelTable:
         self.host = host
         self.nblocks = int(host.shape[0])
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.plan_host = torch.from_numpy(batch_plan(host))
         if self.device.type == "cpu":
             self.device_table, self.plan_device = self.host, self.plan_host
@@ -245,7 +247,7 @@ def _cuda_table(op: str, table: Any, like: torch.Tensor) -> KernelTable:
     """The KernelTable a CUDA call needs, on the device of `like`."""
     if not isinstance(table, KernelTable):
         raise TypeError(f"{op}: argument 'table' must be a KernelTable for CUDA tensors")
-    if table.device != like.device:
+    if table.device.type != like.device.type or table.device.index != like.device.index:
         raise ValueError(f"{op}: argument 'table' is for {table.device}, the buffers are on {like.device}")
     _ensure_cuda_libraries()
     return table

@@ -426,9 +426,12 @@ class ShampooGroupEngine:
         sticky), so rolling the step count back leaves the optimizer exactly as after the
         last good step."""
         event = self._fail_copied
-        if event is None or not (wait or event.query()):
+        if event is None:
             return
-        event.synchronize()
+        if not event.query():
+            if not wait:
+                return
+            event.synchronize()
         step, block = (int(v) for v in self._fail_seen.tolist())
         if step == _backend.FAIL_NONE:
             return
