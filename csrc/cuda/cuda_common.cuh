@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "../core/batch_plan.h"
 #include "../core/block_table.h"
 #include "../core/status.h"
 #include "shampoo_cuda.h"
@@ -93,6 +94,17 @@ static inline void shampoo_table_extents(const int64_t *table_host, int64_t nblo
             end += row[SHAMPOO_BF_DIMS + k] * row[SHAMPOO_BF_DIMS + k];
         *factor_numel = end > *factor_numel ? end : *factor_numel;
     }
+}
+
+/* Whether every group of a batch plan fits cuBLAS's int sizes and batch counts. */
+static inline bool shampoo_plan_fits_blas(const int64_t *plan_host)
+{
+    for (int64_t g = 0; g < plan_host[0]; g++) {
+        const int64_t *grp = shampoo_plan_group(plan_host, g);
+        if (grp[SHAMPOO_PG_NUMEL] > INT32_MAX || grp[SHAMPOO_PG_COUNT] > INT32_MAX)
+            return false;
+    }
+    return true;
 }
 
 /* Points cuBLAS at the call's stream and torch-owned workspace (both may change between

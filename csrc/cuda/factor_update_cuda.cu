@@ -151,12 +151,8 @@ shampoo_status factor_update(const shampoo_cuda_env *env, real *factors_out,
     const gram_workspace w = gram_workspace_of(table_host, nblocks, plan_host, sizeof(real));
     if (env->workspace == NULL || env->workspace_bytes < w.total)
         return SHAMPOO_ERR_INVALID_ARG;
-    /* cuBLAS takes int sizes: checked before anything is enqueued */
-    for (int64_t g = 0; g < plan_host[0]; g++) {
-        const int64_t *grp = shampoo_plan_group(plan_host, g);
-        if (grp[SHAMPOO_PG_NUMEL] > INT32_MAX || grp[SHAMPOO_PG_COUNT] > INT32_MAX)
-            return SHAMPOO_ERR_UNSUPPORTED;
-    }
+    if (!shampoo_plan_fits_blas(plan_host))
+        return SHAMPOO_ERR_UNSUPPORTED; /* cuBLAS takes int sizes: found before any launch */
     cudaStream_t stream = shampoo_stream(env);
     char *ws = (char *)env->workspace;
     real *gram = (real *)ws;

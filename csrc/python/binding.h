@@ -111,6 +111,30 @@ static inline shampoo_module_state *shampoo_get_state(PyObject *module)
     return (shampoo_module_state *)PyModule_GetState(module);
 }
 
+/* The data pointer of a bound argument (NULL for None). */
+static inline void *shampoo_arg(shampoo_call *call, int i)
+{
+    return call->views[i].data;
+}
+
+/* Ends a call: releases its views; returns ok on SHAMPOO_OK, else raises through `raise`. */
+static inline PyObject *shampoo_call_done(shampoo_call *call, shampoo_status st, PyObject *ok,
+                                          PyObject *(*raise)(const char *, shampoo_status))
+{
+    PyObject *result = st == SHAMPOO_OK ? ok : raise(call->fn, st);
+    if (st != SHAMPOO_OK)
+        Py_XDECREF(ok);
+    shampoo_call_release(call);
+    return result;
+}
+
+/* Ends a call whose arguments were refused (exception already set): NULL. */
+static inline PyObject *shampoo_call_failed(shampoo_call *call)
+{
+    shampoo_call_release(call);
+    return NULL;
+}
+
 /* The float kernels' entry points (kernel_ops.c), added to the module at exec. */
 extern PyMethodDef shampoo_kernel_methods[];
 

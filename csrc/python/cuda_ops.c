@@ -23,22 +23,12 @@
 
 static inline void *ptr(shampoo_call *call, int i)
 {
-    return call->views[i].data;
+    return shampoo_arg(call, i);
 }
 
 static PyObject *done(shampoo_call *call, shampoo_status st, PyObject *ok)
 {
-    PyObject *result = st == SHAMPOO_OK ? ok : shampoo_cuda_raise_status(call->fn, st);
-    if (st != SHAMPOO_OK)
-        Py_XDECREF(ok);
-    shampoo_call_release(call);
-    return result;
-}
-
-static PyObject *failed(shampoo_call *call)
-{
-    shampoo_call_release(call);
-    return NULL;
+    return shampoo_call_done(call, st, ok, shampoo_cuda_raise_status);
 }
 
 /* The failure flag, when given, is int64[2]. */
@@ -89,11 +79,11 @@ static PyObject *gather(PyObject *m, PyObject *args, int bits, const char *fn)
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 8, bits) < 0 ||
         check_fail(&call, 7) < 0 ||
         shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env) < 0)
-        return failed(&call);
+        return shampoo_call_failed(&call);
     if (ptr(&call, 3) == NULL && (ptr(&call, 1) != NULL || l2 != 0.0)) {
         PyErr_Format(PyExc_ValueError, "%s: argument 'param_flat' is required when "
                      "param_blocks is given or l2_weight_decay != 0", fn);
-        return failed(&call);
+        return shampoo_call_failed(&call);
     }
     shampoo_status st = bits == 32
         ? shampoo_cuda_gather_f32(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
@@ -121,7 +111,7 @@ static PyObject *scatter(PyObject *m, PyObject *args, int bits, const char *fn)
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 5, bits) < 0 ||
         shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env) < 0)
-        return failed(&call);
+        return shampoo_call_failed(&call);
     shampoo_status st = bits == 32
         ? shampoo_cuda_scatter_f32(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                    ptr(&call, 3), call.nblocks, ptr(&call, 4))
@@ -154,7 +144,7 @@ static PyObject *moments(PyObject *m, PyObject *args, int bits, const char *fn)
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 7, bits) < 0 ||
         check_fail(&call, 6) < 0 ||
         shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env) < 0)
-        return failed(&call);
+        return shampoo_call_failed(&call);
     shampoo_status st = bits == 32
         ? shampoo_cuda_moments_f32(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                    ptr(&call, 3), ptr(&call, 4), call.nblocks, ptr(&call, 5), &p,
@@ -197,7 +187,7 @@ static PyObject *finish(PyObject *m, PyObject *args, int bits, const char *fn)
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 11, bits) < 0 ||
         check_fail(&call, 10) < 0 ||
         shampoo_cuda_env_for(m, &call, stream, &call.views[0], NULL, 0, &env) < 0)
-        return failed(&call);
+        return shampoo_call_failed(&call);
     shampoo_status st = bits == 32
         ? shampoo_cuda_finish_f32(&env, ptr(&call, 1), ptr(&call, 2), ptr(&call, 3),
                                   ptr(&call, 4), ptr(&call, 5), ptr(&call, 6), ptr(&call, 7),
@@ -225,7 +215,7 @@ static PyObject *root_commit(PyObject *m, PyObject *args, int bits, const char *
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 5, bits) < 0 ||
         shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env) < 0)
-        return failed(&call);
+        return shampoo_call_failed(&call);
     shampoo_status st = bits == 32
         ? shampoo_cuda_root_commit_f32(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                        ptr(&call, 3), call.nblocks, ptr(&call, 4))
@@ -258,7 +248,7 @@ static PyObject *factor_update(PyObject *m, PyObject *args, int bits, const char
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 11, bits) < 0 ||
         check_fail(&call, 10) < 0 || check_plan(&call, 7, 8, 6) < 0 ||
         shampoo_cuda_env_for(m, &call, stream, &call.views[0], &call.views[1], 1, &env) < 0)
-        return failed(&call);
+        return shampoo_call_failed(&call);
     shampoo_status st = bits == 32
         ? shampoo_cuda_factor_update_f32(&env, ptr(&call, 2), ptr(&call, 3), ptr(&call, 4),
                                          ptr(&call, 5), ptr(&call, 6), call.nblocks,
@@ -292,7 +282,7 @@ static PyObject *precondition(PyObject *m, PyObject *args, int bits, const char 
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 10, bits) < 0 ||
         check_plan(&call, 7, 8, 6) < 0 ||
         shampoo_cuda_env_for(m, &call, stream, &call.views[0], &call.views[1], 1, &env) < 0)
-        return failed(&call);
+        return shampoo_call_failed(&call);
     shampoo_status st = bits == 32
         ? shampoo_cuda_precondition_f32(&env, ptr(&call, 2), ptr(&call, 3), ptr(&call, 4),
                                         ptr(&call, 5), ptr(&call, 6), call.nblocks,
@@ -333,7 +323,7 @@ static PyObject *root_inverse(PyObject *m, PyObject *args, int bits, const char 
     cfg.order = order;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 9, bits) < 0 ||
         shampoo_cuda_env_for(m, &call, stream, &call.views[0], &call.views[1], 1, &env) < 0)
-        return failed(&call);
+        return shampoo_call_failed(&call);
     shampoo_status st;
     Py_BEGIN_ALLOW_THREADS /* it waits for the device */
     st = bits == 32
@@ -367,12 +357,12 @@ static PyObject *workspace_bytes(PyObject *m, PyObject *args)
         return PyErr_Format(PyExc_ValueError, "workspace_bytes: bits must be 32 or 64");
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, "workspace_bytes", specs, o, 2,
                           bits) < 0)
-        return failed(&call);
+        return shampoo_call_failed(&call);
     const int64_t *table = ptr(&call, 0), *plan = ptr(&call, 1);
     if (shampoo_batch_plan_check(plan, call.views[1].numel, table, call.nblocks) != SHAMPOO_OK) {
         PyErr_SetString(PyExc_ValueError, "workspace_bytes: argument 'plan_host' is not the "
                         "batch plan of the table");
-        return failed(&call);
+        return shampoo_call_failed(&call);
     }
     size_t bytes = 0;
     shampoo_status st = SHAMPOO_OK;
@@ -386,11 +376,11 @@ static PyObject *workspace_bytes(PyObject *m, PyObject *args)
         shampoo_cuda_env env;
         call.device_id = device;
         if (shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 1, &env) < 0)
-            return failed(&call);
+            return shampoo_call_failed(&call);
         st = shampoo_cuda_root_inverse_workspace(&env, table, call.nblocks, bits / 8, &bytes);
     } else {
         PyErr_Format(PyExc_ValueError, "workspace_bytes: unknown op '%s'", op);
-        return failed(&call);
+        return shampoo_call_failed(&call);
     }
     return done(&call, st, PyLong_FromSize_t(bytes));
 }

@@ -14,7 +14,7 @@
 
 static inline void *ptr(shampoo_call *call, int i)
 {
-    return call->views[i].data;
+    return shampoo_arg(call, i);
 }
 
 static inline int is_none(shampoo_call *call, int i)
@@ -24,17 +24,7 @@ static inline int is_none(shampoo_call *call, int i)
 
 static PyObject *finish_call(shampoo_call *call, shampoo_status st, PyObject *ok)
 {
-    PyObject *result = st == SHAMPOO_OK ? ok : shampoo_raise_status(call->fn, st);
-    if (st != SHAMPOO_OK)
-        Py_XDECREF(ok);
-    shampoo_call_release(call);
-    return result;
-}
-
-static PyObject *fail_call(shampoo_call *call)
-{
-    shampoo_call_release(call);
-    return NULL;
+    return shampoo_call_done(call, st, ok, shampoo_raise_status);
 }
 
 static PyObject *gather(PyObject *m, PyObject *args, int bits, const char *fn)
@@ -54,11 +44,11 @@ static PyObject *gather(PyObject *m, PyObject *args, int bits, const char *fn)
     if (!PyArg_ParseTuple(args, "OOOOOOd", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &l2))
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 6, bits) < 0)
-        return fail_call(&call);
+        return shampoo_call_failed(&call);
     if (is_none(&call, 3) && (!is_none(&call, 1) || l2 != 0.0)) {
         PyErr_Format(PyExc_ValueError, "%s: argument 'param_flat' is required when "
                      "param_blocks is given or l2_weight_decay != 0", fn);
-        return fail_call(&call);
+        return shampoo_call_failed(&call);
     }
     int64_t first = -1;
     shampoo_status st;
@@ -86,7 +76,7 @@ static PyObject *scatter(PyObject *m, PyObject *args, int bits, const char *fn)
     if (!PyArg_ParseTuple(args, "OOOO", &o[0], &o[1], &o[2], &o[3]))
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 4, bits) < 0)
-        return fail_call(&call);
+        return shampoo_call_failed(&call);
     shampoo_status st;
     Py_BEGIN_ALLOW_THREADS
     if (bits == 32)
@@ -117,7 +107,7 @@ static PyObject *factor_update(PyObject *m, PyObject *args, int bits, const char
                           &num_threads))
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 5, bits) < 0)
-        return fail_call(&call);
+        return shampoo_call_failed(&call);
     const shampoo_module_state *ms = shampoo_get_state(m);
     shampoo_status st;
     Py_BEGIN_ALLOW_THREADS
@@ -148,7 +138,7 @@ static PyObject *precondition(PyObject *m, PyObject *args, int bits, const char 
     if (!PyArg_ParseTuple(args, "OOOOOi", &o[0], &o[1], &o[2], &o[3], &o[4], &num_threads))
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 5, bits) < 0)
-        return fail_call(&call);
+        return shampoo_call_failed(&call);
     const shampoo_module_state *ms = shampoo_get_state(m);
     shampoo_status st;
     Py_BEGIN_ALLOW_THREADS
@@ -181,16 +171,16 @@ static PyObject *moments(PyObject *m, PyObject *args, int bits, const char *fn)
                           &p.bias_correction1))
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 5, bits) < 0)
-        return fail_call(&call);
+        return shampoo_call_failed(&call);
     if (p.update_grafting_state && is_none(&call, 1)) {
         PyErr_Format(PyExc_ValueError, "%s: argument 'grafting_state' is required when "
                      "update_grafting_state is true", fn);
-        return fail_call(&call);
+        return shampoo_call_failed(&call);
     }
     if ((p.beta1 != 0.0) != !is_none(&call, 2)) {
         PyErr_Format(PyExc_ValueError, "%s: argument 'filtered_grad' must be given exactly "
                      "when beta1 != 0 (beta1 = %g)", fn, p.beta1);
-        return fail_call(&call);
+        return shampoo_call_failed(&call);
     }
     shampoo_status st;
     Py_BEGIN_ALLOW_THREADS
@@ -259,7 +249,7 @@ static PyObject *finish(PyObject *m, PyObject *args, int bits, const char *fn)
     p.graft = (shampoo_graft_kind)graft;
     if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 8, bits) < 0 ||
         finish_args_ok(&call, &p) < 0)
-        return fail_call(&call);
+        return shampoo_call_failed(&call);
     shampoo_status st;
     Py_BEGIN_ALLOW_THREADS
     if (bits == 32)
@@ -304,7 +294,7 @@ static PyObject *root_inverse(PyObject *m, PyObject *args, int bits, const char 
     cfg.max_iterations = max_iterations;
     cfg.order = order;
     if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 6, bits) < 0)
-        return fail_call(&call);
+        return shampoo_call_failed(&call);
     const shampoo_module_state *ms = shampoo_get_state(m);
     shampoo_status st;
     Py_BEGIN_ALLOW_THREADS
@@ -333,7 +323,7 @@ static PyObject *root_commit(PyObject *m, PyObject *args, int bits, const char *
     if (!PyArg_ParseTuple(args, "OOOO", &o[0], &o[1], &o[2], &o[3]))
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 4, bits) < 0)
-        return fail_call(&call);
+        return shampoo_call_failed(&call);
     shampoo_status st;
     Py_BEGIN_ALLOW_THREADS
     if (bits == 32)
