@@ -253,8 +253,19 @@ def _cuda_table(op: str, table: Any, like: torch.Tensor) -> KernelTable:
     return table
 
 
+# cuBLAS's workspace per (device, stream), allocated once: cuBLAS may use it until the
+# stream's work is done, and each call hands it over again (cublasSetWorkspace).
+_BLAS_WORKSPACES: dict[tuple[int, int], torch.Tensor] = {}
+
+
 def _blas_workspace(device: torch.device) -> torch.Tensor:
-    return torch.empty(_CUBLAS_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    key = (device.index or 0, _stream(device))
+    workspace = _BLAS_WORKSPACES.get(key)
+    if workspace is None:
+        workspace = _BLAS_WORKSPACES[key] = torch.empty(
+            _CUBLAS_WORKSPACE_BYTES, dtype=torch.uint8, device=device
+        )
+    return workspace
 
 
 def _check(fn: str, name: str, t: Any) -> None:

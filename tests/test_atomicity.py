@@ -64,22 +64,24 @@ def _snapshot(params, optimizer) -> dict[str, Any]:
     }
 
 
-def _assert_bitwise_equal(a: Any, b: Any, where: str = "") -> None:
+def assert_bitwise_equal(a: Any, b: Any, where: str = "") -> None:
+    """Bit for bit: floats compared as integers (so -0.0 != 0.0 and NaN payloads count)."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert a.device == b.device, f"{where}: device {a.device} != {b.device}"
+        a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
         if a.is_floating_point():
-            assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{where}: NaN positions differ"
-            assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"{where}: values differ"
-        else:
-            assert torch.equal(a, b), f"{where}: values differ"
+            ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+            a, b = a.view(ints), b.view(ints)
+        assert torch.equal(a, b), f"{where}: values differ"
     elif isinstance(a, dict):
         assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {set(a) ^ set(b)}"
         for k in a:
-            _assert_bitwise_equal(a[k], b[k], f"{where}/{k}")
+            assert_bitwise_equal(a[k], b[k], f"{where}/{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
-            _assert_bitwise_equal(x, y, f"{where}[{i}]")
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
@@ -113,7 +115,7 @@ def test_non_finite_factor_raises_and_changes_nothing(value: float, word: str) -
         match=rf"(?i)encountered {word} values in bias-corrected factor matrix 0\.block_2\.1",
     ):
         optimizer.step()
-    _assert_bitwise_equal(_snapshot(params, optimizer), before, "after failed step")
+    assert_bitwise_equal(_snapshot(params, optimizer), before, "after failed step")
     assert _steps(optimizer, params) == steps_before
 
 
@@ -128,7 +130,7 @@ def test_non_finite_factor_in_second_group_leaves_first_group_unchanged() -> Non
     _set_grads(params, 2)
     with pytest.raises(ValueError, match=r"(?i)nan.*0\.block_1\.0"):
         optimizer.step()
-    _assert_bitwise_equal(_snapshot(params, optimizer), before, "after failed step")
+    assert_bitwise_equal(_snapshot(params, optimizer), before, "after failed step")
     assert _steps(optimizer, params) == [1, 1]
 
 
@@ -158,8 +160,8 @@ def test_non_finite_gradient_raises_and_changes_nothing(
     assert "block_1" in message and re.search(r"\b1\b", message), (
         f"must name parameter 1 and block_1: {message}"
     )
-    _assert_bitwise_equal(_snapshot(params, optimizer), before, "after failed step")
-    _assert_bitwise_equal(params[1].grad, grad_before, "grad")
+    assert_bitwise_equal(_snapshot(params, optimizer), before, "after failed step")
+    assert_bitwise_equal(params[1].grad, grad_before, "grad")
     assert _steps(optimizer, params) == [1]
 
 
@@ -178,7 +180,7 @@ def test_step_after_failure_continues_normally() -> None:
     for params, optimizer in ((params_a, optimizer_a), (params_b, optimizer_b)):
         _set_grads(params, 2)
         optimizer.step()
-    _assert_bitwise_equal(
+    assert_bitwise_equal(
         _snapshot(params_b, optimizer_b), _snapshot(params_a, optimizer_a), "resumed"
     )
 
@@ -249,7 +251,7 @@ def test_protected_eigh_keeps_previous_inverse_and_warns(caplog: pytest.LogCaptu
     with caplog.at_level(logging.WARNING):
         optimizer.step()  # does not raise
     for k in range(2):
-        _assert_bitwise_equal(
+        assert_bitwise_equal(
             shampoo["inv_factor_matrices"][k]["quantized_values"], previous[k], f"inverse {k}"
         )
     warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -265,7 +267,7 @@ def test_unprotected_root_failure_propagates_and_changes_nothing() -> None:
     p.grad = grads[1].clone()
     with pytest.raises((ArithmeticError, ValueError, RuntimeError)):
         optimizer.step()
-    _assert_bitwise_equal(_snapshot([p], optimizer), before, "after failed step")
+    assert_bitwise_equal(_snapshot([p], optimizer), before, "after failed step")
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import test_optimizer_oracle as core
 import torch
+from test_atomicity import assert_bitwise_equal
 from torch import nn
 
 from distributed_shampoo import _backend
@@ -263,28 +264,6 @@ def _snapshot(params, optimizer) -> dict[str, Any]:
     }
 
 
-def _assert_bitwise_equal(a: Any, b: Any, where: str = "") -> None:
-    """Bit for bit: floats compared as integers (so -0.0 != 0.0 and NaN payloads count)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert a.device == b.device, f"{where}: device {a.device} != {b.device}"
-        a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
-        if a.is_floating_point():
-            ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-            a, b = a.view(ints), b.view(ints)
-        assert torch.equal(a, b), f"{where}: values differ"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {set(a) ^ set(b)}"
-        for k in a:
-            _assert_bitwise_equal(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_bitwise_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def _assert_names_bad_gradient(error: pytest.ExceptionInfo, word: str) -> None:
     message = str(error.value)
     assert word in message.lower(), message
@@ -311,7 +290,7 @@ def test_nonfinite_gradient_on_non_root_step_raises_later_and_changes_nothing(va
     with pytest.raises(ValueError) as error:
         optimizer.step()
     _assert_names_bad_gradient(error, word)
-    _assert_bitwise_equal(_snapshot(params, optimizer), before, "after the failure")
+    assert_bitwise_equal(_snapshot(params, optimizer), before, "after the failure")
 
 
 @pytest.mark.parametrize("value,word", NONFINITE)
@@ -337,7 +316,7 @@ def test_nonfinite_gradient_is_reported_by_the_next_root_step_at_the_latest(valu
             _set_grads(params, 101)  # the later steps' gradients are fine
     assert error is not None, "no ValueError by the next inverse-root step"
     assert word in str(error).lower() and "block_1" in str(error), str(error)
-    _assert_bitwise_equal(_snapshot(params, optimizer), before, "after the failure")
+    assert_bitwise_equal(_snapshot(params, optimizer), before, "after the failure")
 
 
 def test_training_continues_normally_after_a_reported_failure() -> None:
@@ -386,7 +365,7 @@ def test_nonfinite_gradient_on_root_step_raises_at_once(value, word):
     with pytest.raises(ValueError) as error:
         optimizer.step()  # t = 4: inverse roots, which synchronise anyway
     _assert_names_bad_gradient(error, word)
-    _assert_bitwise_equal(_snapshot(params, optimizer), before, "after the failure")
+    assert_bitwise_equal(_snapshot(params, optimizer), before, "after the failure")
 
 
 @pytest.mark.parametrize("value,word", NONFINITE)
@@ -406,7 +385,7 @@ def test_nonfinite_factor_fails_the_root_step_and_changes_nothing(value, word):
     message = rf"(?i)encountered {word} values in bias-corrected factor matrix 0\.block_2\.1"
     with pytest.raises(ValueError, match=message):
         optimizer.step()
-    _assert_bitwise_equal(_snapshot(params, optimizer), before, "after the failure")
+    assert_bitwise_equal(_snapshot(params, optimizer), before, "after the failure")
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,13 +28,6 @@ enum shampoo_plan_group_field {
 
 #define SHAMPOO_PLAN_HEADER 2
 
-/* The accessors below are read by CUDA kernels too. */
-#ifdef __CUDACC__
-#define SHAMPOO_HOST_DEVICE __host__ __device__
-#else
-#define SHAMPOO_HOST_DEVICE
-#endif
-
 SHAMPOO_HOST_DEVICE static inline const int64_t *shampoo_plan_group(const int64_t *plan, int64_t g)
 {
     return plan + SHAMPOO_PLAN_HEADER + g * (int64_t)SHAMPOO_PLAN_GROUP_FIELDS;

@@ -15,6 +15,13 @@
 #include <stdint.h>
 #include "status.h"
 
+/* The inline accessors of the core's headers are read by CUDA kernels too. */
+#ifdef __CUDACC__
+#define SHAMPOO_HOST_DEVICE __host__ __device__
+#else
+#define SHAMPOO_HOST_DEVICE
+#endif
+
 /* Highest tensor order a block may have; Python rejects larger at construction. */
 #define SHAMPOO_MAX_ORDER 8
 
@@ -39,13 +46,13 @@ shampoo_status shampoo_table_validate(const int64_t *table, int64_t nblocks,
                                       int64_t block_numel, int64_t factor_numel,
                                       int64_t factor_count, int64_t param_numel);
 
-static inline const int64_t *shampoo_table_row(const int64_t *table, int64_t b)
+SHAMPOO_HOST_DEVICE static inline const int64_t *shampoo_table_row(const int64_t *table, int64_t b)
 {
     return table + b * (int64_t)SHAMPOO_BF_COUNT;
 }
 
 /* Element offset of factor k of a row from the row's factor 0 (factor layout). */
-static inline int64_t shampoo_factor_elem_offset(const int64_t *row, int64_t k)
+SHAMPOO_HOST_DEVICE static inline int64_t shampoo_factor_elem_offset(const int64_t *row, int64_t k)
 {
     int64_t offset = 0;
     for (int64_t j = 0; j < k; j++)

@@ -27,13 +27,22 @@ static inline shampoo_status shampoo_cuda_launched(void)
     return cudaGetLastError() == cudaSuccess ? SHAMPOO_OK : SHAMPOO_ERR_CUDA;
 }
 
+/* Total factor elements of a table row (sum of d_k^2). */
+SHAMPOO_HOST_DEVICE static inline int64_t shampoo_row_factor_numel(const int64_t *row)
+{
+    return shampoo_factor_elem_offset(row, row[SHAMPOO_BF_ORDER]);
+}
+
 /* Chunks of SHAMPOO_CUDA_THREADS elements needed to cover the largest block of the table
- * (host copy), capped at the y limit (kernels loop over the rest). At least 1. */
-static inline unsigned shampoo_chunks_for(const int64_t *table_host, int64_t nblocks)
+ * (host copy), counting its elements or, with `factors`, its factor elements; capped at the
+ * y limit (kernels loop over the rest). At least 1. */
+static inline unsigned shampoo_chunks_for(const int64_t *table_host, int64_t nblocks,
+                                          bool factors = false)
 {
     int64_t most = 1;
     for (int64_t b = 0; b < nblocks; b++) {
-        int64_t n = table_host[b * SHAMPOO_BF_COUNT + SHAMPOO_BF_NUMEL];
+        const int64_t *row = shampoo_table_row(table_host, b);
+        const int64_t n = factors ? shampoo_row_factor_numel(row) : row[SHAMPOO_BF_NUMEL];
         most = n > most ? n : most;
     }
     int64_t chunks = (most + SHAMPOO_CUDA_THREADS - 1) / SHAMPOO_CUDA_THREADS;
@@ -44,11 +53,6 @@ static inline unsigned shampoo_chunks_for(const int64_t *table_host, int64_t nbl
 __device__ static inline bool shampoo_step_failed(const int64_t *fail)
 {
     return fail != nullptr && fail[0] != INT64_MAX;
-}
-
-__device__ static inline const int64_t *shampoo_row(const int64_t *table, int64_t b)
-{
-    return table + b * (int64_t)SHAMPOO_BF_COUNT;
 }
 
 /* Param-layout offset of element i (row-major position inside the block) of a block. */
@@ -64,13 +68,20 @@ __device__ static inline int64_t shampoo_param_index(const int64_t *row, int64_t
     return pos;
 }
 
-/* Element offset of factor k of a row from its factor 0 (factor layout). */
-__device__ __host__ static inline int64_t shampoo_factor_offset_k(const int64_t *row, int64_t k)
+/* Element e of a row's factor layout -> its factor k, row i and column j inside it, and the
+ * factor's size n; e - (i * n + j) is the factor's own offset from the row's first. */
+__device__ static inline void shampoo_factor_element(const int64_t *row, int64_t e, int64_t *k,
+                                                     int64_t *i, int64_t *j, int64_t *n)
 {
-    int64_t offset = 0;
-    for (int64_t j = 0; j < k; j++)
-        offset += row[SHAMPOO_BF_DIMS + j] * row[SHAMPOO_BF_DIMS + j];
-    return offset;
+    int64_t kk = 0, r = e, nn = row[SHAMPOO_BF_DIMS];
+    while (r >= nn * nn) {
+        r -= nn * nn;
+        nn = row[SHAMPOO_BF_DIMS + ++kk];
+    }
+    *k = kk;
+    *i = r / nn;
+    *j = r % nn;
+    *n = nn;
 }
 
 /* Bytes rounded up so that the next workspace region stays 256-byte aligned. */
@@ -86,12 +97,10 @@ static inline void shampoo_table_extents(const int64_t *table_host, int64_t nblo
     *block_numel = 0;
     *factor_numel = 0;
     for (int64_t b = 0; b < nblocks; b++) {
-        const int64_t *row = table_host + b * (int64_t)SHAMPOO_BF_COUNT;
+        const int64_t *row = shampoo_table_row(table_host, b);
         int64_t end = row[SHAMPOO_BF_BLOCK_OFFSET] + row[SHAMPOO_BF_NUMEL];
         *block_numel = end > *block_numel ? end : *block_numel;
-        end = row[SHAMPOO_BF_FACTOR_OFFSET];
-        for (int64_t k = 0; k < row[SHAMPOO_BF_ORDER]; k++)
-            end += row[SHAMPOO_BF_DIMS + k] * row[SHAMPOO_BF_DIMS + k];
+        end = row[SHAMPOO_BF_FACTOR_OFFSET] + shampoo_row_factor_numel(row);
         *factor_numel = end > *factor_numel ? end : *factor_numel;
     }
 }

@@ -71,7 +71,7 @@ __global__ static void gather_kernel(real *grad_blocks, real *param_blocks,
     const int64_t b = blockIdx.x;
     if (!active[b])
         return; /* uniform over the thread block, so the __syncthreads_or below is safe */
-    const int64_t *row = shampoo_row(table, b);
+    const int64_t *row = shampoo_table_row(table, b);
     const int64_t off = row[SHAMPOO_BF_BLOCK_OFFSET], numel = row[SHAMPOO_BF_NUMEL];
     int bad = 0;
     for (int64_t i = first_elem(); i < numel; i += elem_stride()) {
@@ -124,7 +124,7 @@ __global__ static void scatter_kernel(real *flat, const real *blocks, const int6
     const int64_t b = blockIdx.x;
     if (!active[b])
         return;
-    const int64_t *row = shampoo_row(table, b);
+    const int64_t *row = shampoo_table_row(table, b);
     const int64_t off = row[SHAMPOO_BF_BLOCK_OFFSET], numel = row[SHAMPOO_BF_NUMEL];
     for (int64_t i = first_elem(); i < numel; i += elem_stride())
         flat[shampoo_param_index(row, i)] = blocks[off + i];
@@ -163,7 +163,7 @@ __global__ static void moments_kernel(real *grads, real *V, real *filtered_grad,
     const int64_t b = blockIdx.x;
     if (!active[b] || shampoo_step_failed(fail))
         return;
-    const int64_t *row = shampoo_row(table, b);
+    const int64_t *row = shampoo_table_row(table, b);
     const int64_t off = row[SHAMPOO_BF_BLOCK_OFFSET], numel = row[SHAMPOO_BF_NUMEL];
     for (int64_t j = first_elem(); j < numel; j += elem_stride()) {
         const int64_t i = off + j;
@@ -241,7 +241,7 @@ __global__ static void finish_norms_kernel(double *ratio, const real *grads,
     const int64_t b = blockIdx.x;
     if (!active[b] || shampoo_step_failed(fail))
         return; /* phase 2 writes -0.0 without the ratio when the step failed */
-    const int64_t *row = shampoo_row(table, b);
+    const int64_t *row = shampoo_table_row(table, b);
     const int64_t off = row[SHAMPOO_BF_BLOCK_OFFSET], numel = row[SHAMPOO_BF_NUMEL];
     const unsigned t = threadIdx.x;
     double gsum = 0.0, psum = 0.0;
@@ -278,7 +278,7 @@ __global__ static void finish_kernel(real *update_flat, const real *grads,
     const int64_t b = blockIdx.x;
     if (!active[b])
         return;
-    const int64_t *row = shampoo_row(table, b);
+    const int64_t *row = shampoo_table_row(table, b);
     const int64_t off = row[SHAMPOO_BF_BLOCK_OFFSET], numel = row[SHAMPOO_BF_NUMEL];
     if (shampoo_step_failed(fail)) {
         /* x + -0.0 == x bitwise: the caller's add leaves the parameters as they were. */
@@ -364,45 +364,17 @@ static shampoo_status finish(const shampoo_cuda_env *env, real *update_flat, con
 
 /* ---- root commit ----------------------------------------------------------------------- */
 
-/* The CPU's row checks (root_table_scan in matrix_root.c), plus the launch's chunk count:
- * enough to cover the block with the most factor elements (sum of its d_k^2), which may
- * exceed its numel, so shampoo_chunks_for does not apply. */
-static shampoo_status commit_scan(const int64_t *table_host, int64_t nblocks,
-                                  int64_t *nfactors, unsigned *chunks)
-{
-    const int64_t dim_limit = 46340; /* as the CPU: largest n with n*n <= INT_MAX */
-    int64_t most = 1;
-    *nfactors = 0;
-    for (int64_t b = 0; b < nblocks; b++) {
-        const int64_t *row = table_host + b * (int64_t)SHAMPOO_BF_COUNT;
-        const int64_t order = row[SHAMPOO_BF_ORDER];
-        if (order < 0 || order > SHAMPOO_MAX_ORDER || row[SHAMPOO_BF_FACTOR_OFFSET] < 0 ||
-            row[SHAMPOO_BF_FACTOR_INDEX] < 0)
-            return SHAMPOO_ERR_INVALID_ARG;
-        for (int64_t k = 0; k < order; k++) {
-            const int64_t n = row[SHAMPOO_BF_DIMS + k];
-            if (n < 0 || n > dim_limit)
-                return SHAMPOO_ERR_INVALID_ARG;
-            most = n * n > most ? n * n : most;
-        }
-        *nfactors += order;
-    }
-    const int64_t c = (most + SHAMPOO_CUDA_THREADS - 1) / SHAMPOO_CUDA_THREADS;
-    *chunks = (unsigned)(c < SHAMPOO_CUDA_MAX_GRID_Y ? c : SHAMPOO_CUDA_MAX_GRID_Y);
-    return SHAMPOO_OK;
-}
-
 /* Every factor of every block (no active mask, as the CPU): committed factors copy the new
  * root src into dst, the others restore src from dst. Elementwise, so dst == src is safe. */
 template <typename real>
 __global__ static void root_commit_kernel(real *dst, real *src, const int64_t *table,
                                           const uint8_t *commit)
 {
-    const int64_t *row = shampoo_row(table, blockIdx.x);
+    const int64_t *row = shampoo_table_row(table, blockIdx.x);
     const int64_t base = row[SHAMPOO_BF_FACTOR_OFFSET];
     for (int64_t k = 0; k < row[SHAMPOO_BF_ORDER]; k++) {
         const int64_t n = row[SHAMPOO_BF_DIMS + k];
-        const int64_t at = base + shampoo_factor_offset_k(row, k);
+        const int64_t at = base + shampoo_factor_elem_offset(row, k);
         const bool take = commit[row[SHAMPOO_BF_FACTOR_INDEX] + k] != 0;
         real *to = take ? dst + at : src + at;
         const real *from = take ? src + at : dst + at;
@@ -419,18 +391,18 @@ static shampoo_status root_commit(const shampoo_cuda_env *env, real *dst, real *
     if (env == nullptr || nblocks < 0 ||
         (nblocks > 0 && (table == nullptr || table_host == nullptr)))
         return SHAMPOO_ERR_INVALID_ARG;
-    int64_t nfactors;
-    unsigned chunks;
-    const shampoo_status status = commit_scan(table_host, nblocks, &nfactors, &chunks);
-    if (status != SHAMPOO_OK)
-        return status;
+    /* the binding has validated table_host (every row well formed, within the buffers) */
+    int64_t nfactors = 0;
+    for (int64_t b = 0; b < nblocks; b++)
+        nfactors += shampoo_table_row(table_host, b)[SHAMPOO_BF_ORDER];
     if (nfactors > 0 && (dst == nullptr || src == nullptr || commit == nullptr))
         return SHAMPOO_ERR_INVALID_ARG;
     if (nfactors == 0) /* includes nblocks == 0: nothing to copy */
         return SHAMPOO_OK;
     if (!grid_fits(nblocks))
         return SHAMPOO_ERR_UNSUPPORTED;
-    root_commit_kernel<real><<<dim3((unsigned)nblocks, chunks), SHAMPOO_CUDA_THREADS, 0,
+    const dim3 grid((unsigned)nblocks, shampoo_chunks_for(table_host, nblocks, true));
+    root_commit_kernel<real><<<grid, SHAMPOO_CUDA_THREADS, 0,
                                shampoo_stream(env)>>>(dst, src, table, commit);
     return shampoo_cuda_launched();
 }

@@ -49,13 +49,13 @@ __global__ void gram_pointers(const int64_t *plan, const int64_t *table, const r
     for (int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; s < total;
          s += (int64_t)gridDim.x * blockDim.x) {
         const int64_t k = s / nitems, j = s % nitems;
-        const int64_t *row = shampoo_row(table, items[j]);
+        const int64_t *row = shampoo_table_row(table, items[j]);
         const int64_t order = row[SHAMPOO_BF_ORDER];
         if (k >= order)
             continue;
         const bool middle = k > 0 && k < order - 1;
         a_ptrs[s] = (middle ? unfold : grads) + row[SHAMPOO_BF_BLOCK_OFFSET];
-        c_ptrs[s] = gram + row[SHAMPOO_BF_FACTOR_OFFSET] + shampoo_factor_offset_k(row, k);
+        c_ptrs[s] = gram + row[SHAMPOO_BF_FACTOR_OFFSET] + shampoo_factor_elem_offset(row, k);
     }
 }
 
@@ -64,7 +64,7 @@ __global__ void gram_pointers(const int64_t *plan, const int64_t *table, const r
 template <typename real>
 __global__ void unfold_middle(const int64_t *table, const real *grads, real *unfold, int64_t k)
 {
-    const int64_t *row = shampoo_row(table, blockIdx.x);
+    const int64_t *row = shampoo_table_row(table, blockIdx.x);
     const int64_t order = row[SHAMPOO_BF_ORDER], numel = row[SHAMPOO_BF_NUMEL];
     if (k <= 0 || k >= order - 1 || numel == 0)
         return;
@@ -92,11 +92,8 @@ __global__ void accumulate(const int64_t *table, const uint8_t *active, const re
     if (shampoo_step_failed(fail))
         return;
     const int64_t b = blockIdx.x;
-    const int64_t *row = shampoo_row(table, b);
-    const int64_t order = row[SHAMPOO_BF_ORDER];
-    int64_t total = 0;
-    for (int64_t k = 0; k < order; k++)
-        total += row[SHAMPOO_BF_DIMS + k] * row[SHAMPOO_BF_DIMS + k];
+    const int64_t *row = shampoo_table_row(table, b);
+    const int64_t total = shampoo_row_factor_numel(row);
     const int64_t base = row[SHAMPOO_BF_FACTOR_OFFSET];
     const bool is_active = active[b] != 0, empty = row[SHAMPOO_BF_NUMEL] == 0;
     for (int64_t e = blockIdx.y * (int64_t)blockDim.x + threadIdx.x; e < total;
@@ -107,31 +104,12 @@ __global__ void accumulate(const int64_t *table, const uint8_t *active, const re
                 f_out[x] = f_in[x];
             continue;
         }
-        int64_t k = 0, r = e, n = row[SHAMPOO_BF_DIMS];
-        while (r >= n * n) {
-            r -= n * n;
-            n = row[SHAMPOO_BF_DIMS + ++k];
-        }
-        const int64_t i = r / n, j = r % n;
-        const real *c = gram + x - r;
+        int64_t k, i, j, n;
+        shampoo_factor_element(row, e, &k, &i, &j, &n);
+        const real *c = gram + x - (i * n + j);
         const real cij = empty ? (real)0 : (i <= j ? c[i + j * n] : c[j + i * n]);
         f_out[x] = plain_sum ? f_in[x] + cij : f_in[x] * beta2 + one_minus_beta2 * cij;
     }
-}
-
-/* Most factor elements of one block (the accumulate grid's y extent). */
-unsigned factor_chunks(const int64_t *table_host, int64_t nblocks)
-{
-    int64_t most = 1;
-    for (int64_t b = 0; b < nblocks; b++) {
-        const int64_t *row = table_host + b * (int64_t)SHAMPOO_BF_COUNT;
-        int64_t total = 0;
-        for (int64_t k = 0; k < row[SHAMPOO_BF_ORDER]; k++)
-            total += row[SHAMPOO_BF_DIMS + k] * row[SHAMPOO_BF_DIMS + k];
-        most = total > most ? total : most;
-    }
-    const int64_t chunks = (most + SHAMPOO_CUDA_THREADS - 1) / SHAMPOO_CUDA_THREADS;
-    return (unsigned)(chunks < SHAMPOO_CUDA_MAX_GRID_Y ? chunks : SHAMPOO_CUDA_MAX_GRID_Y);
 }
 
 template <typename real>
@@ -201,7 +179,7 @@ shampoo_status factor_update(const shampoo_cuda_env *env, real *factors_out,
             }
         }
     }
-    const dim3 grid((unsigned)nblocks, factor_chunks(table_host, nblocks));
+    const dim3 grid((unsigned)nblocks, shampoo_chunks_for(table_host, nblocks, true));
     accumulate<real><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(
         table, active, gram, factors_in, factors_out, beta2 == 1.0, (real)beta2,
         (real)(1.0 - beta2), fail);

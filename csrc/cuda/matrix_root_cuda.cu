@@ -28,25 +28,10 @@ constexpr int64_t DIM_LIMIT = 46340;
 
 /* Where factor k of block b sits, host side. */
 struct factor_ref {
-    int64_t block, k, n, offset, index;
+    int64_t block, n, offset, index;
 };
 
 /* ------------------------------------------------------------------ device kernels */
-
-/* Element e of block b's factor layout -> (factor k, row i, column j, size n). */
-__device__ inline void factor_element(const int64_t *row, int64_t e, int64_t *k, int64_t *i,
-                                      int64_t *j, int64_t *n)
-{
-    int64_t kk = 0, r = e, nn = row[SHAMPOO_BF_DIMS];
-    while (r >= nn * nn) {
-        r -= nn * nn;
-        nn = row[SHAMPOO_BF_DIMS + ++kk];
-    }
-    *k = kk;
-    *i = r / nn;
-    *j = r % nn;
-    *n = nn;
-}
 
 /* Step 1: per active factor, NaN/Inf in F / bc and nonzero off-diagonal entries of F. */
 template <typename real>
@@ -56,15 +41,13 @@ __global__ void scan_factors(const int64_t *table, const uint8_t *active, const 
     const int64_t b = blockIdx.x;
     if (!active[b])
         return;
-    const int64_t *row = shampoo_row(table, b);
-    int64_t total = 0;
-    for (int64_t k = 0; k < row[SHAMPOO_BF_ORDER]; k++)
-        total += row[SHAMPOO_BF_DIMS + k] * row[SHAMPOO_BF_DIMS + k];
+    const int64_t *row = shampoo_table_row(table, b);
+    const int64_t total = shampoo_row_factor_numel(row);
     const real *f = factors + row[SHAMPOO_BF_FACTOR_OFFSET];
     for (int64_t e = blockIdx.y * (int64_t)blockDim.x + threadIdx.x; e < total;
          e += (int64_t)gridDim.y * blockDim.x) {
         int64_t k, i, j, n;
-        factor_element(row, e, &k, &i, &j, &n);
+        shampoo_factor_element(row, e, &k, &i, &j, &n);
         const real a = divide ? f[e] / bc : f[e];
         int bits = isnan(a) ? FLAG_NAN : isinf(a) ? FLAG_INF : 0;
         if (i != j && f[e] != (real)0)
@@ -321,7 +304,7 @@ factor_ref *list_factors(const int64_t *table_host, int64_t nblocks, int64_t *co
         int64_t offset = row[SHAMPOO_BF_FACTOR_OFFSET];
         for (int64_t k = 0; k < row[SHAMPOO_BF_ORDER]; k++) {
             const int64_t n = row[SHAMPOO_BF_DIMS + k];
-            refs[next++] = factor_ref{b, k, n, offset, row[SHAMPOO_BF_FACTOR_INDEX] + k};
+            refs[next++] = factor_ref{b, n, offset, row[SHAMPOO_BF_FACTOR_INDEX] + k};
             offset += n * n;
         }
     }
@@ -575,11 +558,7 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
     if (cudaMemsetAsync(d_flags, 0, (size_t)ws.factor_count * sizeof(int32_t), stream) !=
         cudaSuccess)
         return SHAMPOO_ERR_CUDA;
-    int64_t most = 1;
-    for (int64_t f = 0; f < nfactors; f++)
-        most = h.refs[f].n * h.refs[f].n > most ? h.refs[f].n * h.refs[f].n : most;
-    /* y chunks sized by the largest factor; the kernel loops over a block's other factors */
-    const dim3 grid = matrix_grid(nblocks, (int64_t)sqrt((double)most) + 1);
+    const dim3 grid((unsigned)nblocks, shampoo_chunks_for(table_host, nblocks, true));
     scan_factors<real><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(table, active, factors, divide,
                                                                    bc, d_flags);
     if (cudaGetLastError() != cudaSuccess ||

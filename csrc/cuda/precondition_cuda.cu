@@ -44,12 +44,12 @@ __global__ void contract_pointers(const int64_t *plan, const int64_t *table,
     for (int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; s < total;
          s += (int64_t)gridDim.x * blockDim.x) {
         const int64_t k = s / nitems, j = s % nitems, b = items[j];
-        const int64_t *row = shampoo_row(table, b);
+        const int64_t *row = shampoo_table_row(table, b);
         const int64_t order = row[SHAMPOO_BF_ORDER], offset = row[SHAMPOO_BF_BLOCK_OFFSET];
         if (k >= order)
             continue;
         real *const scratch[2] = {ping, pong};
-        q_ptrs[s] = inv_roots + row[SHAMPOO_BF_FACTOR_OFFSET] + shampoo_factor_offset_k(row, k);
+        q_ptrs[s] = inv_roots + row[SHAMPOO_BF_FACTOR_OFFSET] + shampoo_factor_elem_offset(row, k);
         t_ptrs[s] = (k == 0 ? grads : scratch[(k - 1) % 2]) + offset;
         o_ptrs[s] = (k == order - 1 && active[b] ? out : scratch[k % 2]) + offset;
     }
@@ -62,7 +62,7 @@ __global__ void copy_scalars(const int64_t *table, int64_t nblocks, const uint8_
 {
     for (int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; b < nblocks;
          b += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t *row = shampoo_row(table, b);
+        const int64_t *row = shampoo_table_row(table, b);
         if (active[b] && row[SHAMPOO_BF_ORDER] == 0 && row[SHAMPOO_BF_NUMEL] > 0)
             out[row[SHAMPOO_BF_BLOCK_OFFSET]] = grads[row[SHAMPOO_BF_BLOCK_OFFSET]];
     }

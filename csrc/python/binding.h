@@ -135,6 +135,17 @@ static inline PyObject *shampoo_call_failed(shampoo_call *call)
     return NULL;
 }
 
+/* The exported twins of an op: each fixes the float width and its own name for messages,
+ * for an `op(module, args, bits, name)` defined in the including file. */
+#define SHAMPOO_TWINS(op)                                                                    \
+    static PyObject *op##_f32(PyObject *m, PyObject *a) { return op(m, a, 32, #op "_f32"); } \
+    static PyObject *op##_f64(PyObject *m, PyObject *a) { return op(m, a, 64, #op "_f64"); }
+
+/* Their two method-table entries. */
+#define SHAMPOO_TWIN_ENTRIES(op, doc)                                                        \
+    {#op "_f32", op##_f32, METH_VARARGS, doc ", float32"},                                   \
+    {#op "_f64", op##_f64, METH_VARARGS, doc ", float64"}
+
 /* The float kernels' entry points (kernel_ops.c), added to the module at exec. */
 extern PyMethodDef shampoo_kernel_methods[];
 

@@ -385,31 +385,24 @@ static PyObject *workspace_bytes(PyObject *m, PyObject *args)
     return done(&call, st, PyLong_FromSize_t(bytes));
 }
 
-#define TWINS(op)                                                                            \
-    static PyObject *op##_f32(PyObject *m, PyObject *a) { return op(m, a, 32, #op "_f32"); } \
-    static PyObject *op##_f64(PyObject *m, PyObject *a) { return op(m, a, 64, #op "_f64"); }
-TWINS(gather)
-TWINS(scatter)
-TWINS(moments)
-TWINS(finish)
-TWINS(root_commit)
-TWINS(factor_update)
-TWINS(precondition)
-TWINS(root_inverse)
-
-#define ENTRY(op, doc)                                                                       \
-    {#op "_f32", op##_f32, METH_VARARGS, doc " (CUDA), float32"},                            \
-    {#op "_f64", op##_f64, METH_VARARGS, doc " (CUDA), float64"}
+SHAMPOO_TWINS(gather)
+SHAMPOO_TWINS(scatter)
+SHAMPOO_TWINS(moments)
+SHAMPOO_TWINS(finish)
+SHAMPOO_TWINS(root_commit)
+SHAMPOO_TWINS(factor_update)
+SHAMPOO_TWINS(precondition)
+SHAMPOO_TWINS(root_inverse)
 
 PyMethodDef shampoo_cuda_kernel_methods[] = {
-    ENTRY(gather, "gather"),
-    ENTRY(scatter, "scatter"),
-    ENTRY(moments, "moments"),
-    ENTRY(finish, "finish"),
-    ENTRY(root_commit, "inverse-root commit"),
-    ENTRY(factor_update, "factor update"),
-    ENTRY(precondition, "preconditioning"),
-    ENTRY(root_inverse, "inverse roots"),
+    SHAMPOO_TWIN_ENTRIES(gather, "gather (CUDA)"),
+    SHAMPOO_TWIN_ENTRIES(scatter, "scatter (CUDA)"),
+    SHAMPOO_TWIN_ENTRIES(moments, "moments (CUDA)"),
+    SHAMPOO_TWIN_ENTRIES(finish, "finish (CUDA)"),
+    SHAMPOO_TWIN_ENTRIES(root_commit, "inverse-root commit (CUDA)"),
+    SHAMPOO_TWIN_ENTRIES(factor_update, "factor update (CUDA)"),
+    SHAMPOO_TWIN_ENTRIES(precondition, "preconditioning (CUDA)"),
+    SHAMPOO_TWIN_ENTRIES(root_inverse, "inverse roots (CUDA)"),
     {"workspace_bytes", workspace_bytes, METH_VARARGS,
      "workspace_bytes(op, stream, device, table_host, plan_host, bits) -> int"},
     {NULL, NULL, 0, NULL}

@@ -336,64 +336,23 @@ static PyObject *root_commit(PyObject *m, PyObject *args, int bits, const char *
     return finish_call(&call, st, Py_NewRef(Py_None));
 }
 
-/* The exported twins: each fixes the float width and its own name for messages. */
-static PyObject *gather_f32(PyObject *m, PyObject *a) { return gather(m, a, 32, "gather_f32"); }
-static PyObject *gather_f64(PyObject *m, PyObject *a) { return gather(m, a, 64, "gather_f64"); }
-static PyObject *scatter_f32(PyObject *m, PyObject *a) { return scatter(m, a, 32, "scatter_f32"); }
-static PyObject *scatter_f64(PyObject *m, PyObject *a) { return scatter(m, a, 64, "scatter_f64"); }
-static PyObject *factor_update_f32(PyObject *m, PyObject *a)
-{
-    return factor_update(m, a, 32, "factor_update_f32");
-}
-static PyObject *factor_update_f64(PyObject *m, PyObject *a)
-{
-    return factor_update(m, a, 64, "factor_update_f64");
-}
-static PyObject *precondition_f32(PyObject *m, PyObject *a)
-{
-    return precondition(m, a, 32, "precondition_f32");
-}
-static PyObject *precondition_f64(PyObject *m, PyObject *a)
-{
-    return precondition(m, a, 64, "precondition_f64");
-}
-static PyObject *moments_f32(PyObject *m, PyObject *a) { return moments(m, a, 32, "moments_f32"); }
-static PyObject *moments_f64(PyObject *m, PyObject *a) { return moments(m, a, 64, "moments_f64"); }
-static PyObject *finish_f32(PyObject *m, PyObject *a) { return finish(m, a, 32, "finish_f32"); }
-static PyObject *finish_f64(PyObject *m, PyObject *a) { return finish(m, a, 64, "finish_f64"); }
-static PyObject *root_inverse_f32(PyObject *m, PyObject *a)
-{
-    return root_inverse(m, a, 32, "root_inverse_f32");
-}
-static PyObject *root_inverse_f64(PyObject *m, PyObject *a)
-{
-    return root_inverse(m, a, 64, "root_inverse_f64");
-}
-static PyObject *root_commit_f32(PyObject *m, PyObject *a)
-{
-    return root_commit(m, a, 32, "root_commit_f32");
-}
-static PyObject *root_commit_f64(PyObject *m, PyObject *a)
-{
-    return root_commit(m, a, 64, "root_commit_f64");
-}
+SHAMPOO_TWINS(gather)
+SHAMPOO_TWINS(scatter)
+SHAMPOO_TWINS(factor_update)
+SHAMPOO_TWINS(precondition)
+SHAMPOO_TWINS(moments)
+SHAMPOO_TWINS(finish)
+SHAMPOO_TWINS(root_inverse)
+SHAMPOO_TWINS(root_commit)
 
 PyMethodDef shampoo_kernel_methods[] = {
-    {"gather_f32", gather_f32, METH_VARARGS, "gather (elementwise.h), float32"},
-    {"gather_f64", gather_f64, METH_VARARGS, "gather (elementwise.h), float64"},
-    {"scatter_f32", scatter_f32, METH_VARARGS, "scatter (elementwise.h), float32"},
-    {"scatter_f64", scatter_f64, METH_VARARGS, "scatter (elementwise.h), float64"},
-    {"factor_update_f32", factor_update_f32, METH_VARARGS, "factor update, float32"},
-    {"factor_update_f64", factor_update_f64, METH_VARARGS, "factor update, float64"},
-    {"precondition_f32", precondition_f32, METH_VARARGS, "preconditioning, float32"},
-    {"precondition_f64", precondition_f64, METH_VARARGS, "preconditioning, float64"},
-    {"moments_f32", moments_f32, METH_VARARGS, "moments (elementwise.h), float32"},
-    {"moments_f64", moments_f64, METH_VARARGS, "moments (elementwise.h), float64"},
-    {"finish_f32", finish_f32, METH_VARARGS, "finish (elementwise.h), float32"},
-    {"finish_f64", finish_f64, METH_VARARGS, "finish (elementwise.h), float64"},
-    {"root_inverse_f32", root_inverse_f32, METH_VARARGS, "inverse roots, float32"},
-    {"root_inverse_f64", root_inverse_f64, METH_VARARGS, "inverse roots, float64"},
-    {"root_commit_f32", root_commit_f32, METH_VARARGS, "inverse-root commit, float32"},
-    {"root_commit_f64", root_commit_f64, METH_VARARGS, "inverse-root commit, float64"},
+    SHAMPOO_TWIN_ENTRIES(gather, "gather (elementwise.h)"),
+    SHAMPOO_TWIN_ENTRIES(scatter, "scatter (elementwise.h)"),
+    SHAMPOO_TWIN_ENTRIES(factor_update, "factor update"),
+    SHAMPOO_TWIN_ENTRIES(precondition, "preconditioning"),
+    SHAMPOO_TWIN_ENTRIES(moments, "moments (elementwise.h)"),
+    SHAMPOO_TWIN_ENTRIES(finish, "finish (elementwise.h)"),
+    SHAMPOO_TWIN_ENTRIES(root_inverse, "inverse roots"),
+    SHAMPOO_TWIN_ENTRIES(root_commit, "inverse-root commit"),
     {NULL, NULL, 0, NULL}
 };

@@ -215,7 +215,9 @@ class ShampooGroupEngine:
         self._fail_seen = (
             torch.full((2,), _backend.FAIL_NONE, dtype=torch.int64).pin_memory() if self.on_cuda else None
         )
-        self._fail_copied: Any = None  # torch.cuda.Event of the last copy into _fail_seen
+        # marks the last copy into _fail_seen (recorded each step; None before the first)
+        self._fail_copied = torch.cuda.Event() if self.on_cuda else None
+        self._fail_recorded = False
 
     # ----------------------------------------------------------------------------- set-up
     @staticmethod
@@ -375,8 +377,7 @@ class ShampooGroupEngine:
             # (all ranks at the same step), so that no rank raises while others all-gather.
             self._raise_device_failure(wait=False)
         t = int(self.step_count) + 1
-        frequency, start = group["precondition_frequency"], group["start_preconditioning_step"]
-        root_step = self.layout.factor_numel > 0 and ((t % frequency == 0 and t > start) or t == start)
+        root_step = self._is_root_step(group)
         torch._foreach_copy_(self._live_grad_views, live_grads)
         param_flat = param_blocks = None
         if weight_decay != 0.0 or (self.exchange is not None and self.exchange.communicate_params):
@@ -395,8 +396,8 @@ class ShampooGroupEngine:
             if self.exchange is not None:
                 self.exchange.agree_on_device_failure(self.fail)
             self._fail_seen.copy_(self.fail, non_blocking=True)
-            self._fail_copied = torch.cuda.Event()
             self._fail_copied.record()
+            self._fail_recorded = True
             if root_step:  # a root step waits for the device anyway: report at once
                 self._raise_device_failure(wait=True)
 
@@ -416,6 +417,7 @@ class ShampooGroupEngine:
         return StepPlan(t, root_step, bias_correction, param_blocks)
 
     def _is_root_step(self, group: dict[str, Any]) -> bool:
+        """Whether the coming step computes inverse roots (SPEC B §4.6)."""
         t = int(self.step_count) + 1
         frequency, start = group["precondition_frequency"], group["start_preconditioning_step"]
         return self.layout.factor_numel > 0 and ((t % frequency == 0 and t > start) or t == start)
@@ -426,7 +428,7 @@ class ShampooGroupEngine:
         sticky), so rolling the step count back leaves the optimizer exactly as after the
         last good step."""
         event = self._fail_copied
-        if event is None:
+        if not self._fail_recorded:
             return
         if not event.query():
             if not wait:
