@@ -54,36 +54,35 @@ int shampoo_cuda_libs_load(shampoo_cuda_libs *libs, const char *const *cublas_pa
     if (libs->cusolver_lib == NULL)
         return -1;
     void *b = libs->cublas_lib, *s = libs->cusolver_lib;
-    RESOLVE(b, "cublasCreate_v2", cublas_create, 1);
-    RESOLVE(b, "cublasDestroy_v2", cublas_destroy, 1);
-    RESOLVE(b, "cublasSetStream_v2", cublas_set_stream, 1);
-    RESOLVE(b, "cublasSetWorkspace_v2", cublas_set_workspace, 1);
-    RESOLVE(b, "cublasSetMathMode", cublas_set_math_mode, 1);
-    RESOLVE(b, "cublasSgemmBatched", sgemm_batched, 1);
-    RESOLVE(b, "cublasDgemmBatched", dgemm_batched, 1);
-    RESOLVE(b, "cublasSgemmStridedBatched", sgemm_strided, 1);
-    RESOLVE(b, "cublasDgemmStridedBatched", dgemm_strided, 1);
-    RESOLVE(s, "cusolverDnCreate", cusolver_create, 1);
-    RESOLVE(s, "cusolverDnDestroy", cusolver_destroy, 1);
-    RESOLVE(s, "cusolverDnSetStream", cusolver_set_stream, 1);
-    RESOLVE(s, "cusolverDnSsyevd_bufferSize", ssyevd_buffer, 1);
-    RESOLVE(s, "cusolverDnDsyevd_bufferSize", dsyevd_buffer, 1);
-    RESOLVE(s, "cusolverDnSsyevd", ssyevd, 1);
-    RESOLVE(s, "cusolverDnDsyevd", dsyevd, 1);
-    RESOLVE(s, "cusolverDnCreateSyevjInfo", syevj_info_create, 1);
-    RESOLVE(s, "cusolverDnDestroySyevjInfo", syevj_info_destroy, 1);
-    RESOLVE(s, "cusolverDnSsyevjBatched_bufferSize", ssyevj_batched_buffer, 1);
-    RESOLVE(s, "cusolverDnDsyevjBatched_bufferSize", dsyevj_batched_buffer, 1);
-    RESOLVE(s, "cusolverDnSsyevjBatched", ssyevj_batched, 1);
-    RESOLVE(s, "cusolverDnDsyevjBatched", dsyevj_batched, 1);
-    RESOLVE(s, "cusolverDnCreateParams", params_create, 0);
-    RESOLVE(s, "cusolverDnDestroyParams", params_destroy, 0);
-    RESOLVE(s, "cusolverDnXsyevBatched_bufferSize", xsyev_batched_buffer, 0);
-    RESOLVE(s, "cusolverDnXsyevBatched", xsyev_batched, 0);
+#define SHAMPOO_RESOLVE_(lib, symbol, field, required) RESOLVE(lib, #symbol, field, required);
+    SHAMPOO_CUDA_LIB_SYMBOLS(SHAMPOO_RESOLVE_)
+#undef SHAMPOO_RESOLVE_
     if (libs->params_create == NULL || libs->params_destroy == NULL ||
         libs->xsyev_batched_buffer == NULL || libs->xsyev_batched == NULL) {
         libs->xsyev_batched_buffer = NULL;
         libs->xsyev_batched = NULL;
     }
     return 0;
+}
+
+#define SHAMPOO_STATUS_CASE_(value, name)                                                    \
+    case value:                                                                              \
+        return #name;
+
+const char *shampoo_cublas_status_name(int status)
+{
+    switch (status) {
+        SHAMPOO_CUBLAS_STATUSES(SHAMPOO_STATUS_CASE_)
+    default:
+        return "unknown status";
+    }
+}
+
+const char *shampoo_cusolver_status_name(int status)
+{
+    switch (status) {
+        SHAMPOO_CUSOLVER_STATUSES(SHAMPOO_STATUS_CASE_)
+    default:
+        return "unknown status";
+    }
 }
