@@ -6,20 +6,37 @@
 #include <stdio.h>
 #include <string.h>
 
-static void *open_first(const char *const *paths, int n, const char *what, char *err,
-                        size_t errlen)
+/* dlopen()s the first pair whose two libraries both load: cuBLAS and cuSOLVER come from one
+ * CUDA release (libcublas.so.13 with libcusolver.so.12, ...), so they are tried as matched
+ * pairs, never picked independently. */
+static int open_pair(shampoo_cuda_libs *libs, const char *const *cublas_paths,
+                     const char *const *cusolver_paths, int n, char *err, size_t errlen)
 {
-    const char *last = "no candidate path was given";
+    const char *last = "no candidate pair was given";
+    char failed[256] = "";
     for (int i = 0; i < n; i++) {
         /* RTLD_GLOBAL: cuSOLVER resolves some cuBLAS symbols through the global scope */
-        void *lib = dlopen(paths[i], RTLD_NOW | RTLD_GLOBAL);
-        if (lib != NULL)
-            return lib;
-        last = dlerror();
+        void *blas = dlopen(cublas_paths[i], RTLD_NOW | RTLD_GLOBAL);
+        if (blas == NULL) {
+            last = dlerror();
+            snprintf(failed, sizeof failed, "%s", cublas_paths[i]);
+            continue;
+        }
+        void *solver = dlopen(cusolver_paths[i], RTLD_NOW | RTLD_GLOBAL);
+        if (solver == NULL) {
+            last = dlerror();
+            snprintf(failed, sizeof failed, "%s", cusolver_paths[i]);
+            dlclose(blas);
+            continue;
+        }
+        libs->cublas_lib = blas;
+        libs->cusolver_lib = solver;
+        return 0;
     }
-    snprintf(err, errlen, "could not load %s (tried %d candidates; last error: %s)", what, n,
-             last != NULL ? last : "unknown");
-    return NULL;
+    snprintf(err, errlen,
+             "could not load a matching cuBLAS/cuSOLVER pair (tried %d pairs; last failure: "
+             "%s: %s)", n, failed[0] ? failed : "-", last != NULL ? last : "unknown");
+    return -1;
 }
 
 /* Resolves name into *slot; a missing required symbol is an error. */
@@ -43,15 +60,11 @@ static int resolve(void *lib, const char *name, void **slot, int required, char 
     } while (0)
 
 int shampoo_cuda_libs_load(shampoo_cuda_libs *libs, const char *const *cublas_paths,
-                           int n_cublas, const char *const *cusolver_paths, int n_cusolver,
-                           char *err, size_t errlen)
+                           const char *const *cusolver_paths, int npairs, char *err,
+                           size_t errlen)
 {
     memset(libs, 0, sizeof(*libs));
-    libs->cublas_lib = open_first(cublas_paths, n_cublas, "cuBLAS", err, errlen);
-    if (libs->cublas_lib == NULL)
-        return -1;
-    libs->cusolver_lib = open_first(cusolver_paths, n_cusolver, "cuSOLVER", err, errlen);
-    if (libs->cusolver_lib == NULL)
+    if (open_pair(libs, cublas_paths, cusolver_paths, npairs, err, errlen) < 0)
         return -1;
     void *b = libs->cublas_lib, *s = libs->cusolver_lib;
 #define SHAMPOO_RESOLVE_(lib, symbol, field, required) RESOLVE(lib, #symbol, field, required);

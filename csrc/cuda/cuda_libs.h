@@ -215,11 +215,12 @@ typedef struct shampoo_cuda_libs {
     shampoo_xsyev_batched_fn xsyev_batched;
 } shampoo_cuda_libs;
 
-/* dlopen()s the first loadable path of each list and resolves every routine. Returns 0, or
- * -1 with a message naming the library or symbol in err (errlen bytes). */
+/* dlopen()s the first loadable pair (cublas_paths[i], cusolver_paths[i]), a matched set of
+ * one CUDA release, and resolves every routine. Returns 0, or -1 with a message naming the
+ * library or symbol in err (errlen bytes). */
 int shampoo_cuda_libs_load(shampoo_cuda_libs *libs, const char *const *cublas_paths,
-                           int n_cublas, const char *const *cusolver_paths, int n_cusolver,
-                           char *err, size_t errlen);
+                           const char *const *cusolver_paths, int npairs, char *err,
+                           size_t errlen);
 
 #ifdef __cplusplus
 }
