@@ -62,12 +62,6 @@ VERSION_SETS: dict[str, dict[str, str]] = {
         "nvidia-cublas": NEWEST,
         "nvidia-cusolver": NEWEST,
     },
-    "newest-cu12": {
-        "nvidia-cuda-runtime-cu12": NEWEST,
-        "nvidia-cuda-cccl-cu12": NEWEST,
-        "nvidia-cublas-cu12": NEWEST,
-        "nvidia-cusolver-cu12": NEWEST,
-    },
 }
 
 # Drifts that the check must reject: (what, regex on cuda_libs.h, replacement, text the

@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include <cublas_api.h>
+#include <cublas_v2.h> /* defines CUBLASAPI, then includes cublas_api.h */
 #include <cuda_runtime_api.h>
 #include <cusolverDn.h>
 #include <library_types.h>
