@@ -8,7 +8,8 @@ CUDA toolkit is found (nvcc on PATH, or under CUDA_HOME / CUDA_PATH); without on
 builds CPU-only. The CUDA runtime is linked statically and cuBLAS/cuSOLVER are resolved at run
 time (csrc/cuda/cuda_libs.h), so nvcc alone builds it. Environment:
   SHAMPOO_BUILD_CUDA=0            never build it; =1: fail if no toolkit is found
-  SHAMPOO_CUDA_ARCHS="80;90"      SM targets (the last also as PTX, for newer GPUs)
+  SHAMPOO_CUDA_ARCHS="75;80;90"   SM targets (the last also as PTX, for newer GPUs); sm_75
+                                  (T4 class) is the oldest CUDA 13 supports
 A toolkit that is found but fails to compile the sources fails the build.
 """
 
@@ -56,10 +57,15 @@ def find_cuda_home() -> str | None:
     return None
 
 
+DEFAULT_CUDA_ARCHS = "75;80;90"
+
+
 def gencode_flags() -> list[str]:
-    archs = [a.strip() for a in os.environ.get("SHAMPOO_CUDA_ARCHS", "80;90").split(";") if a.strip()]
+    archs = [a.strip() for a in os.environ.get("SHAMPOO_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).split(";") if a.strip()]
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    # named in the "no kernel image for this device" error (csrc/cuda/device_cuda.cu)
+    flags.append(f'-DSHAMPOO_CUDA_ARCHS="{";".join(archs)}"')
     return flags
 
 

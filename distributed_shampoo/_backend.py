@@ -220,6 +220,47 @@ def _library_candidates(stem: str) -> list[str]:
     return found
 
 
+# The cuSOLVER soname major of each cuBLAS soname major's CUDA release (CUDA 13 ships
+# libcublas.so.13 with libcusolver.so.12, CUDA 12 .so.12 with .so.11, CUDA 11 .so.11 with .so.11).
+_MATCHED_CUSOLVER_MAJOR = {"13": "12", "12": "11", "11": "11"}
+
+
+def _soname_major(path: str, stem: str) -> str:
+    """The major version in a library file name (libcublas.so.13.1.0 -> "13"; "" if none)."""
+    rest = os.path.basename(path)[len(stem) + len(".so"):]
+    return rest.split(".")[1] if rest.startswith(".") and len(rest.split(".")) > 1 else ""
+
+
+def _library_pairs(cublas: list[str], cusolver: list[str]) -> list[tuple[str, str]]:
+    """(cuBLAS, cuSOLVER) pairs of one CUDA release, best first: for each cuBLAS candidate in
+    order, the cuSOLVER candidates of the matching major, those in the same folder (one
+    toolkit or wheel) or the same NVIDIA package root first. A cuBLAS without a version pairs
+    only with an unversioned cuSOLVER. Never pairs across releases."""
+    pairs: list[tuple[str, str]] = []
+    for blas in cublas:
+        want = _MATCHED_CUSOLVER_MAJOR.get(_soname_major(blas, "libcublas"), None)
+        if _soname_major(blas, "libcublas") == "":
+            want = ""
+        if want is None:
+            continue
+        matches = [s for s in cusolver if _soname_major(s, "libcusolver") == want]
+        blas_dir = os.path.dirname(blas)
+        blas_root = os.path.dirname(os.path.dirname(blas_dir))
+
+        def rank(path: str, blas_dir: str = blas_dir, blas_root: str = blas_root) -> int:
+            folder = os.path.dirname(path)
+            if folder == blas_dir:
+                return 0
+            if blas_dir and os.path.dirname(os.path.dirname(folder)) == blas_root:
+                return 1
+            return 2 if not folder and not blas_dir else 3
+
+        for solver in sorted(matches, key=rank):
+            if (blas, solver) not in pairs:
+                pairs.append((blas, solver))
+    return pairs
+
+
 _cuda_ready = False
 
 
@@ -227,7 +268,8 @@ def _ensure_cuda_libraries() -> None:
     """Loads cuBLAS and cuSOLVER into _C_cuda on first CUDA use (ImportError if absent)."""
     global _cuda_ready
     if not _cuda_ready:
-        _C_cuda.load_libraries(_library_candidates("libcublas"), _library_candidates("libcusolver"))
+        pairs = _library_pairs(_library_candidates("libcublas"), _library_candidates("libcusolver"))
+        _C_cuda.load_libraries([b for b, _ in pairs], [s for _, s in pairs])
         _cuda_ready = True
 
 

@@ -21,11 +21,40 @@ static inline cudaStream_t shampoo_stream(const shampoo_cuda_env *env)
     return (cudaStream_t)env->stream;
 }
 
-/* The status of the launches just enqueued. */
-static inline shampoo_status shampoo_cuda_launched(void)
+/* Batches above this many matrices are split into several cuBLAS/cuSOLVER calls: NVIDIA's
+ * batched routines are documented for int batch counts, but counts beyond the grid-y limit
+ * have not been run on a GPU here, so no call relies on them. */
+#define SHAMPOO_CUDA_MAX_BATCH 65535
+
+/* A failed CUDA runtime, cuBLAS or cuSOLVER call (status codes: 0 is success in all three)
+ * is recorded with its name, code and place (shampoo_cuda_failure) and becomes
+ * SHAMPOO_ERR_CUDA. */
+static inline shampoo_status shampoo_cuda_check(shampoo_cuda_lib lib, const char *call,
+                                                int code, const char *file, int line)
 {
-    return cudaGetLastError() == cudaSuccess ? SHAMPOO_OK : SHAMPOO_ERR_CUDA;
+    if (code == 0)
+        return SHAMPOO_OK;
+    shampoo_cuda_record_failure(lib, call, code, file, line);
+    return SHAMPOO_ERR_CUDA;
 }
+
+#define SHAMPOO_CUDA_CHECK(fn, ...)                                                          \
+    shampoo_cuda_check(SHAMPOO_LIB_CUDA, #fn, (int)fn(__VA_ARGS__), __FILE__, __LINE__)
+#define SHAMPOO_BLAS_CHECK(name, expr)                                                       \
+    shampoo_cuda_check(SHAMPOO_LIB_CUBLAS, (name), (expr), __FILE__, __LINE__)
+#define SHAMPOO_SOLVER_CHECK(name, expr)                                                     \
+    shampoo_cuda_check(SHAMPOO_LIB_CUSOLVER, (name), (expr), __FILE__, __LINE__)
+/* After a launch: cudaGetLastError both reads and clears a launch error, so the error is
+ * reported here, with the kernel's name, and not by torch's next launch check. */
+#define SHAMPOO_LAUNCHED(kernel)                                                             \
+    shampoo_cuda_check(SHAMPOO_LIB_CUDA, "launch of " kernel, (int)cudaGetLastError(),       \
+                       __FILE__, __LINE__)
+#define SHAMPOO_TRY(expr)                                                                    \
+    do {                                                                                     \
+        const shampoo_status try_st_ = (expr);                                               \
+        if (try_st_ != SHAMPOO_OK)                                                           \
+            return try_st_;                                                                  \
+    } while (0)
 
 /* Total factor elements of a table row (sum of d_k^2). */
 SHAMPOO_HOST_DEVICE static inline int64_t shampoo_row_factor_numel(const int64_t *row)
@@ -123,55 +152,83 @@ static inline shampoo_status shampoo_blas_bind(const shampoo_cuda_env *env)
     const shampoo_cuda_libs *libs = env->libs;
     if (libs == NULL || env->blas == NULL)
         return SHAMPOO_ERR_INVALID_ARG;
-    if (libs->cublas_set_stream(env->blas, env->stream) != 0)
-        return SHAMPOO_ERR_CUDA;
-    if (env->blas_workspace != NULL &&
-        libs->cublas_set_workspace(env->blas, env->blas_workspace,
-                                   env->blas_workspace_bytes) != 0)
-        return SHAMPOO_ERR_CUDA;
+    SHAMPOO_TRY(SHAMPOO_BLAS_CHECK("cublasSetStream", libs->cublas_set_stream(env->blas,
+                                                                              env->stream)));
+    if (env->blas_workspace != NULL)
+        SHAMPOO_TRY(SHAMPOO_BLAS_CHECK(
+            "cublasSetWorkspace",
+            libs->cublas_set_workspace(env->blas, env->blas_workspace,
+                                       env->blas_workspace_bytes)));
     return SHAMPOO_OK;
 }
 
-/* One batched GEMM C_i = op(A_i) op(B_i) (alpha 1, beta 0) through the loaded cuBLAS. */
-static inline int shampoo_gemm_batched(const shampoo_cuda_libs *libs, void *handle, int ta,
-                                       int tb, int m, int n, int k, const float *const *a,
-                                       int lda, const float *const *b, int ldb, float *const *c,
-                                       int ldc, int batch)
+/* One batched GEMM C_i = op(A_i) op(B_i) (alpha 1, beta 0) through the loaded cuBLAS, in
+ * chunks of at most SHAMPOO_CUDA_MAX_BATCH matrices. */
+static inline shampoo_status shampoo_gemm_batched(const shampoo_cuda_libs *libs, void *handle,
+                                                  int ta, int tb, int m, int n, int k,
+                                                  const float *const *a, int lda,
+                                                  const float *const *b, int ldb,
+                                                  float *const *c, int ldc, int batch)
 {
     const float one = 1.0f, zero = 0.0f;
-    return libs->sgemm_batched(handle, ta, tb, m, n, k, &one, a, lda, b, ldb, &zero, c, ldc,
-                               batch);
+    for (int at = 0; at < batch; at += SHAMPOO_CUDA_MAX_BATCH) {
+        const int count = batch - at < SHAMPOO_CUDA_MAX_BATCH ? batch - at : SHAMPOO_CUDA_MAX_BATCH;
+        SHAMPOO_TRY(SHAMPOO_BLAS_CHECK(
+            "cublasSgemmBatched", libs->sgemm_batched(handle, ta, tb, m, n, k, &one, a + at, lda,
+                                                      b + at, ldb, &zero, c + at, ldc, count)));
+    }
+    return SHAMPOO_OK;
 }
 
-static inline int shampoo_gemm_batched(const shampoo_cuda_libs *libs, void *handle, int ta,
-                                       int tb, int m, int n, int k, const double *const *a,
-                                       int lda, const double *const *b, int ldb,
-                                       double *const *c, int ldc, int batch)
+static inline shampoo_status shampoo_gemm_batched(const shampoo_cuda_libs *libs, void *handle,
+                                                  int ta, int tb, int m, int n, int k,
+                                                  const double *const *a, int lda,
+                                                  const double *const *b, int ldb,
+                                                  double *const *c, int ldc, int batch)
 {
     const double one = 1.0, zero = 0.0;
-    return libs->dgemm_batched(handle, ta, tb, m, n, k, &one, a, lda, b, ldb, &zero, c, ldc,
-                               batch);
+    for (int at = 0; at < batch; at += SHAMPOO_CUDA_MAX_BATCH) {
+        const int count = batch - at < SHAMPOO_CUDA_MAX_BATCH ? batch - at : SHAMPOO_CUDA_MAX_BATCH;
+        SHAMPOO_TRY(SHAMPOO_BLAS_CHECK(
+            "cublasDgemmBatched", libs->dgemm_batched(handle, ta, tb, m, n, k, &one, a + at, lda,
+                                                      b + at, ldb, &zero, c + at, ldc, count)));
+    }
+    return SHAMPOO_OK;
 }
 
-/* Strided batched GEMM over contiguous n x n matrices (alpha 1, beta 0). */
-static inline int shampoo_gemm_strided(const shampoo_cuda_libs *libs, void *handle, int ta,
-                                       int tb, int n, const float *a, const float *b, float *c,
-                                       int batch)
+/* Strided batched GEMM over contiguous n x n matrices (alpha 1, beta 0), chunked as above. */
+static inline shampoo_status shampoo_gemm_strided(const shampoo_cuda_libs *libs, void *handle,
+                                                  int ta, int tb, int n, const float *a,
+                                                  const float *b, float *c, int batch)
 {
     const float one = 1.0f, zero = 0.0f;
     const long long nn = (long long)n * n;
-    return libs->sgemm_strided(handle, ta, tb, n, n, n, &one, a, n, nn, b, n, nn, &zero, c, n,
-                               nn, batch);
+    for (int at = 0; at < batch; at += SHAMPOO_CUDA_MAX_BATCH) {
+        const int count = batch - at < SHAMPOO_CUDA_MAX_BATCH ? batch - at : SHAMPOO_CUDA_MAX_BATCH;
+        const long long off = (long long)at * nn;
+        SHAMPOO_TRY(SHAMPOO_BLAS_CHECK(
+            "cublasSgemmStridedBatched",
+            libs->sgemm_strided(handle, ta, tb, n, n, n, &one, a + off, n, nn, b + off, n, nn,
+                                &zero, c + off, n, nn, count)));
+    }
+    return SHAMPOO_OK;
 }
 
-static inline int shampoo_gemm_strided(const shampoo_cuda_libs *libs, void *handle, int ta,
-                                       int tb, int n, const double *a, const double *b,
-                                       double *c, int batch)
+static inline shampoo_status shampoo_gemm_strided(const shampoo_cuda_libs *libs, void *handle,
+                                                  int ta, int tb, int n, const double *a,
+                                                  const double *b, double *c, int batch)
 {
     const double one = 1.0, zero = 0.0;
     const long long nn = (long long)n * n;
-    return libs->dgemm_strided(handle, ta, tb, n, n, n, &one, a, n, nn, b, n, nn, &zero, c, n,
-                               nn, batch);
+    for (int at = 0; at < batch; at += SHAMPOO_CUDA_MAX_BATCH) {
+        const int count = batch - at < SHAMPOO_CUDA_MAX_BATCH ? batch - at : SHAMPOO_CUDA_MAX_BATCH;
+        const long long off = (long long)at * nn;
+        SHAMPOO_TRY(SHAMPOO_BLAS_CHECK(
+            "cublasDgemmStridedBatched",
+            libs->dgemm_strided(handle, ta, tb, n, n, n, &one, a + off, n, nn, b + off, n, nn,
+                                &zero, c + off, n, nn, count)));
+    }
+    return SHAMPOO_OK;
 }
 
 #endif

@@ -16,18 +16,54 @@
 extern "C" {
 #endif
 
-/* Documented enum values (cublas_api.h, cusolver_common.h, library_types.h). */
-enum {
-    SHAMPOO_CUBLAS_OP_N = 0,
-    SHAMPOO_CUBLAS_OP_T = 1,
-    SHAMPOO_CUBLAS_FILL_LOWER = 0,
-    SHAMPOO_CUBLAS_FILL_UPPER = 1,
-    SHAMPOO_CUBLAS_DEFAULT_MATH = 0,
-    SHAMPOO_CUBLAS_PEDANTIC_MATH = 2,
-    SHAMPOO_CUSOLVER_EIG_MODE_VECTOR = 1,
-    SHAMPOO_CUDA_R_32F = 0,
-    SHAMPOO_CUDA_R_64F = 1
-};
+/* Documented enum values (cublas_api.h, cusolver_common.h, library_types.h), as
+ * X(our name, NVIDIA's name, value): tools/check_cuda_headers.py proves each equal to the
+ * real one. */
+#define SHAMPOO_CUDA_LIB_CONSTANTS(X)                                                      \
+    X(SHAMPOO_CUBLAS_OP_N, CUBLAS_OP_N, 0)                                                 \
+    X(SHAMPOO_CUBLAS_OP_T, CUBLAS_OP_T, 1)                                                 \
+    X(SHAMPOO_CUBLAS_FILL_LOWER, CUBLAS_FILL_MODE_LOWER, 0)                                \
+    X(SHAMPOO_CUBLAS_FILL_UPPER, CUBLAS_FILL_MODE_UPPER, 1)                                \
+    X(SHAMPOO_CUBLAS_DEFAULT_MATH, CUBLAS_DEFAULT_MATH, 0)                                 \
+    X(SHAMPOO_CUBLAS_PEDANTIC_MATH, CUBLAS_PEDANTIC_MATH, 2)                               \
+    X(SHAMPOO_CUSOLVER_EIG_MODE_VECTOR, CUSOLVER_EIG_MODE_VECTOR, 1)                       \
+    X(SHAMPOO_CUDA_R_32F, CUDA_R_32F, 0)                                                   \
+    X(SHAMPOO_CUDA_R_64F, CUDA_R_64F, 1)                                                   \
+    X(SHAMPOO_CUBLAS_STATUS_SUCCESS, CUBLAS_STATUS_SUCCESS, 0)                             \
+    X(SHAMPOO_CUSOLVER_STATUS_SUCCESS, CUSOLVER_STATUS_SUCCESS, 0)
+
+#define SHAMPOO_CUDA_LIB_ENUM_(ours, real, value) ours = value,
+enum { SHAMPOO_CUDA_LIB_CONSTANTS(SHAMPOO_CUDA_LIB_ENUM_) SHAMPOO_CUDA_LIB_CONSTANTS_END_ };
+#undef SHAMPOO_CUDA_LIB_ENUM_
+
+/* Status codes named in error messages, as X(value, NVIDIA's name); checked like the
+ * constants above. */
+#define SHAMPOO_CUBLAS_STATUSES(X)                                                         \
+    X(0, CUBLAS_STATUS_SUCCESS)                                                            \
+    X(1, CUBLAS_STATUS_NOT_INITIALIZED)                                                    \
+    X(3, CUBLAS_STATUS_ALLOC_FAILED)                                                       \
+    X(7, CUBLAS_STATUS_INVALID_VALUE)                                                      \
+    X(8, CUBLAS_STATUS_ARCH_MISMATCH)                                                      \
+    X(11, CUBLAS_STATUS_MAPPING_ERROR)                                                     \
+    X(13, CUBLAS_STATUS_EXECUTION_FAILED)                                                  \
+    X(14, CUBLAS_STATUS_INTERNAL_ERROR)                                                    \
+    X(15, CUBLAS_STATUS_NOT_SUPPORTED)                                                     \
+    X(16, CUBLAS_STATUS_LICENSE_ERROR)
+#define SHAMPOO_CUSOLVER_STATUSES(X)                                                       \
+    X(0, CUSOLVER_STATUS_SUCCESS)                                                          \
+    X(1, CUSOLVER_STATUS_NOT_INITIALIZED)                                                  \
+    X(2, CUSOLVER_STATUS_ALLOC_FAILED)                                                     \
+    X(3, CUSOLVER_STATUS_INVALID_VALUE)                                                    \
+    X(4, CUSOLVER_STATUS_ARCH_MISMATCH)                                                    \
+    X(5, CUSOLVER_STATUS_MAPPING_ERROR)                                                    \
+    X(6, CUSOLVER_STATUS_EXECUTION_FAILED)                                                 \
+    X(7, CUSOLVER_STATUS_INTERNAL_ERROR)                                                   \
+    X(8, CUSOLVER_STATUS_MATRIX_TYPE_NOT_SUPPORTED)                                        \
+    X(9, CUSOLVER_STATUS_NOT_SUPPORTED)
+
+/* NVIDIA's name of a cuBLAS / cuSOLVER status ("unknown status" for others). */
+const char *shampoo_cublas_status_name(int status);
+const char *shampoo_cusolver_status_name(int status);
 
 typedef void *shampoo_cublas_handle;    /* cublasHandle_t */
 typedef void *shampoo_cusolver_handle;  /* cusolverDnHandle_t */
@@ -116,6 +152,37 @@ typedef int (*shampoo_xsyev_batched_fn)(shampoo_cusolver_handle handle,
                                         size_t device_bytes, void *host_buffer,
                                         size_t host_bytes, int *info, int64_t batch);
 
+/* Every routine resolved, as X(library: b cuBLAS / s cuSOLVER, exported symbol, field of
+ * shampoo_cuda_libs, required). cuda_libs.c resolves from this list and
+ * tools/check_cuda_headers.py proves each field's type equal to the symbol's real prototype. */
+#define SHAMPOO_CUDA_LIB_SYMBOLS(X)                                                        \
+    X(b, cublasCreate_v2, cublas_create, 1)                                                \
+    X(b, cublasDestroy_v2, cublas_destroy, 1)                                              \
+    X(b, cublasSetStream_v2, cublas_set_stream, 1)                                         \
+    X(b, cublasSetWorkspace_v2, cublas_set_workspace, 1)                                   \
+    X(b, cublasSetMathMode, cublas_set_math_mode, 1)                                       \
+    X(b, cublasSgemmBatched, sgemm_batched, 1)                                             \
+    X(b, cublasDgemmBatched, dgemm_batched, 1)                                             \
+    X(b, cublasSgemmStridedBatched, sgemm_strided, 1)                                      \
+    X(b, cublasDgemmStridedBatched, dgemm_strided, 1)                                      \
+    X(s, cusolverDnCreate, cusolver_create, 1)                                             \
+    X(s, cusolverDnDestroy, cusolver_destroy, 1)                                           \
+    X(s, cusolverDnSetStream, cusolver_set_stream, 1)                                      \
+    X(s, cusolverDnSsyevd_bufferSize, ssyevd_buffer, 1)                                    \
+    X(s, cusolverDnDsyevd_bufferSize, dsyevd_buffer, 1)                                    \
+    X(s, cusolverDnSsyevd, ssyevd, 1)                                                      \
+    X(s, cusolverDnDsyevd, dsyevd, 1)                                                      \
+    X(s, cusolverDnCreateSyevjInfo, syevj_info_create, 1)                                  \
+    X(s, cusolverDnDestroySyevjInfo, syevj_info_destroy, 1)                                \
+    X(s, cusolverDnSsyevjBatched_bufferSize, ssyevj_batched_buffer, 1)                     \
+    X(s, cusolverDnDsyevjBatched_bufferSize, dsyevj_batched_buffer, 1)                     \
+    X(s, cusolverDnSsyevjBatched, ssyevj_batched, 1)                                       \
+    X(s, cusolverDnDsyevjBatched, dsyevj_batched, 1)                                       \
+    X(s, cusolverDnCreateParams, params_create, 0)                                         \
+    X(s, cusolverDnDestroyParams, params_destroy, 0)                                       \
+    X(s, cusolverDnXsyevBatched_bufferSize, xsyev_batched_buffer, 0)                       \
+    X(s, cusolverDnXsyevBatched, xsyev_batched, 0)
+
 typedef struct shampoo_cuda_libs {
     void *cublas_lib;                   /* dlopen handles */
     void *cusolver_lib;
@@ -148,11 +215,12 @@ typedef struct shampoo_cuda_libs {
     shampoo_xsyev_batched_fn xsyev_batched;
 } shampoo_cuda_libs;
 
-/* dlopen()s the first loadable path of each list and resolves every routine. Returns 0, or
- * -1 with a message naming the library or symbol in err (errlen bytes). */
+/* dlopen()s the first loadable pair (cublas_paths[i], cusolver_paths[i]), a matched set of
+ * one CUDA release, and resolves every routine. Returns 0, or -1 with a message naming the
+ * library or symbol in err (errlen bytes). */
 int shampoo_cuda_libs_load(shampoo_cuda_libs *libs, const char *const *cublas_paths,
-                           int n_cublas, const char *const *cusolver_paths, int n_cusolver,
-                           char *err, size_t errlen);
+                           const char *const *cusolver_paths, int npairs, char *err,
+                           size_t errlen);
 
 #ifdef __cplusplus
 }

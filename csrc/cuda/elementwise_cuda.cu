@@ -112,7 +112,7 @@ static shampoo_status gather(const shampoo_cuda_env *env, real *grad_blocks, rea
                           shampoo_stream(env)>>>(
         grad_blocks, param_blocks, grad_flat, param_flat, table, active,
         l2_weight_decay != 0.0, (real)l2_weight_decay, step, fail);
-    return shampoo_cuda_launched();
+    return SHAMPOO_LAUNCHED("gather_kernel");
 }
 
 /* ---- scatter --------------------------------------------------------------------------- */
@@ -144,7 +144,7 @@ static shampoo_status scatter(const shampoo_cuda_env *env, real *flat, const rea
         return SHAMPOO_ERR_UNSUPPORTED;
     scatter_kernel<real><<<block_grid(table_host, nblocks), SHAMPOO_CUDA_THREADS, 0,
                            shampoo_stream(env)>>>(flat, blocks, table, active);
-    return shampoo_cuda_launched();
+    return SHAMPOO_LAUNCHED("scatter_kernel");
 }
 
 /* ---- moments --------------------------------------------------------------------------- */
@@ -217,7 +217,7 @@ static shampoo_status moments(const shampoo_cuda_env *env, real *grads, real *gr
                            shampoo_stream(env)>>>(
         grads, p->update_grafting_state ? grafting_state : nullptr, filtered_grad, table,
         active, s, fail);
-    return shampoo_cuda_launched();
+    return SHAMPOO_LAUNCHED("moments_kernel");
 }
 
 /* ---- finish ---------------------------------------------------------------------------- */
@@ -353,13 +353,16 @@ static shampoo_status finish(const shampoo_cuda_env *env, real *update_flat, con
     s.neg_lr = (real)-p->lr;
     double *ratio = rescale ? (double *)env->workspace : nullptr;
     const cudaStream_t stream = shampoo_stream(env);
-    if (rescale)
+    if (rescale) {
         finish_norms_kernel<real><<<(unsigned)nblocks, SHAMPOO_CUDA_THREADS, 0, stream>>>(
             ratio, grads, shampoo_dir, V, table, active, s.bcg, s.eps, fail);
+        /* finish must not run on norms that were never computed */
+        SHAMPOO_TRY(SHAMPOO_LAUNCHED("finish_norms_kernel"));
+    }
     finish_kernel<real><<<block_grid(table_host, nblocks), SHAMPOO_CUDA_THREADS, 0, stream>>>(
         update_flat, grads, shampoo_dir, V, param_blocks, momentum_state, ratio, table, active,
         s, fail);
-    return shampoo_cuda_launched();
+    return SHAMPOO_LAUNCHED("finish_kernel");
 }
 
 /* ---- root commit ----------------------------------------------------------------------- */
@@ -404,7 +407,7 @@ static shampoo_status root_commit(const shampoo_cuda_env *env, real *dst, real *
     const dim3 grid((unsigned)nblocks, shampoo_chunks_for(table_host, nblocks, true));
     root_commit_kernel<real><<<grid, SHAMPOO_CUDA_THREADS, 0,
                                shampoo_stream(env)>>>(dst, src, table, commit);
-    return shampoo_cuda_launched();
+    return SHAMPOO_LAUNCHED("root_commit_kernel");
 }
 
 /* ---- C entry points -------------------------------------------------------------------- */

@@ -127,7 +127,8 @@ shampoo_status factor_update(const shampoo_cuda_env *env, real *factors_out,
     if (nblocks == 0)
         return SHAMPOO_OK;
     const gram_workspace w = gram_workspace_of(table_host, nblocks, plan_host, sizeof(real));
-    if (env->workspace == NULL || env->workspace_bytes < w.total)
+    /* a zero-byte workspace (nothing to stage) is valid and arrives as NULL */
+    if (w.total > 0 && (env->workspace == NULL || env->workspace_bytes < w.total))
         return SHAMPOO_ERR_INVALID_ARG;
     if (!shampoo_plan_fits_blas(plan_host))
         return SHAMPOO_ERR_UNSUPPORTED; /* cuBLAS takes int sizes: found before any launch */
@@ -145,14 +146,18 @@ shampoo_status factor_update(const shampoo_cuda_env *env, real *factors_out,
         const unsigned grid = (unsigned)((slots + SHAMPOO_CUDA_THREADS - 1) / SHAMPOO_CUDA_THREADS);
         gram_pointers<real><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(plan, table, grads, unfold,
                                                                        gram, a_ptrs, c_ptrs);
+        /* cuBLAS reads these pointer arrays next: never hand it stale ones */
+        SHAMPOO_TRY(SHAMPOO_LAUNCHED("gram_pointers"));
         const dim3 blocks_grid((unsigned)nblocks, shampoo_chunks_for(table_host, nblocks));
         for (int64_t k = 0; k < SHAMPOO_MAX_ORDER; k++) {
             bool has_middle = false;
             for (int64_t g = 0; g < plan_host[0]; g++)
                 has_middle |= k > 0 && k < shampoo_plan_group(plan_host, g)[SHAMPOO_PG_ORDER] - 1;
-            if (has_middle)
+            if (has_middle) {
                 unfold_middle<real><<<blocks_grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(
                     table, grads, unfold, k);
+                SHAMPOO_TRY(SHAMPOO_LAUNCHED("unfold_middle"));
+            }
             for (int64_t g = 0; g < plan_host[0]; g++) {
                 const int64_t *grp = shampoo_plan_group(plan_host, g);
                 const int64_t order = grp[SHAMPOO_PG_ORDER];
@@ -162,20 +167,18 @@ shampoo_status factor_update(const shampoo_cuda_env *env, real *factors_out,
                 const int rest = (int)(grp[SHAMPOO_PG_NUMEL] / n);
                 const int64_t s = k * w.nitems + grp[SHAMPOO_PG_FIRST];
                 const int count = (int)grp[SHAMPOO_PG_COUNT];
-                int rc;
                 if (k == order - 1 && order > 1) {
                     /* G is rest x n row-major: the column-major n x rest A, C = A A^T */
-                    rc = shampoo_gemm_batched(env->libs, env->blas, SHAMPOO_CUBLAS_OP_N,
-                                              SHAMPOO_CUBLAS_OP_T, n, n, rest, a_ptrs + s, n,
-                                              a_ptrs + s, n, c_ptrs + s, n, count);
+                    SHAMPOO_TRY(shampoo_gemm_batched(env->libs, env->blas, SHAMPOO_CUBLAS_OP_N,
+                                                     SHAMPOO_CUBLAS_OP_T, n, n, rest, a_ptrs + s,
+                                                     n, a_ptrs + s, n, c_ptrs + s, n, count));
                 } else {
                     /* U is n x rest row-major: the column-major rest x n A, C = A^T A */
-                    rc = shampoo_gemm_batched(env->libs, env->blas, SHAMPOO_CUBLAS_OP_T,
-                                              SHAMPOO_CUBLAS_OP_N, n, n, rest, a_ptrs + s, rest,
-                                              a_ptrs + s, rest, c_ptrs + s, n, count);
+                    SHAMPOO_TRY(shampoo_gemm_batched(env->libs, env->blas, SHAMPOO_CUBLAS_OP_T,
+                                                     SHAMPOO_CUBLAS_OP_N, n, n, rest, a_ptrs + s,
+                                                     rest, a_ptrs + s, rest, c_ptrs + s, n,
+                                                     count));
                 }
-                if (rc != 0)
-                    return SHAMPOO_ERR_CUDA;
             }
         }
     }
@@ -183,7 +186,7 @@ shampoo_status factor_update(const shampoo_cuda_env *env, real *factors_out,
     accumulate<real><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(
         table, active, gram, factors_in, factors_out, beta2 == 1.0, (real)beta2,
         (real)(1.0 - beta2), fail);
-    return shampoo_cuda_launched();
+    return SHAMPOO_LAUNCHED("accumulate");
 }
 
 } // namespace

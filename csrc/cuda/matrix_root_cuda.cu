@@ -19,10 +19,6 @@
 namespace {
 
 enum { FLAG_NAN = 1, FLAG_INF = 2, FLAG_OFFDIAG = 4, FLAG_NONFINITE_ROOT = 8 };
-/* Largest size served by syevjBatched (cuSOLVER's limit). */
-constexpr int SYEVJ_MAX_N = 32;
-/* Elements per staging buffer: larger groups of one size are solved in several batches. */
-constexpr int64_t STAGING_CAP = (int64_t)1 << 25;
 /* The largest n with n * n <= INT_MAX (cuSOLVER's legacy API takes int sizes). */
 constexpr int64_t DIM_LIMIT = 46340;
 
@@ -136,158 +132,41 @@ __global__ void unpack(const int64_t *job_offset, const int64_t *job_factor, int
     }
 }
 
-/* ------------------------------------------------------------------ cuSOLVER by type */
+} // namespace
 
-int syevd_buffer(const shampoo_cuda_libs *l, void *h, int n, const float *a, const float *w,
-                 int *lwork)
-{
-    return l->ssyevd_buffer(h, SHAMPOO_CUSOLVER_EIG_MODE_VECTOR, SHAMPOO_CUBLAS_FILL_UPPER, n,
-                            a, n, w, lwork);
-}
-int syevd_buffer(const shampoo_cuda_libs *l, void *h, int n, const double *a, const double *w,
-                 int *lwork)
-{
-    return l->dsyevd_buffer(h, SHAMPOO_CUSOLVER_EIG_MODE_VECTOR, SHAMPOO_CUBLAS_FILL_UPPER, n,
-                            a, n, w, lwork);
-}
-int syevd(const shampoo_cuda_libs *l, void *h, int n, float *a, float *w, float *work,
-          int lwork, int *info)
-{
-    return l->ssyevd(h, SHAMPOO_CUSOLVER_EIG_MODE_VECTOR, SHAMPOO_CUBLAS_FILL_UPPER, n, a, n, w,
-                     work, lwork, info);
-}
-int syevd(const shampoo_cuda_libs *l, void *h, int n, double *a, double *w, double *work,
-          int lwork, int *info)
-{
-    return l->dsyevd(h, SHAMPOO_CUSOLVER_EIG_MODE_VECTOR, SHAMPOO_CUBLAS_FILL_UPPER, n, a, n, w,
-                     work, lwork, info);
-}
-int syevj_buffer(const shampoo_cuda_libs *l, void *h, int n, const float *a, const float *w,
-                 int *lwork, void *params, int batch)
-{
-    return l->ssyevj_batched_buffer(h, SHAMPOO_CUSOLVER_EIG_MODE_VECTOR,
-                                    SHAMPOO_CUBLAS_FILL_UPPER, n, a, n, w, lwork, params, batch);
-}
-int syevj_buffer(const shampoo_cuda_libs *l, void *h, int n, const double *a, const double *w,
-                 int *lwork, void *params, int batch)
-{
-    return l->dsyevj_batched_buffer(h, SHAMPOO_CUSOLVER_EIG_MODE_VECTOR,
-                                    SHAMPOO_CUBLAS_FILL_UPPER, n, a, n, w, lwork, params, batch);
-}
-int syevj(const shampoo_cuda_libs *l, void *h, int n, float *a, float *w, float *work,
-          int lwork, int *info, void *params, int batch)
-{
-    return l->ssyevj_batched(h, SHAMPOO_CUSOLVER_EIG_MODE_VECTOR, SHAMPOO_CUBLAS_FILL_UPPER, n,
-                             a, n, w, work, lwork, info, params, batch);
-}
-int syevj(const shampoo_cuda_libs *l, void *h, int n, double *a, double *w, double *work,
-          int lwork, int *info, void *params, int batch)
-{
-    return l->dsyevj_batched(h, SHAMPOO_CUSOLVER_EIG_MODE_VECTOR, SHAMPOO_CUBLAS_FILL_UPPER, n,
-                             a, n, w, work, lwork, info, params, batch);
-}
-template <typename real> constexpr int cuda_type() { return sizeof(real) == 8 ? SHAMPOO_CUDA_R_64F : SHAMPOO_CUDA_R_32F; }
+#include "eigensolver_cuda.cuh"
 
-/* Which eigensolver serves a batch of n x n matrices. */
-enum solver_kind { SOLVER_SYEVJ, SOLVER_XSYEV, SOLVER_SYEVD };
+namespace {
 
-solver_kind solver_for(const shampoo_cuda_libs *libs, int64_t n, bool force_syevd)
-{
-    if (force_syevd)
-        return SOLVER_SYEVD;
-    if (n <= SYEVJ_MAX_N)
-        return SOLVER_SYEVJ;
-    return libs->xsyev_batched != NULL ? SOLVER_XSYEV : SOLVER_SYEVD;
-}
-
-/* A device pointer stand-in for the buffer-size queries, which only look at sizes. */
-template <typename real> real *size_query_pointer()
-{
-    return (real *)(uintptr_t)256;
-}
-
-/* Device bytes the solver needs for `batch` n x n matrices (host bytes for XsyevBatched in
- * *host_bytes). Returns nonzero on a library error. */
-template <typename real>
-int solver_bytes(const shampoo_cuda_env *env, solver_kind kind, int n, int batch,
-                 void *syevj_params, size_t *device_bytes, size_t *host_bytes)
-{
-    const shampoo_cuda_libs *libs = env->libs;
-    real *a = size_query_pointer<real>();
-    *host_bytes = 0;
-    int lwork = 0, rc = 0;
-    if (kind == SOLVER_SYEVJ) {
-        rc = syevj_buffer(libs, env->solver, n, a, a, &lwork, syevj_params, batch);
-        *device_bytes = (size_t)lwork * sizeof(real);
-    } else if (kind == SOLVER_SYEVD) {
-        rc = syevd_buffer(libs, env->solver, n, a, a, &lwork);
-        *device_bytes = (size_t)lwork * sizeof(real);
-    } else {
-        shampoo_cusolver_params params = NULL;
-        rc = libs->params_create(&params);
-        if (rc == 0)
-            rc = libs->xsyev_batched_buffer(env->solver, params, SHAMPOO_CUSOLVER_EIG_MODE_VECTOR,
-                                            SHAMPOO_CUBLAS_FILL_UPPER, n, cuda_type<real>(), a, n,
-                                            cuda_type<real>(), a, cuda_type<real>(),
-                                            device_bytes, host_bytes, batch);
-        if (params != NULL)
-            libs->params_destroy(params);
-    }
-    return rc;
-}
-
-/* Eigendecomposition of `batch` contiguous n x n matrices in a (eigenvectors replace them),
- * eigenvalues ascending into w, one info per matrix. */
-template <typename real>
-shampoo_status solve(const shampoo_cuda_env *env, solver_kind kind, int n, int batch, real *a,
-                     real *w, int *info, void *work, size_t work_bytes, void *syevj_params)
-{
-    const shampoo_cuda_libs *libs = env->libs;
-    size_t need = 0, host_need = 0;
-    if (solver_bytes<real>(env, kind, n, batch, syevj_params, &need, &host_need) != 0)
-        return SHAMPOO_ERR_CUDA;
-    if (need > work_bytes)
-        return SHAMPOO_ERR_INVALID_ARG;
-    const int lwork = (int)(work_bytes / sizeof(real) < (size_t)INT32_MAX
-                                ? work_bytes / sizeof(real) : (size_t)INT32_MAX);
-    if (kind == SOLVER_SYEVJ)
-        return syevj(libs, env->solver, n, a, w, (real *)work, lwork, info, syevj_params,
-                     batch) == 0 ? SHAMPOO_OK : SHAMPOO_ERR_CUDA;
-    if (kind == SOLVER_SYEVD) {
-        const size_t nn = (size_t)n * (size_t)n;
-        for (int i = 0; i < batch; i++)
-            if (syevd(libs, env->solver, n, a + i * nn, w + (size_t)i * n, (real *)work, lwork,
-                      info + i) != 0)
-                return SHAMPOO_ERR_CUDA;
-        return SHAMPOO_OK;
-    }
-    shampoo_cusolver_params params = NULL;
-    void *host = host_need > 0 ? malloc(host_need) : NULL;
-    if (host_need > 0 && host == NULL)
-        return SHAMPOO_ERR_NO_MEMORY;
-    int rc = libs->params_create(&params);
-    if (rc == 0)
-        rc = libs->xsyev_batched(env->solver, params, SHAMPOO_CUSOLVER_EIG_MODE_VECTOR,
-                                 SHAMPOO_CUBLAS_FILL_UPPER, n, cuda_type<real>(), a, n,
-                                 cuda_type<real>(), w, cuda_type<real>(), work, work_bytes, host,
-                                 host_need, info, batch);
-    /* the host buffer must outlive the enqueued work */
-    if (cudaStreamSynchronize(shampoo_stream(env)) != cudaSuccess)
-        rc = -1;
-    if (params != NULL)
-        libs->params_destroy(params);
-    free(host);
-    return rc == 0 ? SHAMPOO_OK : SHAMPOO_ERR_CUDA;
-}
+using namespace shampoo_eig;
 
 /* ------------------------------------------------------------------ host planning */
 
 /* Device workspace regions, in bytes, sized from the table alone (every factor of size >= 2
- * counted as dense), so the caller can allocate before the call. */
+ * counted as dense), so the caller can allocate before the call; and the batch size of each
+ * factor size, found once from cuSOLVER's buffer sizes (solver_batch). */
 struct root_workspace {
     size_t flags, jobs, info, stage, w, solver, retry_stage, retry_w, retry_solver, total;
     int64_t factor_count, max_n;
+    int64_t nsizes;
+    int64_t *size_n, *size_batch; /* nsizes each, ascending n; free with release() */
 };
+
+void release(root_workspace *ws)
+{
+    free(ws->size_n);
+    free(ws->size_batch);
+    ws->size_n = ws->size_batch = NULL;
+}
+
+/* The planned batch for factors of size n (1 when n was not planned). */
+int64_t planned_batch(const root_workspace *ws, int64_t n)
+{
+    for (int64_t i = 0; i < ws->nsizes; i++)
+        if (ws->size_n[i] == n)
+            return ws->size_batch[i];
+    return 1;
+}
 
 /* All factors of the table, host side, and the factor count. */
 factor_ref *list_factors(const int64_t *table_host, int64_t nblocks, int64_t *count)
@@ -312,13 +191,6 @@ factor_ref *list_factors(const int64_t *table_host, int64_t nblocks, int64_t *co
     return refs;
 }
 
-/* How many factors of size n are solved per batch: all of them up to the staging cap. */
-int64_t batch_of(int64_t count, int64_t n)
-{
-    const int64_t fit = STAGING_CAP / (n * n) > 0 ? STAGING_CAP / (n * n) : 1;
-    return count < fit ? count : fit;
-}
-
 int compare_int64(const void *a, const void *b)
 {
     const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
@@ -330,12 +202,15 @@ shampoo_status plan_workspace(const shampoo_cuda_env *env, const int64_t *table_
                               int64_t nblocks, root_workspace *ws)
 {
     int64_t nfactors = 0, factor_slots = 0;
+    memset(ws, 0, sizeof(*ws));
     factor_ref *refs = list_factors(table_host, nblocks, &nfactors);
-    int64_t *sizes = (int64_t *)malloc((size_t)(nfactors > 0 ? nfactors : 1) * sizeof(int64_t));
+    const size_t cap = (size_t)(nfactors > 0 ? nfactors : 1);
+    int64_t *sizes = (int64_t *)malloc(cap * sizeof(int64_t));
+    ws->size_n = (int64_t *)malloc(cap * sizeof(int64_t));
+    ws->size_batch = (int64_t *)malloc(cap * sizeof(int64_t));
     shampoo_status st = SHAMPOO_OK;
     void *syevj_params = NULL;
-    memset(ws, 0, sizeof(*ws));
-    if (refs == NULL || sizes == NULL) {
+    if (refs == NULL || sizes == NULL || ws->size_n == NULL || ws->size_batch == NULL) {
         st = SHAMPOO_ERR_NO_MEMORY;
         goto done;
     }
@@ -348,10 +223,9 @@ shampoo_status plan_workspace(const shampoo_cuda_env *env, const int64_t *table_
         }
     }
     qsort(sizes, (size_t)nfactors, sizeof(int64_t), compare_int64);
-    if (env->libs->syevj_info_create(&syevj_params) != 0) {
-        st = SHAMPOO_ERR_CUDA;
+    if ((st = SHAMPOO_SOLVER_CHECK("cusolverDnCreateSyevjInfo",
+                                   env->libs->syevj_info_create(&syevj_params))) != SHAMPOO_OK)
         goto done;
-    }
     {
         int64_t stage = 0, wlen = 0;
         size_t solver = 0;
@@ -364,15 +238,15 @@ shampoo_status plan_workspace(const shampoo_cuda_env *env, const int64_t *table_
             ws->max_n = n > ws->max_n ? n : ws->max_n;
             if (n < 2)
                 continue;
-            const int64_t batch = batch_of(count, n);
+            int64_t batch = 1;
+            size_t bytes = 0;
+            if ((st = solver_batch<real>(env, solver_for(env->libs, n, false), n, count,
+                                         syevj_params, &batch, &bytes)) != SHAMPOO_OK)
+                goto done;
+            ws->size_n[ws->nsizes] = n;
+            ws->size_batch[ws->nsizes++] = batch;
             stage = batch * n * n > stage ? batch * n * n : stage;
             wlen = batch * n > wlen ? batch * n : wlen;
-            size_t bytes = 0, host = 0;
-            if (solver_bytes<real>(env, solver_for(env->libs, n, false), (int)n, (int)batch,
-                                   syevj_params, &bytes, &host) != 0) {
-                st = SHAMPOO_ERR_CUDA;
-                goto done;
-            }
             solver = bytes > solver ? bytes : solver;
         }
         ws->factor_count = factor_slots;
@@ -386,12 +260,11 @@ shampoo_status plan_workspace(const shampoo_cuda_env *env, const int64_t *table_
         if (sizeof(real) == 4 && ws->max_n >= 2) {
             /* float64 retry of one factor at a time (syevd) */
             const int64_t n = ws->max_n;
-            size_t bytes = 0, host = 0;
-            if (solver_bytes<double>(env, SOLVER_SYEVD, (int)n, 1, syevj_params, &bytes,
-                                     &host) != 0) {
-                st = SHAMPOO_ERR_CUDA;
+            int64_t one = 1;
+            size_t bytes = 0;
+            if ((st = solver_batch<double>(env, SOLVER_SYEVD, n, 1, syevj_params, &one,
+                                           &bytes)) != SHAMPOO_OK)
                 goto done;
-            }
             ws->retry_stage = shampoo_align256((size_t)(n * n) * sizeof(double));
             ws->retry_w = shampoo_align256((size_t)n * sizeof(double));
             ws->retry_solver = shampoo_align256(bytes);
@@ -404,6 +277,8 @@ done:
         env->libs->syevj_info_destroy(syevj_params);
     free(sizes);
     free(refs);
+    if (st != SHAMPOO_OK)
+        release(ws);
     return st;
 }
 
@@ -415,40 +290,43 @@ dim3 matrix_grid(int64_t matrices, int64_t n)
     return dim3((unsigned)matrices, (unsigned)(chunks > 0 ? chunks : 1));
 }
 
-/* Step 3 for jobs [first, first + count) of size n: the eigen root of each into out. S is the
- * factors' type, R the type the eigensolver works in (R = double for the float32 retry). */
+/* Step 3 for jobs [first, first + count) of size n, batch_max at a time: the eigen root of
+ * each into out. S is the factors' type, R the type the eigensolver works in (R = double for
+ * the float32 retry). Every launch whose output cuSOLVER or cuBLAS reads next is checked
+ * before that call, so no library call runs on stale staging. */
 template <typename S, typename R>
 shampoo_status eigen_roots(const shampoo_cuda_env *env, const S *factors, S *out, bool divide,
                            S bc, const shampoo_root_config *cfg, const int64_t *job_offset,
                            const int64_t *job_factor, const double *job_alpha, int *info,
-                           int64_t first, int64_t count, int64_t n, R *stage_a, R *stage_qs,
-                           R *stage_x, R *w, void *solver_work, size_t solver_work_bytes,
-                           void *syevj_params, bool force_syevd, int32_t *flags)
+                           int64_t first, int64_t count, int64_t n, int64_t batch_max,
+                           R *stage_a, R *stage_qs, R *stage_x, R *w, void *solver_work,
+                           size_t solver_work_bytes, void *syevj_params, bool force_syevd,
+                           int32_t *flags)
 {
     cudaStream_t stream = shampoo_stream(env);
     const solver_kind kind = solver_for(env->libs, n, force_syevd);
-    const int64_t batch_max = force_syevd ? 1 : batch_of(count, n);
+    batch_max = batch_max > 0 ? batch_max : 1;
     for (int64_t done = 0; done < count; done += batch_max) {
         const int64_t batch = count - done < batch_max ? count - done : batch_max;
         const int64_t at = first + done;
         const dim3 grid = matrix_grid(batch, n);
         pack<S, R><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(job_offset, at, n, factors, divide,
                                                               bc, stage_a);
-        shampoo_status st = solve<R>(env, kind, (int)n, (int)batch, stage_a, w, info + done,
-                                     solver_work, solver_work_bytes, syevj_params);
-        if (st != SHAMPOO_OK)
-            return st;
+        SHAMPOO_TRY(SHAMPOO_LAUNCHED("pack"));
+        SHAMPOO_TRY(solve<R>(env, kind, (int)n, (int)batch, stage_a, w, info + done, solver_work,
+                             solver_work_bytes, syevj_params));
         eigen_scales<R><<<(unsigned)batch, SHAMPOO_CUDA_THREADS, 0, stream>>>(
             w, n, job_alpha, at, cfg->make_positive_semidefinite != 0, (R)cfg->epsilon);
+        SHAMPOO_TRY(SHAMPOO_LAUNCHED("eigen_scales"));
         scale_columns<R><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(stage_a, w, stage_qs, n);
+        SHAMPOO_TRY(SHAMPOO_LAUNCHED("scale_columns"));
         /* row-major X = Qs Q^T is the column-major Q Qs^T, as the CPU kernel forms it */
-        if (shampoo_gemm_strided(env->libs, env->blas, SHAMPOO_CUBLAS_OP_N, SHAMPOO_CUBLAS_OP_T,
-                                 (int)n, stage_a, stage_qs, stage_x, (int)batch) != 0)
-            return SHAMPOO_ERR_CUDA;
+        SHAMPOO_TRY(shampoo_gemm_strided(env->libs, env->blas, SHAMPOO_CUBLAS_OP_N,
+                                         SHAMPOO_CUBLAS_OP_T, (int)n, stage_a, stage_qs, stage_x,
+                                         (int)batch));
         unpack<R, S><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(job_offset, job_factor, at, n,
                                                                 stage_x, info + done, out, flags);
-        if (cudaGetLastError() != cudaSuccess)
-            return SHAMPOO_ERR_CUDA;
+        SHAMPOO_TRY(SHAMPOO_LAUNCHED("unpack"));
     }
     return SHAMPOO_OK;
 }
@@ -456,10 +334,62 @@ shampoo_status eigen_roots(const shampoo_cuda_env *env, const S *factors, S *out
 /* Copies device -> host and waits (a root step synchronises anyway). */
 shampoo_status fetch(void *host, const void *device, size_t bytes, cudaStream_t stream)
 {
-    if (bytes > 0 && cudaMemcpyAsync(host, device, bytes, cudaMemcpyDeviceToHost, stream) !=
-                         cudaSuccess)
-        return SHAMPOO_ERR_CUDA;
-    return cudaStreamSynchronize(stream) == cudaSuccess ? SHAMPOO_OK : SHAMPOO_ERR_CUDA;
+    if (bytes > 0)
+        SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, host, device, bytes,
+                                       cudaMemcpyDeviceToHost, stream));
+    return SHAMPOO_CUDA_CHECK(cudaStreamSynchronize, stream);
+}
+
+int compare_int64_pair(const void *a, const void *b);
+
+/* Sorts jobs [first, end) of the four job arrays by size, stably (table order within a
+ * size), in O(n log n). Returns false when out of memory. */
+bool sort_dense_jobs(int64_t *offset, int64_t *n, int64_t *factor, double *alpha,
+                     int64_t first, int64_t end)
+{
+    const int64_t count = end - first;
+    if (count < 2)
+        return true;
+    /* (n, original position) pairs: sorting them is stable by construction */
+    int64_t *keys = (int64_t *)malloc((size_t)count * 2 * sizeof(int64_t));
+    int64_t *tmp = (int64_t *)malloc((size_t)count * 3 * sizeof(int64_t));
+    double *tmp_alpha = (double *)malloc((size_t)count * sizeof(double));
+    if (keys == NULL || tmp == NULL || tmp_alpha == NULL) {
+        free(keys);
+        free(tmp);
+        free(tmp_alpha);
+        return false;
+    }
+    for (int64_t i = 0; i < count; i++) {
+        keys[2 * i] = n[first + i];
+        keys[2 * i + 1] = i;
+    }
+    qsort(keys, (size_t)count, 2 * sizeof(int64_t), compare_int64_pair);
+    for (int64_t i = 0; i < count; i++) {
+        const int64_t from = first + keys[2 * i + 1];
+        tmp[i] = offset[from];
+        tmp[count + i] = n[from];
+        tmp[2 * count + i] = factor[from];
+        tmp_alpha[i] = alpha[from];
+    }
+    for (int64_t i = 0; i < count; i++) {
+        offset[first + i] = tmp[i];
+        n[first + i] = tmp[count + i];
+        factor[first + i] = tmp[2 * count + i];
+        alpha[first + i] = tmp_alpha[i];
+    }
+    free(keys);
+    free(tmp);
+    free(tmp_alpha);
+    return true;
+}
+
+int compare_int64_pair(const void *a, const void *b)
+{
+    const int64_t *x = (const int64_t *)a, *y = (const int64_t *)b;
+    if (x[0] != y[0])
+        return (x[0] > y[0]) - (x[0] < y[0]);
+    return (x[1] > y[1]) - (x[1] < y[1]);
 }
 
 /* The host side of one call: every buffer it allocates, freed in one place. */
@@ -471,8 +401,10 @@ struct root_host {
     int64_t *jobs = nullptr; /* offset, n, factor: 3 x nfactors, then alpha (as doubles) */
     void *syevj_params = nullptr;
     const shampoo_cuda_libs *libs = nullptr;
+    root_workspace ws = {};
     ~root_host()
     {
+        release(&ws);
         if (syevj_params != nullptr)
             libs->syevj_info_destroy(syevj_params);
         free(refs);
@@ -502,7 +434,9 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
         return SHAMPOO_ERR_INVALID_ARG;
     if (cfg->method != SHAMPOO_ROOT_EIGEN)
         return SHAMPOO_ERR_UNSUPPORTED;
-    root_workspace ws;
+    root_host h;
+    h.libs = env->libs;
+    root_workspace &ws = h.ws;
     shampoo_status st = plan_workspace<real>(env, table_host, nblocks, &ws);
     if (st != SHAMPOO_OK)
         return st;
@@ -511,7 +445,7 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
         return SHAMPOO_ERR_INVALID_ARG;
     if (ws.factor_count == 0 || nblocks == 0)
         return SHAMPOO_OK;
-    if (env->workspace == NULL || env->workspace_bytes < ws.total)
+    if (ws.total > 0 && (env->workspace == NULL || env->workspace_bytes < ws.total))
         return SHAMPOO_ERR_INVALID_ARG;
     cudaStream_t stream = shampoo_stream(env);
     char *p = (char *)env->workspace;
@@ -534,8 +468,6 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
     p += ws.retry_w;
     void *retry_work = p;
 
-    root_host h;
-    h.libs = env->libs;
     int64_t nfactors = 0;
     h.refs = list_factors(table_host, nblocks, &nfactors);
     h.active = (uint8_t *)malloc((size_t)nblocks);
@@ -546,27 +478,25 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
     if (h.refs == NULL || h.active == NULL || h.diagonal == NULL || h.flags == NULL ||
         h.info == NULL || h.jobs == NULL)
         return SHAMPOO_ERR_NO_MEMORY;
-    if (env->libs->syevj_info_create(&h.syevj_params) != 0 ||
-        env->libs->cusolver_set_stream(env->solver, env->stream) != 0)
-        return SHAMPOO_ERR_CUDA;
-    if ((st = shampoo_blas_bind(env)) != SHAMPOO_OK)
-        return st;
+    SHAMPOO_TRY(SHAMPOO_SOLVER_CHECK("cusolverDnCreateSyevjInfo",
+                                     env->libs->syevj_info_create(&h.syevj_params)));
+    SHAMPOO_TRY(SHAMPOO_SOLVER_CHECK("cusolverDnSetStream",
+                                     env->libs->cusolver_set_stream(env->solver, env->stream)));
+    SHAMPOO_TRY(shampoo_blas_bind(env));
 
     /* 1. scan */
     const bool divide = cfg->bias_correction != 1.0;
     const real bc = (real)cfg->bias_correction;
-    if (cudaMemsetAsync(d_flags, 0, (size_t)ws.factor_count * sizeof(int32_t), stream) !=
-        cudaSuccess)
-        return SHAMPOO_ERR_CUDA;
+    SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemsetAsync, d_flags, 0,
+                                   (size_t)ws.factor_count * sizeof(int32_t), stream));
     const dim3 grid((unsigned)nblocks, shampoo_chunks_for(table_host, nblocks, true));
     scan_factors<real><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(table, active, factors, divide,
                                                                    bc, d_flags);
-    if (cudaGetLastError() != cudaSuccess ||
-        cudaMemcpyAsync(h.active, active, (size_t)nblocks, cudaMemcpyDeviceToHost, stream) !=
-            cudaSuccess ||
-        cudaMemcpyAsync(h.diagonal, is_diagonal, (size_t)ws.factor_count,
-                        cudaMemcpyDeviceToHost, stream) != cudaSuccess)
-        return SHAMPOO_ERR_CUDA;
+    SHAMPOO_TRY(SHAMPOO_LAUNCHED("scan_factors"));
+    SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, h.active, active, (size_t)nblocks,
+                                   cudaMemcpyDeviceToHost, stream));
+    SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, h.diagonal, is_diagonal,
+                                   (size_t)ws.factor_count, cudaMemcpyDeviceToHost, stream));
     if ((st = fetch(h.flags, d_flags, (size_t)ws.factor_count * sizeof(int32_t), stream)) !=
         SHAMPOO_OK)
         return st;
@@ -617,19 +547,11 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
             ndiag = njobs;
     }
     /* dense jobs sorted by size, so each size is one contiguous range (stable: table order) */
-    for (int64_t i = ndiag + 1; i < njobs; i++) {
-        for (int64_t j = i; j > ndiag && job_n[j - 1] > job_n[j]; j--) {
-            int64_t t;
-            t = job_offset[j]; job_offset[j] = job_offset[j - 1]; job_offset[j - 1] = t;
-            t = job_n[j]; job_n[j] = job_n[j - 1]; job_n[j - 1] = t;
-            t = job_factor[j]; job_factor[j] = job_factor[j - 1]; job_factor[j - 1] = t;
-            double a = job_alpha[j]; job_alpha[j] = job_alpha[j - 1]; job_alpha[j - 1] = a;
-        }
-    }
-    if (njobs > 0 &&
-        cudaMemcpyAsync(d_jobs, h.jobs, 4 * (size_t)nfactors * 8, cudaMemcpyHostToDevice,
-                        stream) != cudaSuccess)
-        return SHAMPOO_ERR_CUDA;
+    if (!sort_dense_jobs(job_offset, job_n, job_factor, job_alpha, ndiag, njobs))
+        return SHAMPOO_ERR_NO_MEMORY;
+    if (njobs > 0)
+        SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, d_jobs, h.jobs, 4 * (size_t)nfactors * 8,
+                                       cudaMemcpyHostToDevice, stream));
     const int64_t *d_offset = d_jobs, *d_n = d_jobs + nfactors, *d_factor = d_jobs + 2 * nfactors;
     const double *d_alpha = (const double *)(d_jobs + 3 * nfactors);
 
@@ -641,6 +563,8 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
         diagonal_roots<real><<<matrix_grid(ndiag, widest), SHAMPOO_CUDA_THREADS, 0, stream>>>(
             d_offset, d_n, d_factor, d_alpha, 0, factors, divide, bc, (real)cfg->epsilon, out,
             d_flags);
+        /* checked here, not by a later call: no dense job may follow to notice it */
+        SHAMPOO_TRY(SHAMPOO_LAUNCHED("diagonal_roots"));
     }
     /* 3. dense factors, one size at a time; infos indexed by dense job */
     for (int64_t j = ndiag; j < njobs;) {
@@ -649,7 +573,7 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
             end++;
         st = eigen_roots<real, real>(env, factors, out, divide, bc, cfg, d_offset, d_factor,
                                      d_alpha, d_info + (j - ndiag), j, end - j, job_n[j],
-                                     stage_a, stage_qs,
+                                     planned_batch(&ws, job_n[j]), stage_a, stage_qs,
                                      stage_x, d_w, solver_work, ws.solver, h.syevj_params,
                                      false, d_flags);
         if (st != SHAMPOO_OK)
@@ -658,9 +582,10 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
     }
     /* dense job j's solver info sits at d_info[j - ndiag] */
     const int64_t ndense = njobs - ndiag;
-    if (ndense > 0 && cudaMemcpyAsync(h.info, d_info, (size_t)ndense * sizeof(int),
-                                      cudaMemcpyDeviceToHost, stream) != cudaSuccess)
-        return SHAMPOO_ERR_CUDA;
+    if (ndense > 0)
+        SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, h.info, d_info,
+                                       (size_t)ndense * sizeof(int), cudaMemcpyDeviceToHost,
+                                       stream));
     if ((st = fetch(h.flags, d_flags, (size_t)ws.factor_count * sizeof(int32_t), stream)) !=
         SHAMPOO_OK)
         return st;
@@ -676,7 +601,7 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
         if (sizeof(real) != 4 || !cfg->retry_double_precision)
             continue;
         st = eigen_roots<real, double>(env, factors, out, divide, bc, cfg, d_offset, d_factor,
-                                       d_alpha, d_info + ndense, j, 1, job_n[j], retry_a,
+                                       d_alpha, d_info + ndense, j, 1, job_n[j], 1, retry_a,
                                        retry_qs, retry_x, retry_w, retry_work, ws.retry_solver,
                                        h.syevj_params, true, d_flags);
         if (st != SHAMPOO_OK)
@@ -699,10 +624,9 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
         if (*s != SHAMPOO_ROOT_FAILED && (h.flags[job_factor[j]] & FLAG_NONFINITE_ROOT))
             *s = SHAMPOO_ROOT_NONFINITE;
     }
-    if (cudaMemcpyAsync(is_diagonal, h.diagonal, (size_t)ws.factor_count,
-                        cudaMemcpyHostToDevice, stream) != cudaSuccess)
-        return SHAMPOO_ERR_CUDA;
-    return cudaStreamSynchronize(stream) == cudaSuccess ? SHAMPOO_OK : SHAMPOO_ERR_CUDA;
+    SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, is_diagonal, h.diagonal,
+                                   (size_t)ws.factor_count, cudaMemcpyHostToDevice, stream));
+    return SHAMPOO_CUDA_CHECK(cudaStreamSynchronize, stream);
 }
 
 } // namespace
@@ -715,12 +639,13 @@ extern "C" shampoo_status shampoo_cuda_root_inverse_workspace(const shampoo_cuda
     if (env == NULL || env->libs == NULL || bytes == NULL || nblocks < 0 ||
         (nblocks > 0 && table_host == NULL) || (real_bytes != 4 && real_bytes != 8))
         return SHAMPOO_ERR_INVALID_ARG;
-    if (env->libs->cusolver_set_stream(env->solver, env->stream) != 0)
-        return SHAMPOO_ERR_CUDA;
+    SHAMPOO_TRY(SHAMPOO_SOLVER_CHECK("cusolverDnSetStream",
+                                     env->libs->cusolver_set_stream(env->solver, env->stream)));
     root_workspace ws;
     shampoo_status st = real_bytes == 4 ? plan_workspace<float>(env, table_host, nblocks, &ws)
                                         : plan_workspace<double>(env, table_host, nblocks, &ws);
     *bytes = st == SHAMPOO_OK ? ws.total : 0;
+    release(&ws);
     return st;
 }
 

@@ -82,7 +82,7 @@ shampoo_status precondition(const shampoo_cuda_env *env, real *out, const real *
         return SHAMPOO_OK;
     const contract_workspace w = contract_workspace_of(table_host, nblocks, plan_host,
                                                        sizeof(real));
-    if (env->workspace == NULL || env->workspace_bytes < w.total)
+    if (w.total > 0 && (env->workspace == NULL || env->workspace_bytes < w.total))
         return SHAMPOO_ERR_INVALID_ARG;
     if (!shampoo_plan_fits_blas(plan_host))
         return SHAMPOO_ERR_UNSUPPORTED; /* cuBLAS takes int sizes: found before any launch */
@@ -95,6 +95,7 @@ shampoo_status precondition(const shampoo_cuda_env *env, real *out, const real *
     const unsigned scalar_grid = (unsigned)((nblocks + SHAMPOO_CUDA_THREADS - 1) / SHAMPOO_CUDA_THREADS);
     copy_scalars<real><<<scalar_grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(table, nblocks, active,
                                                                          grads, out);
+    SHAMPOO_TRY(SHAMPOO_LAUNCHED("copy_scalars"));
     if (w.nitems > 0) {
         shampoo_status st = shampoo_blas_bind(env);
         if (st != SHAMPOO_OK)
@@ -103,6 +104,8 @@ shampoo_status precondition(const shampoo_cuda_env *env, real *out, const real *
         const unsigned grid = (unsigned)((slots + SHAMPOO_CUDA_THREADS - 1) / SHAMPOO_CUDA_THREADS);
         contract_pointers<real><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(
             plan, table, active, grads, inv_roots, out, ping, pong, q_ptrs, t_ptrs, o_ptrs);
+        /* cuBLAS reads these pointer arrays next: never hand it stale ones */
+        SHAMPOO_TRY(SHAMPOO_LAUNCHED("contract_pointers"));
         /* dimension by dimension: contraction k of every group reads what k - 1 wrote */
         for (int64_t k = 0; k < SHAMPOO_MAX_ORDER; k++) {
             for (int64_t g = 0; g < plan_host[0]; g++) {
@@ -113,15 +116,14 @@ shampoo_status precondition(const shampoo_cuda_env *env, real *out, const real *
                 const int rest = (int)(grp[SHAMPOO_PG_NUMEL] / n);
                 const int64_t s = k * w.nitems + grp[SHAMPOO_PG_FIRST];
                 /* row-major T' (rest x n) = T^T Q is the column-major n x rest Q_mem T_mem^T */
-                if (shampoo_gemm_batched(env->libs, env->blas, SHAMPOO_CUBLAS_OP_N,
-                                         SHAMPOO_CUBLAS_OP_T, n, rest, n, q_ptrs + s, n,
-                                         t_ptrs + s, rest, o_ptrs + s, n,
-                                         (int)grp[SHAMPOO_PG_COUNT]) != 0)
-                    return SHAMPOO_ERR_CUDA;
+                SHAMPOO_TRY(shampoo_gemm_batched(env->libs, env->blas, SHAMPOO_CUBLAS_OP_N,
+                                                 SHAMPOO_CUBLAS_OP_T, n, rest, n, q_ptrs + s, n,
+                                                 t_ptrs + s, rest, o_ptrs + s, n,
+                                                 (int)grp[SHAMPOO_PG_COUNT]));
             }
         }
     }
-    return shampoo_cuda_launched();
+    return SHAMPOO_OK;
 }
 
 } // namespace

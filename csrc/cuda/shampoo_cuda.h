@@ -179,12 +179,24 @@ shampoo_status shampoo_cuda_root_inverse_f64(const shampoo_cuda_env *env, double
                                              const shampoo_root_config *cfg,
                                              uint8_t *is_diagonal, int32_t *status_out);
 
-/* ---- device (device_cuda.cu) ----------------------------------------------------------- */
+/* ---- device and failures (device_cuda.cu) --------------------------------------------- */
 
-/* Makes `device` current for this thread's CUDA calls; 0 on success. */
-int shampoo_cuda_set_device(int device);
-/* Text of the last CUDA runtime error (and clears it). */
-const char *shampoo_cuda_last_error(void);
+/* Makes `device` current for this thread, saving the current one in *previous (torch's:
+ * the caller restores it with shampoo_cuda_device_leave); 0, or -1 with a failure recorded. */
+int shampoo_cuda_device_enter(int device, int *previous);
+void shampoo_cuda_device_leave(int device, int previous);
+
+/* The first failed CUDA runtime, cuBLAS or cuSOLVER call since the last clear, on this
+ * thread: every SHAMPOO_ERR_CUDA comes with one. Text "<call> returned <code> (<name>: <text>)
+ * at <file>:<line>", or NULL when nothing failed. The binding clears it before each call. */
+typedef enum { SHAMPOO_LIB_CUDA = 0, SHAMPOO_LIB_CUBLAS = 1, SHAMPOO_LIB_CUSOLVER = 2 } shampoo_cuda_lib;
+void shampoo_cuda_record_failure(shampoo_cuda_lib lib, const char *call, int code,
+                                 const char *file, int line);
+const char *shampoo_cuda_failure(void);
+void shampoo_cuda_clear_failure(void);
+
+/* The SM architectures this extension was compiled for ("75;80;90"). */
+const char *shampoo_cuda_built_archs(void);
 
 #ifdef __cplusplus
 }

@@ -3,7 +3,12 @@
  * callers need (workspace sizes). The kernels' entry points live in cuda_ops.c. */
 #include "cuda_binding.h"
 
+#include <pthread.h>
+
 #include "../core/batch_plan.h"
+
+/* Guards the handle pools (module state) across threads that released the GIL. */
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* A list of str into a NULL-padded array of UTF-8 pointers (borrowed from the list). */
 static int paths_from(PyObject *list, const char **out, int cap, const char *arg)
@@ -37,17 +42,22 @@ static PyObject *load_libraries(PyObject *module, PyObject *args)
 {
     shampoo_cuda_module_state *st = shampoo_cuda_get_state(module);
     PyObject *cublas, *cusolver;
-    const char *cublas_paths[32], *cusolver_paths[32];
-    char err[512] = "";
+    const char *cublas_paths[64], *cusolver_paths[64];
+    char err[768] = "";
     if (!PyArg_ParseTuple(args, "OO:load_libraries", &cublas, &cusolver))
         return NULL;
     if (st->libs_loaded)
         Py_RETURN_NONE;
-    int nb = paths_from(cublas, cublas_paths, 32, "cublas_paths");
-    int ns = nb < 0 ? -1 : paths_from(cusolver, cusolver_paths, 32, "cusolver_paths");
+    int nb = paths_from(cublas, cublas_paths, 64, "cublas_paths");
+    int ns = nb < 0 ? -1 : paths_from(cusolver, cusolver_paths, 64, "cusolver_paths");
     if (ns < 0)
         return NULL;
-    if (shampoo_cuda_libs_load(&st->libs, cublas_paths, nb, cusolver_paths, ns, err,
+    if (nb != ns) {
+        PyErr_Format(PyExc_ValueError, "load_libraries: arguments 'cublas_paths' and "
+                     "'cusolver_paths' must have the same length (pairs; got %d and %d)", nb, ns);
+        return NULL;
+    }
+    if (shampoo_cuda_libs_load(&st->libs, cublas_paths, cusolver_paths, nb, err,
                                sizeof err) < 0)
         return PyErr_Format(PyExc_ImportError, "distributed_shampoo._C_cuda: %s", err);
     st->libs_loaded = 1;
@@ -64,9 +74,78 @@ static PyObject *library_info(PyObject *module, PyObject *args)
                                                                             : Py_False);
 }
 
+static PyObject *build_info(PyObject *module, PyObject *args)
+{
+    (void)module;
+    (void)args;
+    return Py_BuildValue("{s:s}", "archs", shampoo_cuda_built_archs());
+}
+
+/* A free handle pair of `device` (created on first use), marked busy; -1 with an exception. */
+static int acquire_handles(shampoo_cuda_module_state *st, const char *fn, int device)
+{
+    int slot = -1;
+    pthread_mutex_lock(&pool_lock);
+    for (int i = 0; i < SHAMPOO_CUDA_HANDLE_POOL && slot < 0; i++)
+        if (!st->busy[device][i] && st->blas[device][i] != NULL)
+            slot = i;
+    for (int i = 0; i < SHAMPOO_CUDA_HANDLE_POOL && slot < 0; i++)
+        if (st->blas[device][i] == NULL)
+            slot = i;
+    if (slot >= 0)
+        st->busy[device][slot] = 1;
+    pthread_mutex_unlock(&pool_lock);
+    if (slot < 0) {
+        PyErr_Format(PyExc_RuntimeError, "%s: more than %d CUDA calls in flight on GPU %d at "
+                     "once", fn, SHAMPOO_CUDA_HANDLE_POOL, device);
+        return -1;
+    }
+    if (st->blas[device][slot] == NULL) {
+        void *b = NULL, *s = NULL;
+        int rc = st->libs.cublas_create(&b);
+        if (rc == 0)
+            rc = st->libs.cublas_set_math_mode(b, SHAMPOO_CUBLAS_DEFAULT_MATH);
+        if (rc != 0) {
+            PyErr_Format(PyExc_RuntimeError, "%s: cublasCreate failed on GPU %d: %d (%s)", fn,
+                         device, rc, shampoo_cublas_status_name(rc));
+            goto fail;
+        }
+        rc = st->libs.cusolver_create(&s);
+        if (rc != 0) {
+            PyErr_Format(PyExc_RuntimeError, "%s: cusolverDnCreate failed on GPU %d: %d (%s)",
+                         fn, device, rc, shampoo_cusolver_status_name(rc));
+            st->libs.cublas_destroy(b);
+            goto fail;
+        }
+        st->solver[device][slot] = s; /* busy: no other thread reads this slot */
+        st->blas[device][slot] = b;
+    }
+    return slot;
+fail:
+    pthread_mutex_lock(&pool_lock);
+    st->busy[device][slot] = 0;
+    pthread_mutex_unlock(&pool_lock);
+    return -1;
+}
+
+void shampoo_cuda_scope_end(PyObject *module, shampoo_cuda_scope *scope)
+{
+    if (scope->slot > 0) {
+        shampoo_cuda_module_state *st = shampoo_cuda_get_state(module);
+        pthread_mutex_lock(&pool_lock);
+        st->busy[scope->device][scope->slot - 1] = 0;
+        pthread_mutex_unlock(&pool_lock);
+        scope->slot = 0;
+    }
+    if (scope->entered) {
+        shampoo_cuda_device_leave(scope->device, scope->previous);
+        scope->entered = 0;
+    }
+}
+
 int shampoo_cuda_env_for(PyObject *module, const shampoo_call *call, unsigned long long stream,
                          const shampoo_view *workspace, const shampoo_view *blas_workspace,
-                         int need_libs, shampoo_cuda_env *env)
+                         int need_libs, shampoo_cuda_env *env, shampoo_cuda_scope *scope)
 {
     shampoo_cuda_module_state *st = shampoo_cuda_get_state(module);
     const int device = call->device_id;
@@ -85,57 +164,54 @@ int shampoo_cuda_env_for(PyObject *module, const shampoo_call *call, unsigned lo
                      call->fn, device, SHAMPOO_CUDA_MAX_DEVICES - 1);
         return -1;
     }
-    if (shampoo_cuda_set_device(device) != 0) {
-        PyErr_Format(PyExc_RuntimeError, "%s: cudaSetDevice(%d) failed: %s", call->fn, device,
-                     shampoo_cuda_last_error());
+    shampoo_cuda_clear_failure();
+    scope->device = device;
+    if (shampoo_cuda_device_enter(device, &scope->previous) != 0) {
+        const char *why = shampoo_cuda_failure();
+        PyErr_Format(PyExc_RuntimeError, "%s: could not make GPU %d current: %s", call->fn,
+                     device, why != NULL ? why : "unknown error");
+        shampoo_cuda_device_leave(device, scope->previous);
         return -1;
     }
+    scope->entered = 1;
     if (!need_libs)
         return 0;
     if (!st->libs_loaded) {
         PyErr_Format(PyExc_RuntimeError, "%s: cuBLAS/cuSOLVER are not loaded (call "
                      "load_libraries first)", call->fn);
+        shampoo_cuda_scope_end(module, scope);
         return -1;
     }
-    if (st->blas[device] == NULL) {
-        void *h = NULL;
-        if (st->libs.cublas_create(&h) != 0 ||
-            st->libs.cublas_set_math_mode(h, SHAMPOO_CUBLAS_DEFAULT_MATH) != 0) {
-            PyErr_Format(PyExc_RuntimeError, "%s: cublasCreate failed on GPU %d", call->fn,
-                         device);
-            return -1;
-        }
-        st->blas[device] = h;
+    const int slot = acquire_handles(st, call->fn, device);
+    if (slot < 0) {
+        shampoo_cuda_scope_end(module, scope);
+        return -1;
     }
-    if (st->solver[device] == NULL) {
-        void *h = NULL;
-        if (st->libs.cusolver_create(&h) != 0) {
-            PyErr_Format(PyExc_RuntimeError, "%s: cusolverDnCreate failed on GPU %d", call->fn,
-                         device);
-            return -1;
-        }
-        st->solver[device] = h;
-    }
+    scope->slot = slot + 1;
     env->libs = &st->libs;
-    env->blas = st->blas[device];
-    env->solver = st->solver[device];
+    env->blas = st->blas[device][slot];
+    env->solver = st->solver[device][slot];
     return 0;
 }
 
 PyObject *shampoo_cuda_raise_status(const char *fn, shampoo_status status)
 {
-    if (status != SHAMPOO_ERR_CUDA)
+    const char *why = shampoo_cuda_failure();
+    if (status != SHAMPOO_ERR_CUDA && why == NULL)
         return shampoo_raise_status(fn, status);
-    PyErr_Format(PyExc_RuntimeError, "%s: %s (CUDA: %s)", fn, shampoo_status_message(status),
-                 shampoo_cuda_last_error());
+    PyErr_Format(PyExc_RuntimeError, "%s: %s (first failure: %s)", fn,
+                 shampoo_status_message(status),
+                 why != NULL ? why : "none recorded: a CUDA call returned an error");
     return NULL;
 }
 
 static PyMethodDef cuda_methods[] = {
     {"load_libraries", load_libraries, METH_VARARGS,
-     "load_libraries(cublas_paths, cusolver_paths): dlopen the first loadable of each"},
+     "load_libraries(cublas_paths, cusolver_paths): dlopen the first loadable pair i"},
     {"library_info", library_info, METH_NOARGS,
      "library_info() -> dict: whether the libraries are loaded, and optional routines"},
+    {"build_info", build_info, METH_NOARGS,
+     "build_info() -> dict: the SM architectures compiled in ('archs', as \"75;80;90\")"},
     {NULL, NULL, 0, NULL}
 };
 

@@ -8,6 +8,10 @@
 #include "../cuda/shampoo_cuda.h"
 
 #define SHAMPOO_CUDA_MAX_DEVICES 64
+/* cuBLAS/cuSOLVER handle pairs per device: one per call in flight (a root inverse runs with
+ * the GIL released, so calls on several threads may overlap; a handle is bound to one
+ * stream and workspace at a time and must not be shared by overlapping calls). */
+#define SHAMPOO_CUDA_HANDLE_POOL 16
 
 typedef struct shampoo_cuda_module_state {
     shampoo_dlpack_state dl;
@@ -15,10 +19,16 @@ typedef struct shampoo_cuda_module_state {
     shampoo_cuda_libs libs;
     /* cuBLAS / cuSOLVER handles per device, created on first use and kept for the life of
      * the process (destroying them at interpreter exit can race the CUDA context's own
-     * teardown) */
-    void *blas[SHAMPOO_CUDA_MAX_DEVICES];
-    void *solver[SHAMPOO_CUDA_MAX_DEVICES];
+     * teardown); busy while a call holds them (guarded by a lock in cuda_binding.c) */
+    void *blas[SHAMPOO_CUDA_MAX_DEVICES][SHAMPOO_CUDA_HANDLE_POOL];
+    void *solver[SHAMPOO_CUDA_MAX_DEVICES][SHAMPOO_CUDA_HANDLE_POOL];
+    unsigned char busy[SHAMPOO_CUDA_MAX_DEVICES][SHAMPOO_CUDA_HANDLE_POOL];
 } shampoo_cuda_module_state;
+
+/* What a call changed and must undo: torch's current device, the handles it holds. */
+typedef struct shampoo_cuda_scope {
+    int device, previous, entered, slot;
+} shampoo_cuda_scope;
 
 static inline shampoo_cuda_module_state *shampoo_cuda_get_state(PyObject *module)
 {
@@ -26,13 +36,17 @@ static inline shampoo_cuda_module_state *shampoo_cuda_get_state(PyObject *module
 }
 
 /* Fills env for a bound call on call->device_id: stream, workspaces (views may be NULL) and,
- * when need_libs, the loaded libraries with that device's handles (created on first use).
+ * when need_libs, the loaded libraries with a free handle pair of that device (created on
+ * first use). Makes the device current, saving torch's in *scope (zero-initialised by the
+ * caller); shampoo_cuda_scope_end undoes both, whatever happened. Clears the failure record.
  * Returns 0, or -1 with an exception set. */
 int shampoo_cuda_env_for(PyObject *module, const shampoo_call *call, unsigned long long stream,
                          const shampoo_view *workspace, const shampoo_view *blas_workspace,
-                         int need_libs, shampoo_cuda_env *env);
+                         int need_libs, shampoo_cuda_env *env, shampoo_cuda_scope *scope);
+void shampoo_cuda_scope_end(PyObject *module, shampoo_cuda_scope *scope);
 
-/* Sets the Python exception for a CUDA kernel status (with the CUDA error text); NULL. */
+/* Sets the Python exception for a kernel status, with the first failed CUDA/cuBLAS/cuSOLVER
+ * call's name, code and place when one was recorded; NULL. */
 PyObject *shampoo_cuda_raise_status(const char *fn, shampoo_status status);
 
 extern PyMethodDef shampoo_cuda_kernel_methods[];

@@ -26,9 +26,20 @@ static inline void *ptr(shampoo_call *call, int i)
     return shampoo_arg(call, i);
 }
 
-static PyObject *done(shampoo_call *call, shampoo_status st, PyObject *ok)
+/* Ends a call: the exception (its text read before anything else runs CUDA), then torch's
+ * device and the handles back. */
+static PyObject *done(PyObject *m, shampoo_cuda_scope *scope, shampoo_call *call,
+                      shampoo_status st, PyObject *ok)
 {
-    return shampoo_call_done(call, st, ok, shampoo_cuda_raise_status);
+    PyObject *r = shampoo_call_done(call, st, ok, shampoo_cuda_raise_status);
+    shampoo_cuda_scope_end(m, scope);
+    return r;
+}
+
+static PyObject *failed(PyObject *m, shampoo_cuda_scope *scope, shampoo_call *call)
+{
+    shampoo_cuda_scope_end(m, scope);
+    return shampoo_call_failed(call);
 }
 
 /* The failure flag, when given, is int64[2]. */
@@ -73,17 +84,18 @@ static PyObject *gather(PyObject *m, PyObject *args, int bits, const char *fn)
     long long step;
     shampoo_call call = {0};
     shampoo_cuda_env env;
+    shampoo_cuda_scope scope = {0};
     if (!PyArg_ParseTuple(args, "KOOOOOOOOdL", &stream, &o[0], &o[1], &o[2], &o[3], &o[4],
                           &o[5], &o[6], &o[7], &l2, &step))
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 8, bits) < 0 ||
         check_fail(&call, 7) < 0 ||
-        shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env) < 0)
-        return shampoo_call_failed(&call);
+        shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env, &scope) < 0)
+        return failed(m, &scope, &call);
     if (ptr(&call, 3) == NULL && (ptr(&call, 1) != NULL || l2 != 0.0)) {
         PyErr_Format(PyExc_ValueError, "%s: argument 'param_flat' is required when "
                      "param_blocks is given or l2_weight_decay != 0", fn);
-        return shampoo_call_failed(&call);
+        return failed(m, &scope, &call);
     }
     shampoo_status st = bits == 32
         ? shampoo_cuda_gather_f32(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
@@ -92,7 +104,7 @@ static PyObject *gather(PyObject *m, PyObject *args, int bits, const char *fn)
         : shampoo_cuda_gather_f64(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                   ptr(&call, 3), ptr(&call, 4), ptr(&call, 5), call.nblocks,
                                   ptr(&call, 6), l2, step, ptr(&call, 7));
-    return done(&call, st, Py_NewRef(Py_None));
+    return done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
 static PyObject *scatter(PyObject *m, PyObject *args, int bits, const char *fn)
@@ -107,17 +119,18 @@ static PyObject *scatter(PyObject *m, PyObject *args, int bits, const char *fn)
     unsigned long long stream;
     shampoo_call call = {0};
     shampoo_cuda_env env;
+    shampoo_cuda_scope scope = {0};
     if (!PyArg_ParseTuple(args, "KOOOOO", &stream, &o[0], &o[1], &o[2], &o[3], &o[4]))
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 5, bits) < 0 ||
-        shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env) < 0)
-        return shampoo_call_failed(&call);
+        shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env, &scope) < 0)
+        return failed(m, &scope, &call);
     shampoo_status st = bits == 32
         ? shampoo_cuda_scatter_f32(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                    ptr(&call, 3), call.nblocks, ptr(&call, 4))
         : shampoo_cuda_scatter_f64(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                    ptr(&call, 3), call.nblocks, ptr(&call, 4));
-    return done(&call, st, Py_NewRef(Py_None));
+    return done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
 static PyObject *moments(PyObject *m, PyObject *args, int bits, const char *fn)
@@ -137,14 +150,15 @@ static PyObject *moments(PyObject *m, PyObject *args, int bits, const char *fn)
     shampoo_moments_params p;
     shampoo_call call = {0};
     shampoo_cuda_env env;
+    shampoo_cuda_scope scope = {0};
     if (!PyArg_ParseTuple(args, "KOOOOOOOpdddd", &stream, &o[0], &o[1], &o[2], &o[3], &o[4],
                           &o[5], &o[6], &p.update_grafting_state, &p.grafting_beta2, &p.beta1,
                           &p.beta3, &p.bias_correction1))
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 7, bits) < 0 ||
         check_fail(&call, 6) < 0 ||
-        shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env) < 0)
-        return shampoo_call_failed(&call);
+        shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env, &scope) < 0)
+        return failed(m, &scope, &call);
     shampoo_status st = bits == 32
         ? shampoo_cuda_moments_f32(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                    ptr(&call, 3), ptr(&call, 4), call.nblocks, ptr(&call, 5), &p,
@@ -152,7 +166,7 @@ static PyObject *moments(PyObject *m, PyObject *args, int bits, const char *fn)
         : shampoo_cuda_moments_f64(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                    ptr(&call, 3), ptr(&call, 4), call.nblocks, ptr(&call, 5), &p,
                                    ptr(&call, 6));
-    return done(&call, st, Py_NewRef(Py_None));
+    return done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
 static PyObject *finish(PyObject *m, PyObject *args, int bits, const char *fn)
@@ -177,6 +191,7 @@ static PyObject *finish(PyObject *m, PyObject *args, int bits, const char *fn)
     shampoo_finish_params p;
     shampoo_call call = {0};
     shampoo_cuda_env env;
+    shampoo_cuda_scope scope = {0};
     if (!PyArg_ParseTuple(args, "KOOOOOOOOOOOipdddddpd", &stream, &o[0], &o[1], &o[2], &o[3],
                           &o[4], &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &graft,
                           &p.grafting_phase, &p.grafting_bias_correction, &p.grafting_epsilon,
@@ -186,8 +201,8 @@ static PyObject *finish(PyObject *m, PyObject *args, int bits, const char *fn)
     p.graft = (shampoo_graft_kind)graft;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 11, bits) < 0 ||
         check_fail(&call, 10) < 0 ||
-        shampoo_cuda_env_for(m, &call, stream, &call.views[0], NULL, 0, &env) < 0)
-        return shampoo_call_failed(&call);
+        shampoo_cuda_env_for(m, &call, stream, &call.views[0], NULL, 0, &env, &scope) < 0)
+        return failed(m, &scope, &call);
     shampoo_status st = bits == 32
         ? shampoo_cuda_finish_f32(&env, ptr(&call, 1), ptr(&call, 2), ptr(&call, 3),
                                   ptr(&call, 4), ptr(&call, 5), ptr(&call, 6), ptr(&call, 7),
@@ -196,7 +211,7 @@ static PyObject *finish(PyObject *m, PyObject *args, int bits, const char *fn)
                                   ptr(&call, 4), ptr(&call, 5), ptr(&call, 6), ptr(&call, 7),
                                   ptr(&call, 8), call.nblocks, ptr(&call, 9), &p,
                                   ptr(&call, 10));
-    return done(&call, st, Py_NewRef(Py_None));
+    return done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
 static PyObject *root_commit(PyObject *m, PyObject *args, int bits, const char *fn)
@@ -211,17 +226,18 @@ static PyObject *root_commit(PyObject *m, PyObject *args, int bits, const char *
     unsigned long long stream;
     shampoo_call call = {0};
     shampoo_cuda_env env;
+    shampoo_cuda_scope scope = {0};
     if (!PyArg_ParseTuple(args, "KOOOOO", &stream, &o[0], &o[1], &o[2], &o[3], &o[4]))
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 5, bits) < 0 ||
-        shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env) < 0)
-        return shampoo_call_failed(&call);
+        shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env, &scope) < 0)
+        return failed(m, &scope, &call);
     shampoo_status st = bits == 32
         ? shampoo_cuda_root_commit_f32(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                        ptr(&call, 3), call.nblocks, ptr(&call, 4))
         : shampoo_cuda_root_commit_f64(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                        ptr(&call, 3), call.nblocks, ptr(&call, 4));
-    return done(&call, st, Py_NewRef(Py_None));
+    return done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
 static PyObject *factor_update(PyObject *m, PyObject *args, int bits, const char *fn)
@@ -242,13 +258,14 @@ static PyObject *factor_update(PyObject *m, PyObject *args, int bits, const char
     double beta2;
     shampoo_call call = {0};
     shampoo_cuda_env env;
+    shampoo_cuda_scope scope = {0};
     if (!PyArg_ParseTuple(args, "KOOOOOOOOOOOd", &stream, &o[0], &o[1], &o[2], &o[3], &o[4],
                           &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &beta2))
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 11, bits) < 0 ||
         check_fail(&call, 10) < 0 || check_plan(&call, 7, 8, 6) < 0 ||
-        shampoo_cuda_env_for(m, &call, stream, &call.views[0], &call.views[1], 1, &env) < 0)
-        return shampoo_call_failed(&call);
+        shampoo_cuda_env_for(m, &call, stream, &call.views[0], &call.views[1], 1, &env, &scope) < 0)
+        return failed(m, &scope, &call);
     shampoo_status st = bits == 32
         ? shampoo_cuda_factor_update_f32(&env, ptr(&call, 2), ptr(&call, 3), ptr(&call, 4),
                                          ptr(&call, 5), ptr(&call, 6), call.nblocks,
@@ -258,7 +275,7 @@ static PyObject *factor_update(PyObject *m, PyObject *args, int bits, const char
                                          ptr(&call, 5), ptr(&call, 6), call.nblocks,
                                          ptr(&call, 7), ptr(&call, 8), ptr(&call, 9), beta2,
                                          ptr(&call, 10));
-    return done(&call, st, Py_NewRef(Py_None));
+    return done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
 static PyObject *precondition(PyObject *m, PyObject *args, int bits, const char *fn)
@@ -276,13 +293,14 @@ static PyObject *precondition(PyObject *m, PyObject *args, int bits, const char 
     unsigned long long stream;
     shampoo_call call = {0};
     shampoo_cuda_env env;
+    shampoo_cuda_scope scope = {0};
     if (!PyArg_ParseTuple(args, "KOOOOOOOOOO", &stream, &o[0], &o[1], &o[2], &o[3], &o[4],
                           &o[5], &o[6], &o[7], &o[8], &o[9]))
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 10, bits) < 0 ||
         check_plan(&call, 7, 8, 6) < 0 ||
-        shampoo_cuda_env_for(m, &call, stream, &call.views[0], &call.views[1], 1, &env) < 0)
-        return shampoo_call_failed(&call);
+        shampoo_cuda_env_for(m, &call, stream, &call.views[0], &call.views[1], 1, &env, &scope) < 0)
+        return failed(m, &scope, &call);
     shampoo_status st = bits == 32
         ? shampoo_cuda_precondition_f32(&env, ptr(&call, 2), ptr(&call, 3), ptr(&call, 4),
                                         ptr(&call, 5), ptr(&call, 6), call.nblocks,
@@ -290,7 +308,7 @@ static PyObject *precondition(PyObject *m, PyObject *args, int bits, const char 
         : shampoo_cuda_precondition_f64(&env, ptr(&call, 2), ptr(&call, 3), ptr(&call, 4),
                                         ptr(&call, 5), ptr(&call, 6), call.nblocks,
                                         ptr(&call, 7), ptr(&call, 8), ptr(&call, 9));
-    return done(&call, st, Py_NewRef(Py_None));
+    return done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
 static PyObject *root_inverse(PyObject *m, PyObject *args, int bits, const char *fn)
@@ -312,6 +330,7 @@ static PyObject *root_inverse(PyObject *m, PyObject *args, int bits, const char 
     shampoo_root_config cfg;
     shampoo_call call = {0};
     shampoo_cuda_env env;
+    shampoo_cuda_scope scope = {0};
     if (!PyArg_ParseTuple(args, "KOOOOOOOOOidddppLdd" "L", &stream, &o[0], &o[1], &o[2], &o[3],
                           &o[4], &o[5], &o[6], &o[7], &o[8], &method, &cfg.epsilon,
                           &cfg.exponent_multiplier, &cfg.bias_correction,
@@ -322,8 +341,8 @@ static PyObject *root_inverse(PyObject *m, PyObject *args, int bits, const char 
     cfg.max_iterations = max_iterations;
     cfg.order = order;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 9, bits) < 0 ||
-        shampoo_cuda_env_for(m, &call, stream, &call.views[0], &call.views[1], 1, &env) < 0)
-        return shampoo_call_failed(&call);
+        shampoo_cuda_env_for(m, &call, stream, &call.views[0], &call.views[1], 1, &env, &scope) < 0)
+        return failed(m, &scope, &call);
     shampoo_status st;
     Py_BEGIN_ALLOW_THREADS /* it waits for the device */
     st = bits == 32
@@ -334,7 +353,7 @@ static PyObject *root_inverse(PyObject *m, PyObject *args, int bits, const char 
                                         ptr(&call, 5), call.nblocks, ptr(&call, 6), &cfg,
                                         ptr(&call, 7), ptr(&call, 8));
     Py_END_ALLOW_THREADS
-    return done(&call, st, Py_NewRef(Py_None));
+    return done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
 /* workspace_bytes(op, stream, device, table_host, plan_host, bits) -> int: scratch bytes
@@ -350,6 +369,7 @@ static PyObject *workspace_bytes(PyObject *m, PyObject *args)
     unsigned long long stream;
     int device, bits;
     shampoo_call call = {0};
+    shampoo_cuda_scope scope = {0};
     if (!PyArg_ParseTuple(args, "sKiOOi:workspace_bytes", &op, &stream, &device, &o[0], &o[1],
                           &bits))
         return NULL;
@@ -357,12 +377,12 @@ static PyObject *workspace_bytes(PyObject *m, PyObject *args)
         return PyErr_Format(PyExc_ValueError, "workspace_bytes: bits must be 32 or 64");
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, "workspace_bytes", specs, o, 2,
                           bits) < 0)
-        return shampoo_call_failed(&call);
+        return failed(m, &scope, &call);
     const int64_t *table = ptr(&call, 0), *plan = ptr(&call, 1);
     if (shampoo_batch_plan_check(plan, call.views[1].numel, table, call.nblocks) != SHAMPOO_OK) {
         PyErr_SetString(PyExc_ValueError, "workspace_bytes: argument 'plan_host' is not the "
                         "batch plan of the table");
-        return shampoo_call_failed(&call);
+        return failed(m, &scope, &call);
     }
     size_t bytes = 0;
     shampoo_status st = SHAMPOO_OK;
@@ -375,14 +395,14 @@ static PyObject *workspace_bytes(PyObject *m, PyObject *args)
     } else if (strcmp(op, "root_inverse") == 0) {
         shampoo_cuda_env env;
         call.device_id = device;
-        if (shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 1, &env) < 0)
-            return shampoo_call_failed(&call);
+        if (shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 1, &env, &scope) < 0)
+            return failed(m, &scope, &call);
         st = shampoo_cuda_root_inverse_workspace(&env, table, call.nblocks, bits / 8, &bytes);
     } else {
         PyErr_Format(PyExc_ValueError, "workspace_bytes: unknown op '%s'", op);
-        return shampoo_call_failed(&call);
+        return failed(m, &scope, &call);
     }
-    return done(&call, st, PyLong_FromSize_t(bytes));
+    return done(m, &scope, &call, st, PyLong_FromSize_t(bytes));
 }
 
 SHAMPOO_TWINS(gather)

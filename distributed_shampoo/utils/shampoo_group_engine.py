@@ -396,7 +396,9 @@ class ShampooGroupEngine:
             if self.exchange is not None:
                 self.exchange.agree_on_device_failure(self.fail)
             self._fail_seen.copy_(self.fail, non_blocking=True)
-            self._fail_copied.record()
+            # on the stream the copy above ran on (the parameters' device), not the current
+            # device's: in a multi-GPU process they differ
+            self._fail_copied.record(torch.cuda.current_stream(self.device))
             self._fail_recorded = True
             if root_step:  # a root step waits for the device anyway: report at once
                 self._raise_device_failure(wait=True)

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The one prepared GPU check, for a machine lent for minutes: torch with CUDA preinstalled
+# (Python 3.12, torch 2.11+cu130, nvcc 13.0, NVIDIA's cuBLAS/cuSOLVER wheels), no internet.
+# Builds the package from this working tree (offline: no build isolation, no dependencies),
+# runs the CUDA kernel tests, the CUDA optimizer tests and benchmarks/bench_cuda.py, each
+# under its own timeout, and writes ONE report file: device, versions, commands, pass/fail
+# counts, the benchmark tables, and the tail of any failure. Whole run: under 8 minutes on an
+# H100/H200 (the timeouts below add up to 7.5 minutes at most).
+#
+# Usage: tools/gpu_check.sh [REPORT]   (default: $OUT/gpu_check_report.txt, else ./gpu_check_report.txt)
+# Exit: 0 all parts passed; 1 a part failed (see the report); 3 no GPU here (nothing run).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+REPORT=${1:-${OUT:-.}/gpu_check_report.txt}
+BUILD_TIMEOUT=${GPU_CHECK_BUILD_TIMEOUT:-180}
+TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-120}
+BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-120}
+
+# Refuse cleanly before building anything when there is no GPU to check.
+if ! "$PYTHON" - <<'EOF'
+import sys
+try:
+    import torch
+except Exception as exc:  # no torch at all
+    print(f"gpu_check: cannot import torch ({exc}); this check needs torch with CUDA", file=sys.stderr)
+    sys.exit(3)
+if torch.version.cuda is None or not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+    print(f"gpu_check: no CUDA GPU visible to torch (torch {torch.__version__}, CUDA build "
+          f"{torch.version.cuda}); refusing to run: this check is for a machine with a GPU",
+          file=sys.stderr)
+    sys.exit(3)
+EOF
+then
+    exit 3
+fi
+
+mkdir -p "$(dirname "$REPORT")"
+: >"$REPORT"
+say() { printf '%s\n' "$*" | tee -a "$REPORT"; }
+FAILED=0
+LOGDIR=$(mktemp -d)
+
+# part NAME TIMEOUT CMD...: runs one part, records its command, exit status and duration;
+# pytest summaries and benchmark output go into the report.
+part() {
+    local name=$1 limit=$2
+    shift 2
+    say ""
+    say "=== $name (timeout ${limit}s)"
+    say "\$ $*"
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" >"$LOGDIR/$name.log" 2>&1
+    local rc=$?
+    say "exit $rc after $((SECONDS - start))s$([ $rc -eq 124 ] && echo ' (TIMED OUT)')"
+    if [ $rc -ne 0 ]; then
+        FAILED=1
+    fi
+    return $rc
+}
+
+say "distributed-shampoo GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+say "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
+"$PYTHON" - <<'EOF' | tee -a "$REPORT"
+import platform, torch
+print(f"python {platform.python_version()}, torch {torch.__version__}, torch CUDA {torch.version.cuda}")
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"GPU {i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
+EOF
+say "nvcc: $(nvcc --version 2>/dev/null | tail -1 || echo 'not on PATH')"
+
+# Build from the working tree, offline: the machine has torch and no internet.
+if part build "$BUILD_TIMEOUT" env SHAMPOO_BUILD_CUDA=1 "$PYTHON" -m pip install \
+        --no-build-isolation --no-deps --no-index -e .; then
+    "$PYTHON" -c "from distributed_shampoo import _C_cuda, _backend; _backend._ensure_cuda_libraries(); print('built archs', _C_cuda.build_info()['archs'], '| libraries', _C_cuda.library_info())" 2>&1 | tee -a "$REPORT"
+else
+    tail -40 "$LOGDIR/build.log" | tee -a "$REPORT"
+    say "build failed: nothing else run"
+    say "RESULT: FAIL"
+    exit 1
+fi
+
+for t in test_cuda_kernels test_cuda_optimizer; do
+    part "$t" "$TEST_TIMEOUT" "$PYTHON" -m pytest -q -x -p no:cacheprovider "tests/$t.py"
+    rc=$?
+    grep -E "passed|failed|error|skipped" "$LOGDIR/$t.log" | tail -1 | sed 's/^/summary: /' | tee -a "$REPORT"
+    if [ $rc -ne 0 ]; then
+        tail -60 "$LOGDIR/$t.log" | tee -a "$REPORT"
+    fi
+done
+
+# Sized to fit its timeout on an H100/H200: few repeats, no --large models.
+part bench_cuda "$BENCH_TIMEOUT" "$PYTHON" benchmarks/bench_cuda.py --repeats 5 --warmup 2 \
+    --root-repeats 2 --root-counts 1 16 256
+cat "$LOGDIR/bench_cuda.log" >>"$REPORT"
+
+say ""
+say "RESULT: $([ $FAILED -eq 0 ] && echo PASS || echo FAIL)"
+say "report: $REPORT"
+rm -rf "$LOGDIR"
+exit $FAILED
