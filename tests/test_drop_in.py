@@ -34,7 +34,11 @@ from distributed_shampoo.shampoo_types import (
 from distributed_shampoo.utils.shampoo_distributor import hsdp_trainer_group
 from tests.test_atomicity import _failing_root_setup
 
-F64 = PrecisionConfig(*([torch.float64] * 6))
+F64 = PrecisionConfig(
+    computation_dtype=torch.float64, factor_matrix_dtype=torch.float64,
+    inv_factor_matrix_dtype=torch.float64, filtered_grad_dtype=torch.float64,
+    momentum_dtype=torch.float64, grafting_state_dtype=torch.float64,
+)
 PRECONDITIONER_LOGGER = "distributed_shampoo.utils.shampoo_preconditioner_list"
 
 
