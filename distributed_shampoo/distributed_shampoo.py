@@ -29,6 +29,7 @@ from distributed_shampoo.utils.shampoo_group_engine import ShampooGroupEngine
 from distributed_shampoo.utils.shampoo_hyperparameters import validate_group
 
 logger = logging.getLogger(__name__)
+preconditioner_logger = logging.getLogger("distributed_shampoo.utils.shampoo_preconditioner_list")
 
 _DISTRIBUTED_CONFIG_TYPES = (DDPShampooConfig, FSDPShampooConfig, FullyShardShampooConfig, HSDPShampooConfig)
 
@@ -112,7 +113,9 @@ class DistributedShampoo(torch.optim.Optimizer):
             logger.warning("preconditioner_dtype is deprecated. Please use precision_config instead.")
             defaults["precision_config"] = PrecisionConfig(factor_matrix_dtype=preconditioner_dtype)
         if distributed_config is not None and type(distributed_config) not in _DISTRIBUTED_CONFIG_TYPES:
-            raise NotImplementedError(f"distributed_config={distributed_config!r} not supported!")
+            raise NotImplementedError(f"self._distributed_config={distributed_config!r} not supported!")
+        if distributed_config is not None and hasattr(distributed_config, "__post_init__"):
+            distributed_config.__post_init__()  # a mutable config: fields may have changed
         super().__init__(params, defaults)
         distribution = plan_distribution(distributed_config, self.param_groups)
 
@@ -135,8 +138,8 @@ class DistributedShampoo(torch.optim.Optimizer):
             for param_index, blocks in engine.block_states().items():
                 self.state[group["params"][param_index]].update(blocks)
             self.state[group["params"][0]]["step"] = engine.step_count
-            if logger.isEnabledFor(logging.INFO):
-                _log_blocks(engine)
+            if preconditioner_logger.isEnabledFor(logging.INFO):
+                _log_blocks(engine, group["precision_config"].grafting_state_dtype)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -225,14 +228,21 @@ def _resolve_pt2_config(
     return config
 
 
-def _log_blocks(engine: ShampooGroupEngine) -> None:
-    layout = engine.layout
+def _log_blocks(engine: ShampooGroupEngine, grafting_dtype: torch.dtype) -> None:
+    """The reference's INFO records for every block of the group (all ranks' blocks), from
+    its preconditioner-list logger: Shampoo factors, then the diagonal grafting state."""
+    layout = engine.full_layout
+    shampoo, adagrad = [], []
     for b, key in enumerate(layout.block_keys):
         p = int(layout.block_param[b])
-        shape = layout.block_shapes[b]
-        param = engine.params[p]
-        factors = [((d, d), engine.factors.dtype) for d in shape]
-        logger.info(
-            f"Instantiated Shampoo Preconditioner {p}.{key} ({factors}) for Parameter {p} "
-            f"({param.shape}), Block {key} ({torch.Size(shape)})."
-        )
+        shape = torch.Size(layout.block_shapes[b])
+        where = f"for Parameter {p} ({engine.params[p].shape}), Block {key} ({shape})."
+        factors = [(torch.Size((d, d)), engine.factors.dtype) for d in shape]
+        shampoo.append(f"Instantiated Shampoo Preconditioner {p}.{key} ({factors}) {where}")
+        if engine.grafting.has_state:
+            adagrad.append(
+                f"Instantiated Adagrad Preconditioner {p}.{key} ({shape} with dtype "
+                f"{grafting_dtype}) {where}"
+            )
+    for record in shampoo + adagrad:
+        preconditioner_logger.info(record)

@@ -1,18 +1,19 @@
 """Root-inverse configurations (SPEC B §1.6): which algorithm computes each factor's inverse root.
 
-Dispatch is by exact type (``type(cfg) is EigenConfig``), as in the reference, so a subclass is
+Plain mutable dataclasses, as in the reference. Dispatch is by exact type
+(``type(cfg) is EigenConfig``), as in the reference, so a subclass is
 an unknown config and is rejected at construction.
 """
 
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class RootInvConfig:
     """Base of the root-inverse configs; on its own it names no algorithm."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class EigenConfig(RootInvConfig):
     """Symmetric eigendecomposition (LAPACK syevd), SPEC B §5.3."""
 
@@ -23,7 +24,7 @@ class EigenConfig(RootInvConfig):
 DefaultEigenConfig = EigenConfig()
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class CoupledNewtonConfig(RootInvConfig):
     """Coupled inverse Newton iteration, SPEC B §5.4."""
 
@@ -35,7 +36,7 @@ class CoupledNewtonConfig(RootInvConfig):
         _check_tolerance(self.tolerance)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class CoupledHigherOrderConfig(RootInvConfig):
     """Coupled higher-order iteration with relative epsilon, SPEC B §5.5.
 

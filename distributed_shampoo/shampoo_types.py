@@ -1,7 +1,9 @@
 """Public configuration types and state-key constants (SPEC B §1.5).
 
-The grafting, precision and distributed configs validate themselves on construction, so a
-bad value is reported where it was written, not at the first step.
+The grafting, precision and distributed configs are plain mutable dataclasses, as in the
+reference. They validate themselves on construction (so a bad value is reported where it was
+written) and the optimizer validates them again when it reads them (a field may have been
+assigned in between).
 """
 
 import enum
@@ -89,12 +91,14 @@ class FSDPParameterMetadata:
     sharding_strategy: Any
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass
 class PrecisionConfig:
     """Storage dtype of each state and the dtype of the step's arithmetic (SPEC B §6).
 
     The C kernels compute in float32 or float64; a float16/bfloat16 ``computation_dtype``
     is carried out in float32 (more accurate, never less), states keep their storage dtypes.
+    A plain mutable dataclass as in the reference: the optimizer validates it again when it
+    reads it, since a field may have been assigned after construction.
     """
 
     computation_dtype: torch.dtype = torch.float32
@@ -184,17 +188,22 @@ class ShampooPT2CompileConfig:
     enable_shampoo_pt2_dynamic_shape: bool | None = False
 
 
-@dataclass(init=False, frozen=True)
+@dataclass(init=False)
 class GraftingConfig(AbstractDataclass):
-    """Which first-order method provides the per-block step size (SPEC B §4.8)."""
+    """Which first-order method provides the per-block step size (SPEC B §4.8).
+
+    As in the reference, every concrete grafting config derives from GraftingConfig alone
+    (AdamGraftingConfig is no RMSpropGraftingConfig), so positional fields are exactly the
+    class's own: (epsilon,) for AdaGrad, (beta2, epsilon) for RMSprop and Adam.
+    """
 
 
-@dataclass(frozen=True)
+@dataclass
 class SGDGraftingConfig(GraftingConfig):
     """graft(G) = G."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class AdaGradGraftingConfig(GraftingConfig):
     """graft(G) = G / (sqrt(sum of G^2) + epsilon)."""
 
@@ -204,27 +213,33 @@ class AdaGradGraftingConfig(GraftingConfig):
         _check_grafting_epsilon(self.epsilon)
 
 
-@dataclass(frozen=True)
-class RMSpropGraftingConfig(AdaGradGraftingConfig):
+@dataclass
+class RMSpropGraftingConfig(GraftingConfig):
     """graft(G) = G / (sqrt(EMA of G^2) + epsilon), no bias correction."""
 
     beta2: float = 0.99
     epsilon: float = 1e-8
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.beta2 <= 1.0:
-            raise ValueError(
-                f"Invalid grafting beta2 parameter: {self.beta2}. Must be in (0.0, 1.0]."
-            )
+        _check_grafting_beta2(self.beta2)
         _check_grafting_epsilon(self.epsilon)
 
 
-@dataclass(frozen=True)
-class AdamGraftingConfig(RMSpropGraftingConfig):
+@dataclass
+class AdamGraftingConfig(GraftingConfig):
     """graft(G) = G / (sqrt(bias-corrected EMA of G^2) + epsilon)."""
 
     beta2: float = 0.999
     epsilon: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check_grafting_beta2(self.beta2)
+        _check_grafting_epsilon(self.epsilon)
+
+
+def _check_grafting_beta2(beta2: float) -> None:
+    if not 0.0 < beta2 <= 1.0:
+        raise ValueError(f"Invalid grafting beta2 parameter: {beta2}. Must be in (0.0, 1.0].")
 
 
 def _check_grafting_epsilon(epsilon: float) -> None:

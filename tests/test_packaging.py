@@ -2,15 +2,17 @@
 virtual environment, imported and run from a directory outside the checkout, and holding no
 top-level module besides the package.
 
-The venv sees the system site-packages (torch, numpy, scipy and threadpoolctl are not
-reinstalled: a fresh torch would take minutes), which also hold the editable install of this
-checkout; the test checks that the venv's own copy is the one imported. Skip it with
+The venv sees the site-packages of the environment running the tests, a virtualenv or the
+system's (torch, numpy, scipy and threadpoolctl are not reinstalled: a fresh torch would take
+minutes), which also hold the editable install of this checkout; the test checks that the
+venv's own copy is the one imported. Skip it with
 `-m "not slow"` (marker registered in pyproject.toml); it runs by default.
 """
 
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import textwrap
@@ -78,6 +80,21 @@ def _clean_env() -> dict:
     return env
 
 
+def _see_active_environment(python: Path) -> None:
+    """Lets the venv import what the environment running the tests has (torch, pip, ...).
+
+    venv's system_site_packages means the *base* interpreter's site-packages; when the tests
+    run inside a virtualenv or conda env, torch lives in that environment's site-packages
+    instead. Plain directory lines in a .pth file append those directories after the venv's
+    own site-packages (so the installed wheel still comes first) without running their .pth
+    files, so the checkout's editable install stays invisible.
+    """
+    script = "import json, site; print(json.dumps(site.getsitepackages()))"
+    own = json.loads(_run([str(python), "-c", script], env=_clean_env(), timeout=60).stdout)
+    active = [d for d in site.getsitepackages() if Path(d).is_dir()]
+    (Path(own[0]) / "_active_environment.pth").write_text("".join(f"{d}\n" for d in active))
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """A wheel built without build isolation (setuptools and wheel are installed here)."""
@@ -112,8 +129,7 @@ def test_wheel_holds_only_the_package(wheel: Path) -> None:
 @pytest.mark.slow
 def test_wheel_installs_and_steps_outside_the_checkout(wheel: Path, tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
-    python = env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    python = _make_venv(env_dir)
     env = _clean_env()
     # The system's pip, run by the venv's interpreter, installs into the venv. --ignore-installed:
     # never touch (or be satisfied by) the checkout's editable install in the system site.
@@ -132,3 +148,26 @@ def test_wheel_installs_and_steps_outside_the_checkout(wheel: Path, tmp_path: Pa
         )
         assert ROOT not in where.parents, where
     assert report["changed"] and report["finite"], report
+
+
+def _make_venv(env_dir: Path) -> Path:
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python = env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    _see_active_environment(python)
+    return python
+
+
+def test_venv_sees_the_active_environments_packages(tmp_path: Path) -> None:
+    """Run inside a virtualenv, the inner venv must see that virtualenv's site-packages (where
+    torch is), not only the base interpreter's; the venv's own site-packages come first."""
+    python = _make_venv(tmp_path / "venv")
+    script = "import json, sys; print(json.dumps(sys.path))"
+    inner = json.loads(_run([str(python), "-c", script], env=_clean_env(), timeout=60).stdout)
+    inner = [str(Path(p).resolve()) for p in inner]
+    own = str((tmp_path / "venv").resolve())
+    for directory in site.getsitepackages():
+        if Path(directory).is_dir():
+            resolved = str(Path(directory).resolve())
+            assert resolved in inner, (resolved, inner)
+            first_own = next(i for i, p in enumerate(inner) if p.startswith(own))
+            assert first_own < inner.index(resolved), inner

@@ -277,7 +277,7 @@ def test_grafting_config_defaults() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass
 class _UnknownGrafting(GraftingConfig):
     epsilon: float = 1e-3
 

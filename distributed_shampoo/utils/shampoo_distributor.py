@@ -40,8 +40,14 @@ def _is_flat_parameter(tensor: torch.Tensor) -> bool:
 
 def _require_process_group(config: DistributedConfig) -> None:
     if not dist.is_available() or not dist.is_initialized():
+        # HSDP: the reference's text first (users match on it), then how to fix it.
+        prefix = (
+            "HSDPDistributor needs torch.distributed to be initialized! "
+            if type(config) is HSDPShampooConfig
+            else ""
+        )
         raise RuntimeError(
-            f"{type(config).__name__} needs torch.distributed to be initialized: call "
+            f"{prefix}{type(config).__name__} needs torch.distributed to be initialized: call "
             "torch.distributed.init_process_group(...) before constructing DistributedShampoo."
         )
 
@@ -90,9 +96,9 @@ def hsdp_trainer_group(config: HSDPShampooConfig) -> DDPPlacement:
         )
     size = replicas if n == -1 else n
     if replicas % size != 0:
-        raise ValueError(
-            f"distributed_config.num_trainers_per_group={n} must divide the replicate dimension "
-            f"size {replicas} of device_mesh."
+        raise ValueError(  # the reference's text; the size is device_mesh's replicate dim
+            f"distributed_config.num_trainers_per_group={n} must divide "
+            f"self._replicated_group_size={replicas}!"
         )
     rank = dist.get_rank()
     mine: DDPPlacement | None = None

@@ -38,6 +38,7 @@ from distributed_shampoo.utils.shampoo_block_layout import (
 )
 from distributed_shampoo.utils.shampoo_ddp_distributor import DDPExchange, DDPPlacement
 from distributed_shampoo.utils.shampoo_residuals import log_root_inverse_residuals
+from distributed_shampoo.utils.shampoo_root_status import log_non_diagonal, report_root_statuses
 from distributed_shampoo.utils.shampoo_scalars import (
     first_moment_bias_correction,
     fl32,
@@ -45,7 +46,6 @@ from distributed_shampoo.utils.shampoo_scalars import (
 )
 
 logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
-
 _ROOT_OK = (_backend.ROOT_OK, _backend.ROOT_MAX_ITERS, _backend.ROOT_RETRIED_DOUBLE)
 
 
@@ -105,13 +105,18 @@ class GraftingSpec:
     """What a grafting config means for the kernels (SPEC B §4.5, §4.8)."""
 
     def __init__(self, config: Any) -> None:
-        self.has_state = isinstance(config, AdaGradGraftingConfig)
+        # isinstance, as the reference dispatches (a user's subclass of AdamGraftingConfig is
+        # Adam); the three diagonal configs are unrelated classes.
+        self.has_state = isinstance(
+            config, (AdaGradGraftingConfig, RMSpropGraftingConfig, AdamGraftingConfig)
+        )
         self.kind = "none" if config is None else ("diagonal" if self.has_state else "sgd")
         self.epsilon = float(config.epsilon) if self.has_state else 0.0
         # AdaGrad sums (beta2 = 1); RMSprop and Adam average; only Adam bias-corrects.
-        self.beta2 = float(config.beta2) if isinstance(config, RMSpropGraftingConfig) else 1.0
+        averaged = isinstance(config, (RMSpropGraftingConfig, AdamGraftingConfig))
+        self.beta2 = float(config.beta2) if averaged else 1.0
         self.bias_corrected = isinstance(config, AdamGraftingConfig) and self.beta2 < 1.0
-        assert config is None or isinstance(config, (SGDGraftingConfig, AdaGradGraftingConfig))
+        assert config is None or self.has_state or isinstance(config, SGDGraftingConfig)
 
 
 class ShampooGroupEngine:
@@ -140,6 +145,14 @@ class ShampooGroupEngine:
         self.num_threads = max(1, torch.get_num_threads())
         self.device = self._common_device(self.params)
         precision: PrecisionConfig = group["precision_config"]
+        # A non-integer root r (eigen method only, validated) applies -exponent_multiplier / r
+        # to the spectrum: the table's integer root is 1 and the multiplier is divided by r,
+        # which gives the same alpha bit for bit.
+        override = group["inv_root_override"]
+        fractional = isinstance(override, float) and not override.is_integer()
+        self.exponent_multiplier = float(group["exponent_multiplier"])
+        if fractional:
+            self.exponent_multiplier /= override
         # All blocks of the group; this engine keeps state for, and computes, its own blocks:
         # all of them, or under DDP the ones this rank owns.
         self.full_layout = build_block_layout(
@@ -147,7 +160,7 @@ class ShampooGroupEngine:
             pieces if pieces is not None else whole_tensors([tuple(t.shape) for t in self.locals]),
             group["max_preconditioner_dim"],
             group["use_merge_dims"],
-            group["inv_root_override"],
+            1 if fractional else override,
             key_prefix,
         )
         owners = ddp.owners(self.full_layout) if ddp is not None else None
@@ -158,7 +171,6 @@ class ShampooGroupEngine:
         # Read once at construction (SPEC B §1.4).
         self.beta2 = float(group["betas"][1])
         self.epsilon = float(group["epsilon"])
-        self.exponent_multiplier = float(group["exponent_multiplier"])
         self.shampoo_bias_correction = bool(group["use_bias_correction"]) and self.beta2 < 1.0
         self.root_kwargs = root_method_kwargs(group["root_inv_config"])
         self.grafting = GraftingSpec(group["grafting_config"])
@@ -307,11 +319,12 @@ class ShampooGroupEngine:
     # ------------------------------------------------------------------------------ step
     def _set_active(self, active_params: tuple[bool, ...]) -> None:
         if self._active_params is not None and int(self.step_count) >= 1:
+            # The reference's text, verbatim (users filter on it), although no PT2 graph is
+            # recompiled here: blocks of parameters without gradients are left untouched.
             logger.warning(
-                "The set of parameters with gradients changed from the previous step in param "
-                f"group {self.group_index} (some gradients are None). Blocks of parameters "
-                "without gradients are left untouched; if this is not intended, check the data "
-                "and/or model."
+                "PT2 will recompile because the gradient selction of model parameters have "
+                "changed from the previous step. Possible reasons include some gradients are "
+                "None. If this is not intended, please check the data and/or model."
             )
         self._active_params = active_params
         per_param = np.asarray(active_params, dtype=np.uint8)
@@ -415,6 +428,7 @@ class ShampooGroupEngine:
                 bias_correction=bias_correction, is_diagonal=self.diagonal_work,
                 status_out=self.root_status, num_threads=self.num_threads, **self.root_kwargs,
             )
+            log_non_diagonal(self.layout, self.diagonal, self.diagonal_work)
             self._check_roots()
         return StepPlan(t, root_step, bias_correction, param_blocks)
 
@@ -612,28 +626,5 @@ class ShampooGroupEngine:
                     "optimizer state are unchanged. To mitigate, check the gradients, lower the "
                     "learning rate, or use a higher-precision factor_matrix_dtype."
                 )
-        failed = np.flatnonzero(status == _backend.ROOT_FAILED)
-        if failed.size and not self.use_protected_eigh:
-            raise RuntimeError(
-                f"Matrix inverse root computation failed for factor matrix {where(int(failed[0]))}. "
-                "The step was not taken; parameters and optimizer state are unchanged "
-                "(use_protected_eigh=True keeps the previous inverse root instead)."
-            )
-        for factor in failed:
-            logger.warning(
-                f"Matrix inverse root computation failed for factor matrix {where(int(factor))}. "
-                "Using previous inv_factor_matrix and continuing..."
-            )
-        for factor in np.flatnonzero(status == _backend.ROOT_RETRIED_DOUBLE):
-            logger.warning(
-                f"Failed to compute eigendecomposition in {self.shampoo_dtype} precision for factor "
-                f"matrix {where(int(factor))}! Retried in double precision, which succeeded."
-            )
-        if np.any(status == _backend.ROOT_MAX_ITERS):
-            method = self.root_kwargs["method"]
-            logging.warning(
-                "Newton did not converge and reached maximum number of iterations!"
-                if method == "newton"
-                else "Higher order method did not converge and reached maximum number of iterations!"
-            )
+        report_root_statuses(status, where, self.root_kwargs, self.shampoo_dtype, self.use_protected_eigh)
         self.root_commit.copy_(torch.from_numpy(np.isin(status, _ROOT_OK).astype(np.uint8)))

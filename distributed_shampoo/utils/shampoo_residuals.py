@@ -41,11 +41,11 @@ def root_inverse_residuals(
 
 
 def log_root_inverse_residuals(engine: Any, bias_correction: float) -> None:
-    logger.debug(f"Group Index: {engine.group_index}")
     expected = _EXPECTED_ERROR.get(engine.inv_factors.dtype)
-    if expected is None:
+    if expected is None:  # before "Group Index", as the reference skips the group
         logger.warning("Expected relative error/residual not supported for precision lower than float32.")
         return
+    logger.debug(f"Group Index: {engine.group_index}")
     logger.debug(f"Expect Relative Error <= {expected}")
     table = engine.layout.table.numpy()
     active = engine.active.cpu().numpy()
@@ -71,10 +71,16 @@ def log_root_inverse_residuals(engine: Any, bias_correction: float) -> None:
             residuals.append(residual)
     if not errors:
         return
-    quantiles = [0.0, 0.25, 0.5, 0.75, 1.0]
-    for name, values in (("Relative Error", errors), ("Relative Residual", residuals)):
-        values_np = np.asarray(values)
-        logger.debug(
-            f"{name}: mean={values_np.mean():.3e}, quantiles {quantiles} = "
-            f"{np.quantile(values_np, quantiles, method='nearest').tolist()}"
-        )
+    # The reference's records, verbatim: float64 tensors printed as torch prints them.
+    errors_t = torch.tensor(errors, dtype=torch.float64)
+    residuals_t = torch.tensor(residuals, dtype=torch.float64)
+    quantiles = torch.tensor([0, 0.25, 0.5, 0.75, 1], dtype=torch.float64)
+    logger.debug(
+        f"Relative Error (||X - X_hat||_inf / ||X||_inf)       Average: {torch.mean(errors_t)}, "
+        f"Quantiles [0, 25, 50, 75, 100]: {torch.quantile(errors_t, quantiles, interpolation='nearest')}"
+    )
+    logger.debug(
+        f"Relative Residual (||X_hat^-r - A||_inf / ||A||_inf) Average: {torch.mean(residuals_t)}, "
+        "Quantiles [0, 25, 50, 75, 100]: "
+        f"{torch.quantile(residuals_t, quantiles, interpolation='nearest')}"
+    )

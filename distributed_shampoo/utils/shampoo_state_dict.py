@@ -85,7 +85,7 @@ def _check_param_state(
         if key not in loaded:
             about = sharded if sharded is not None and not _is_sharded(optimizer) else key
             raise KeyError(
-                f"Key {key} not found in state dict to load (parameter {name})."
+                f"Key {key} not found in state dict to load. (parameter {name})"
                 + _hint(optimizer, about)
             )
     for key, value in loaded.items():
@@ -375,7 +375,7 @@ def _prepare_distributed(
             logger.warning(message)
             continue
         if param not in optimizer.state:
-            message = f"Parameter {key} (shape {tuple(param.shape)}) not found in state!"
+            message = f"Parameter {param} not found in state!"  # the reference's text
             sample = next(iter(flat), None) if isinstance(flat, Mapping) else None
             if isinstance(sample, str) and (sample.startswith('["rank_') or _is_sharded(optimizer)):
                 message += (
@@ -387,14 +387,9 @@ def _prepare_distributed(
             logger.warning(message)
             continue
         checks.append((key, flatten(optimizer.state[param]), flat))
-    if enable_missing_key_check:
-        for group in optimizer.param_groups:
-            for p in group[PARAMS]:
-                key = param_to_key.get(p)
-                if p in optimizer.state and key is not None and key not in loaded_states:
-                    raise KeyError(
-                        f"Parameter {key} has optimizer state but none in the checkpoint."
-                    )
+    # A checkpoint that covers only some parameters loads those and leaves the others as
+    # they are, as in the reference; missing keys inside a covered parameter's state still
+    # raise (_check_param_state).
     hyperparameters: list[tuple[dict[str, Any], Mapping[str, Any]]] = []
     if save_param_groups:
         loaded_groups = state_dict.get("param_groups")
