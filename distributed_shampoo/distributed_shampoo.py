@@ -27,6 +27,7 @@ from distributed_shampoo.utils import shampoo_state_dict
 from distributed_shampoo.utils.shampoo_distributor import plan_distribution
 from distributed_shampoo.utils.shampoo_group_engine import ShampooGroupEngine
 from distributed_shampoo.utils.shampoo_hyperparameters import validate_group
+from distributed_shampoo.utils.shampoo_step_checks import check_constructor_params
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class DistributedShampoo(torch.optim.Optimizer):
         if distributed_config is not None and type(distributed_config) not in _DISTRIBUTED_CONFIG_TYPES:
             raise NotImplementedError(f"distributed_config={distributed_config!r} not supported!")
         super().__init__(params, defaults)
+        check_constructor_params(self.param_groups)
         distribution = plan_distribution(distributed_config, self.param_groups)
 
         self._distributed_config = distributed_config

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from distributed_shampoo.utils.shampoo_hyperparameters import validate_group
@@ -144,7 +145,8 @@ def read_step_scalars(values: dict[str, Any], step: int, grafting_bias_corrected
     beta1 = float(values["betas"][0])
     beta3 = float(values["beta3"])
     grafting_on = values["grafting_config"] is not None
-    lr = fl32(values["lr"])
+    with np.errstate(over="ignore"):  # an lr beyond float32 is refused just below
+        lr = fl32(values["lr"])
     if not math.isfinite(lr):
         raise ValueError(f"{where}Invalid learning rate: lr={values['lr']}. Must be finite in float32.")
     bc1 = 1.0
