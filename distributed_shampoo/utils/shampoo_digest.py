@@ -8,10 +8,13 @@ catch swapped words within a chunk. It runs as torch integer ops at memory speed
 percent of save/load time; benchmarks/bench_digest.py).
 
 Use: state["optim_digests"] = state_digests(state["optim"]) next to the optimizer state when
-saving; after loading, verify_digests(state["optim"], state["optim_digests"]) before
-load_distributed_state_dict. Works for distributed_state_dict() and state_dict() output.
+saving (a JSON string: DCP stores it as one small object, and a load asks for it with any
+placeholder value, e.g. ""); after loading, verify_digests(state["optim"],
+state["optim_digests"]) before load_distributed_state_dict. Works for distributed_state_dict()
+and state_dict() output.
 """
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,24 +60,34 @@ def _walk(tree: Mapping[str, Any], prefix: str = ""):
             yield name, value
 
 
-def state_digests(optimizer_state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """{dotted key: int64 digest} for every tensor under optimizer_state["state"]."""
-    return {name: tensor_digest(t) for name, t in _walk(optimizer_state["state"])}
+def state_digests(optimizer_state: Mapping[str, Any]) -> str:
+    """JSON {dotted key: int64 digest} of every tensor under optimizer_state["state"]."""
+    digests = {name: tensor_digest(t) for name, t in _walk(optimizer_state["state"])}
+    return json.dumps({name: int(d) for name, d in digests.items()}, sort_keys=True)
 
 
-def verify_digests(optimizer_state: Mapping[str, Any], digests: Mapping[str, Any]) -> None:
-    """ValueError naming the first state tensor whose digest differs from the saved one (or
-    that has none, or a saved digest without its tensor). Changes nothing."""
-    tensors = dict(_walk(optimizer_state["state"]))
-    missing = sorted(set(tensors) ^ set(digests))
-    if missing:
+def verify_digests(optimizer_state: Mapping[str, Any], digests: str) -> None:
+    """ValueError naming the first loaded state tensor whose digest differs from the saved one
+    (or that has none). Changes nothing. Saved digests of keys that were not loaded are
+    ignored: load_distributed_state_dict reports missing keys itself."""
+    try:
+        saved_digests = json.loads(digests)
+    except (TypeError, ValueError):
+        saved_digests = None
+    if not isinstance(saved_digests, dict):
         raise ValueError(
-            f"Checkpoint integrity check failed: optimizer state key {missing[0]!r} has "
-            f"{'no saved digest' if missing[0] in tensors else 'a digest but no tensor'}; the "
-            "checkpoint is incomplete or was not saved with state_digests(). Nothing was loaded."
+            "Checkpoint integrity check failed: the saved optimizer state digests are missing "
+            "or unreadable (was the checkpoint saved with state_digests()?). Nothing was loaded."
         )
+    tensors = dict(_walk(optimizer_state["state"]))
     for name, t in tensors.items():
-        saved = digests[name]
+        saved = saved_digests.get(name)
+        if saved is None:
+            raise ValueError(
+                f"Checkpoint integrity check failed: optimizer state key {name!r} has no saved "
+                "digest; the checkpoint is incomplete or was not saved with state_digests(). "
+                "Nothing was loaded."
+            )
         if int(tensor_digest(t)) != int(saved):
             raise ValueError(
                 f"Checkpoint integrity check failed for optimizer state key {name!r}: its "
