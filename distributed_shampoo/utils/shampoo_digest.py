@@ -40,8 +40,10 @@ def tensor_digest(tensor: torch.Tensor) -> torch.Tensor:
         t = t.to_local()  # a DTensor: this rank's shard, as DCP saves it
     raw = t.contiguous().reshape(-1).view(torch.uint8)
     nbytes = raw.numel()
-    if nbytes % 8:
-        raw = torch.cat([raw, raw.new_zeros(8 - nbytes % 8)])
+    if nbytes % 8 or raw.storage_offset() % 8:  # a view into a flat buffer: copy, zero-padded
+        padded = raw.new_zeros(nbytes + (-nbytes) % 8)
+        padded[:nbytes] = raw
+        raw = padded
     words = raw.view(torch.int64)
     weights = _weights_on(words.device)
     total = torch.tensor(nbytes, dtype=torch.int64, device=words.device) * _GOLDEN
