@@ -18,7 +18,12 @@ from test_atomicity import assert_bitwise_equal
 from distributed_shampoo.distributed_shampoo import DistributedShampoo
 from distributed_shampoo.matrix_functions_types import CoupledHigherOrderConfig
 from distributed_shampoo.shampoo_types import AdamGraftingConfig, PrecisionConfig
-from distributed_shampoo.utils.shampoo_digest import state_digests, tensor_digest, verify_digests
+from distributed_shampoo.utils.shampoo_digest import (
+    state_digests,
+    tensor_digest,
+    verify_digests,
+    weighted_digest,
+)
 
 
 def _trained(seed: int = 0, **kwargs):
@@ -49,18 +54,20 @@ def test_state_dict_loads_with_weights_only() -> None:
     assert_bitwise_equal(opt.state_dict()["state"], other.state_dict()["state"])
 
 
-def test_every_single_bit_flip_changes_the_digest() -> None:
+@pytest.mark.parametrize("digest", [tensor_digest, lambda t: weighted_digest(t.view(torch.uint8))])
+def test_every_single_bit_flip_changes_the_digest(digest) -> None:
+    """CRC-32 (CPU) and the weighted sum (used on other devices, run here on CPU)."""
     t = torch.randn(33)  # 132 bytes: a partial last word too
-    reference = int(tensor_digest(t))
+    reference = digest(t)
     words = t.view(torch.int32)
     for i in range(words.numel()):
         for bit in range(32):
             flipped = words.clone()
             flipped[i] ^= (1 << bit) if bit < 31 else -(1 << 31)
-            assert int(tensor_digest(flipped.view(torch.float32))) != reference, (i, bit)
+            assert digest(flipped.view(torch.float32)) != reference, (i, bit)
     swapped = t.clone()
     swapped[[0, 1]] = swapped[[1, 0]]
-    assert int(tensor_digest(swapped)) != reference
+    assert digest(swapped) != reference
 
 
 def test_verify_digests_names_the_corrupted_key() -> None:
