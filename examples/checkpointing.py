@@ -3,6 +3,7 @@ of the model, the optimizer (DistributedShampoo's distributed state dict, or tor
 step and each rank's RNG state."""
 
 import argparse
+import json
 import logging
 import random
 import shutil
@@ -68,7 +69,7 @@ class Checkpointer:
         state: Dict[str, Any] = {"model": get_model_state_dict(self.model)}
         if isinstance(self.optimizer, DistributedShampoo):
             state["optim"] = self.optimizer.distributed_state_dict(key_to_param=named_parameters(self.model))
-            state["optim_digests"] = state_digests(state["optim"])
+            state["optim_digests"] = _all_ranks_digests(state["optim"])
         else:
             state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
         state["progress"] = {
@@ -124,7 +125,7 @@ class Checkpointer:
         dcp.load(state, checkpoint_id=str(path), planner=ShampooLoadPlanner() if shampoo else None)
         _check_model_state(live_model, state["model"])
         if shampoo:
-            verify_digests(state["optim"], state["optim_digests"])
+            _verify_on_every_rank(state["optim"], state["optim_digests"])
             # validates everything before changing anything; the model was checked above
             self.optimizer.load_distributed_state_dict(
                 state["optim"], key_to_param=named_parameters(self.model)
@@ -204,3 +205,34 @@ def _set_plain_rng_states(rng: Dict[str, Any]) -> None:
     random.setstate((version, tuple(int(w) for w in words.tolist()), gauss))
     name, keys, pos, has_gauss, cached = rng["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _all_ranks_digests(optim: Dict[str, Any]) -> str:
+    """Every rank's digests merged (each rank saves its own blocks; keys never collide), so
+    the one copy DCP keeps of this non-tensor entry covers every rank's state."""
+    text = state_digests(optim)
+    if not dist.is_initialized():
+        return text
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, text)
+    merged: Dict[str, int] = {}
+    for part in parts:
+        merged.update(json.loads(part))
+    return json.dumps(merged, sort_keys=True)
+
+
+def _verify_on_every_rank(optim: Dict[str, Any], digests: str) -> None:
+    """verify_digests on each rank; every rank raises if any rank's check failed."""
+    error = None
+    try:
+        verify_digests(optim, digests)
+    except ValueError as caught:
+        error = caught
+    if dist.is_initialized():
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        failed = torch.tensor([error is not None], dtype=torch.int64, device=device)
+        dist.all_reduce(failed)
+        if int(failed) and error is None:
+            raise ValueError("Checkpoint integrity check failed on another rank (that rank names the key).")
+    if error is not None:
+        raise error
