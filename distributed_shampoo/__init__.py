@@ -24,6 +24,10 @@ from distributed_shampoo.shampoo_types import (
     SGDGraftingConfig,
     ShampooPT2CompileConfig,
 )
+from distributed_shampoo.utils.shampoo_safe_globals import register as _register_safe_globals
+
+# optimizer.state_dict() holds the config dataclasses: let torch.load(weights_only=True) read them
+_register_safe_globals()
 
 __all__: list[str] = [
     "AdaGradGraftingConfig",

@@ -382,22 +382,26 @@ def validate_table(
 def gather(
     grad_blocks: Any, param_blocks: Any | None, grad_flat: Any, param_flat: Any | None,
     table: Any, active: Any, l2_weight_decay: float, *, step: int = 0, fail: Any = None,
+    sq_norms: Any = None,
 ) -> int:
     """Param-layout gradient (and parameter) into block layout, plus L2 decay (SPEC §4.3).
     Returns the first active block whose gradient holds NaN/Inf, or -1. On CUDA the host
     does not wait for that answer: `fail` (new_failure_flag) records it for step `step`
-    instead, and -1 is returned."""
+    instead, and -1 is returned. `sq_norms` (float64, one per block, optional) receives each
+    block's ||G||_F^2 summed in double (0 for inactive blocks)."""
     args = (grad_blocks, param_blocks, grad_flat, param_flat, _host_table(table), active)
     _checked("gather", ("grad_blocks", "param_blocks", "grad_flat", "param_flat", "table",
                         "active"), args)
+    if sq_norms is not None:
+        _check("gather", "sq_norms", sq_norms)
     kernel = _entry("gather", "grad_blocks", grad_blocks)
     if not _is_cuda(grad_blocks):
-        return kernel(*args, float(l2_weight_decay))
+        return kernel(*args, float(l2_weight_decay), sq_norms)
     kt = _cuda_table("gather", table, grad_blocks)
     if fail is None:
         raise ValueError("gather: argument 'fail' (new_failure_flag) is required for CUDA tensors")
     kernel(_stream(grad_blocks.device), grad_blocks, param_blocks, grad_flat, param_flat,
-           kt.device_table, kt.host, active, fail, float(l2_weight_decay), int(step))
+           kt.device_table, kt.host, active, fail, float(l2_weight_decay), int(step), sq_norms)
     return -1
 
 

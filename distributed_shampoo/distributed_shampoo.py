@@ -27,6 +27,7 @@ from distributed_shampoo.utils import shampoo_state_dict
 from distributed_shampoo.utils.shampoo_distributor import plan_distribution
 from distributed_shampoo.utils.shampoo_group_engine import ShampooGroupEngine
 from distributed_shampoo.utils.shampoo_hyperparameters import validate_group
+from distributed_shampoo.utils.shampoo_step_checks import check_constructor_params
 
 logger = logging.getLogger(__name__)
 preconditioner_logger = logging.getLogger("distributed_shampoo.utils.shampoo_preconditioner_list")
@@ -117,6 +118,7 @@ class DistributedShampoo(torch.optim.Optimizer):
         if distributed_config is not None and hasattr(distributed_config, "__post_init__"):
             distributed_config.__post_init__()  # a mutable config: fields may have changed
         super().__init__(params, defaults)
+        check_constructor_params(self.param_groups)
         distribution = plan_distribution(distributed_config, self.param_groups)
 
         self._distributed_config = distributed_config

@@ -21,15 +21,22 @@
  * grad_flat, param_flat: param layout. grad_blocks, param_blocks: block layout.
  * param_flat may be NULL only if param_blocks is NULL and l2_weight_decay == 0.
  * *first_nonfinite_block: index of the first active block whose gradient (after L2) holds a
- * NaN or Inf, or -1. */
+ * NaN or Inf, or -1.
+ * sq_norms (NULL: not wanted): nblocks doubles; sq_norms[b] <- ||G_b||_F^2 (after L2), summed
+ * in double from the values stored in grad_blocks, for active blocks (0 for inactive ones).
+ * It is the trace that the factor update adds to every factor of the block (before its
+ * (1 - beta2) weight), so the caller can prove before any write that no new factor entry
+ * overflows: for PSD F, |F_ij| <= trace(F) (the no-overflow check of the engine). */
 shampoo_status shampoo_gather_f32(float *grad_blocks, float *param_blocks,
                                   const float *grad_flat, const float *param_flat,
                                   const int64_t *table, int64_t nblocks, const uint8_t *active,
-                                  double l2_weight_decay, int64_t *first_nonfinite_block);
+                                  double l2_weight_decay, int64_t *first_nonfinite_block,
+                                  double *sq_norms);
 shampoo_status shampoo_gather_f64(double *grad_blocks, double *param_blocks,
                                   const double *grad_flat, const double *param_flat,
                                   const int64_t *table, int64_t nblocks, const uint8_t *active,
-                                  double l2_weight_decay, int64_t *first_nonfinite_block);
+                                  double l2_weight_decay, int64_t *first_nonfinite_block,
+                                  double *sq_norms);
 
 /* block(flat) <- blocks for every active block: the inverse of gather's block copy. Used to
  * write gathered DDP updates (block layout, every rank's blocks) into the parameters' layout.

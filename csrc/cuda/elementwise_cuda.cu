@@ -66,7 +66,7 @@ template <typename real>
 __global__ static void gather_kernel(real *grad_blocks, real *param_blocks,
                                      const real *grad_flat, const real *param_flat,
                                      const int64_t *table, const uint8_t *active, int use_l2,
-                                     real wd, int64_t step, int64_t *fail)
+                                     real wd, int64_t step, int64_t *fail, double *sq_norms)
 {
     const int64_t b = blockIdx.x;
     if (!active[b])
@@ -74,16 +74,20 @@ __global__ static void gather_kernel(real *grad_blocks, real *param_blocks,
     const int64_t *row = shampoo_table_row(table, b);
     const int64_t off = row[SHAMPOO_BF_BLOCK_OFFSET], numel = row[SHAMPOO_BF_NUMEL];
     int bad = 0;
+    double sq = 0.0; /* ||G_b||^2 in double, as the CPU gather (the no-overflow check) */
     for (int64_t i = first_elem(); i < numel; i += elem_stride()) {
         const int64_t p = shampoo_param_index(row, i);
         real x = grad_flat[p];
         if (use_l2)
             x = x + wd * param_flat[p]; /* SPEC §4.3: G + wd * W */
         bad |= !isfinite(x);
+        sq += (double)x * (double)x;
         grad_blocks[off + i] = x;
         if (param_blocks != nullptr)
             param_blocks[off + i] = param_flat[p];
     }
+    if (sq_norms != nullptr && sq != 0.0)
+        atomicAdd(&sq_norms[b], sq); /* zeroed before the launch */
     /* One pair of atomics per thread block at most, even when every element is bad. Only
      * this kernel writes the flag during the launch, and only down to `step`, so the
      * "earlier step failed" test cannot change under us. */
@@ -98,7 +102,7 @@ static shampoo_status gather(const shampoo_cuda_env *env, real *grad_blocks, rea
                              const real *grad_flat, const real *param_flat,
                              const int64_t *table, const int64_t *table_host, int64_t nblocks,
                              const uint8_t *active, double l2_weight_decay, int64_t step,
-                             int64_t *fail)
+                             int64_t *fail, double *sq_norms)
 {
     if (!table_args_ok(env, nblocks, table, table_host, active) || grad_blocks == nullptr ||
         grad_flat == nullptr || fail == nullptr ||
@@ -108,10 +112,13 @@ static shampoo_status gather(const shampoo_cuda_env *env, real *grad_blocks, rea
         return SHAMPOO_OK;
     if (!grid_fits(nblocks))
         return SHAMPOO_ERR_UNSUPPORTED;
+    if (sq_norms != nullptr)
+        SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemsetAsync, sq_norms, 0,
+                                       (size_t)nblocks * sizeof(double), shampoo_stream(env)));
     gather_kernel<real><<<block_grid(table_host, nblocks), SHAMPOO_CUDA_THREADS, 0,
                           shampoo_stream(env)>>>(
         grad_blocks, param_blocks, grad_flat, param_flat, table, active,
-        l2_weight_decay != 0.0, (real)l2_weight_decay, step, fail);
+        l2_weight_decay != 0.0, (real)l2_weight_decay, step, fail, sq_norms);
     return SHAMPOO_LAUNCHED("gather_kernel");
 }
 
@@ -417,10 +424,11 @@ static shampoo_status root_commit(const shampoo_cuda_env *env, real *dst, real *
         const shampoo_cuda_env *env, real *grad_blocks, real *param_blocks,                    \
         const real *grad_flat, const real *param_flat, const int64_t *table,                   \
         const int64_t *table_host, int64_t nblocks, const uint8_t *active,                     \
-        double l2_weight_decay, int64_t step, int64_t *fail)                                   \
+        double l2_weight_decay, int64_t step, int64_t *fail, double *sq_norms)                 \
     {                                                                                          \
         return gather<real>(env, grad_blocks, param_blocks, grad_flat, param_flat, table,      \
-                            table_host, nblocks, active, l2_weight_decay, step, fail);         \
+                            table_host, nblocks, active, l2_weight_decay, step, fail,          \
+                            sq_norms);                                                         \
     }                                                                                          \
     extern "C" shampoo_status shampoo_cuda_scatter_##sfx(                                      \
         const shampoo_cuda_env *env, real *flat, const real *blocks, const int64_t *table,     \

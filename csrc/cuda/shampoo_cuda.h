@@ -54,19 +54,20 @@ typedef struct shampoo_cuda_env {
  * instead of returning a block: fail[0] = min(fail[0], step) and fail[1] = min(fail[1], b)
  * over the active blocks b holding NaN/Inf, unless fail[0] < step already (an earlier step
  * failed: the flag is left as it is). The copies into grad_blocks/param_blocks (scratch)
- * happen either way. */
+ * happen either way. sq_norms (NULL: not wanted): nblocks doubles, set to ||G_b||^2 for
+ * active blocks and 0 for inactive ones, as the CPU gather (summed in another order). */
 shampoo_status shampoo_cuda_gather_f32(const shampoo_cuda_env *env, float *grad_blocks,
                                        float *param_blocks, const float *grad_flat,
                                        const float *param_flat, const int64_t *table,
                                        const int64_t *table_host, int64_t nblocks,
                                        const uint8_t *active, double l2_weight_decay,
-                                       int64_t step, int64_t *fail);
+                                       int64_t step, int64_t *fail, double *sq_norms);
 shampoo_status shampoo_cuda_gather_f64(const shampoo_cuda_env *env, double *grad_blocks,
                                        double *param_blocks, const double *grad_flat,
                                        const double *param_flat, const int64_t *table,
                                        const int64_t *table_host, int64_t nblocks,
                                        const uint8_t *active, double l2_weight_decay,
-                                       int64_t step, int64_t *fail);
+                                       int64_t step, int64_t *fail, double *sq_norms);
 
 shampoo_status shampoo_cuda_scatter_f32(const shampoo_cuda_env *env, float *flat,
                                         const float *blocks, const int64_t *table,

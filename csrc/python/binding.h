@@ -41,7 +41,8 @@ typedef enum shampoo_arg_kind {
     SHAMPOO_ARG_MASK,   /* uint8 or bool, one per block or per factor */
     SHAMPOO_ARG_INT32,  /* int32, one per factor */
     SHAMPOO_ARG_INT64,  /* int64, any length (a batch plan, a failure flag) */
-    SHAMPOO_ARG_BYTES   /* uint8 scratch of any length */
+    SHAMPOO_ARG_BYTES,  /* uint8 scratch of any length */
+    SHAMPOO_ARG_DOUBLE  /* float64 whatever the call's REAL width (sums kept in double) */
 } shampoo_arg_kind;
 
 /* Which block-table extent an argument's length must cover. */

@@ -77,18 +77,21 @@ static PyObject *gather(PyObject *m, PyObject *args, int bits, const char *fn)
         TABLE_ARGS,
         ACTIVE_ARG,
         FAIL_ARG(SHAMPOO_ARG_OUT),
+        {"sq_norms", SHAMPOO_ARG_DOUBLE, SHAMPOO_LAYOUT_PER_BLOCK,
+         SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},
     };
-    PyObject *o[8];
+    PyObject *o[9] = {0};
     unsigned long long stream;
     double l2;
     long long step;
     shampoo_call call = {0};
     shampoo_cuda_env env;
     shampoo_cuda_scope scope = {0};
-    if (!PyArg_ParseTuple(args, "KOOOOOOOOdL", &stream, &o[0], &o[1], &o[2], &o[3], &o[4],
-                          &o[5], &o[6], &o[7], &l2, &step))
+    o[8] = Py_None;
+    if (!PyArg_ParseTuple(args, "KOOOOOOOOdL|O", &stream, &o[0], &o[1], &o[2], &o[3], &o[4],
+                          &o[5], &o[6], &o[7], &l2, &step, &o[8]))
         return NULL;
-    if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 8, bits) < 0 ||
+    if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 9, bits) < 0 ||
         check_fail(&call, 7) < 0 ||
         shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env, &scope) < 0)
         return failed(m, &scope, &call);
@@ -100,10 +103,10 @@ static PyObject *gather(PyObject *m, PyObject *args, int bits, const char *fn)
     shampoo_status st = bits == 32
         ? shampoo_cuda_gather_f32(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                   ptr(&call, 3), ptr(&call, 4), ptr(&call, 5), call.nblocks,
-                                  ptr(&call, 6), l2, step, ptr(&call, 7))
+                                  ptr(&call, 6), l2, step, ptr(&call, 7), ptr(&call, 8))
         : shampoo_cuda_gather_f64(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                   ptr(&call, 3), ptr(&call, 4), ptr(&call, 5), call.nblocks,
-                                  ptr(&call, 6), l2, step, ptr(&call, 7));
+                                  ptr(&call, 6), l2, step, ptr(&call, 7), ptr(&call, 8));
     return done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 

@@ -37,13 +37,17 @@ static PyObject *gather(PyObject *m, PyObject *args, int bits, const char *fn)
         {"param_flat", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_PARAM, SHAMPOO_ARG_OPTIONAL},
         TABLE_ARG,
         ACTIVE_ARG,
+        {"sq_norms", SHAMPOO_ARG_DOUBLE, SHAMPOO_LAYOUT_PER_BLOCK,
+         SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},
     };
-    PyObject *o[6];
+    PyObject *o[7] = {0};
     double l2;
     shampoo_call call = {0};
-    if (!PyArg_ParseTuple(args, "OOOOOOd", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &l2))
+    o[6] = Py_None;
+    if (!PyArg_ParseTuple(args, "OOOOOOd|O", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &l2,
+                          &o[6]))
         return NULL;
-    if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 6, bits) < 0)
+    if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 7, bits) < 0)
         return shampoo_call_failed(&call);
     if (is_none(&call, 3) && (!is_none(&call, 1) || l2 != 0.0)) {
         PyErr_Format(PyExc_ValueError, "%s: argument 'param_flat' is required when "
@@ -55,10 +59,12 @@ static PyObject *gather(PyObject *m, PyObject *args, int bits, const char *fn)
     Py_BEGIN_ALLOW_THREADS
     if (bits == 32)
         st = shampoo_gather_f32(ptr(&call, 0), ptr(&call, 1), ptr(&call, 2), ptr(&call, 3),
-                                ptr(&call, 4), call.nblocks, ptr(&call, 5), l2, &first);
+                                ptr(&call, 4), call.nblocks, ptr(&call, 5), l2, &first,
+                                ptr(&call, 6));
     else
         st = shampoo_gather_f64(ptr(&call, 0), ptr(&call, 1), ptr(&call, 2), ptr(&call, 3),
-                                ptr(&call, 4), call.nblocks, ptr(&call, 5), l2, &first);
+                                ptr(&call, 4), call.nblocks, ptr(&call, 5), l2, &first,
+                                ptr(&call, 6));
     Py_END_ALLOW_THREADS
     return finish_call(&call, st, PyLong_FromLongLong(first));
 }

@@ -57,6 +57,9 @@ static int dtype_ok(shampoo_arg_kind kind, shampoo_dl_data_type t, int real_bits
     case SHAMPOO_ARG_BYTES:
         *expected = "uint8";
         return t.code == SHAMPOO_DL_UINT && t.bits == 8;
+    case SHAMPOO_ARG_DOUBLE:
+        *expected = "float64";
+        return t.code == SHAMPOO_DL_FLOAT && t.bits == 64;
     }
     return 0;
 }

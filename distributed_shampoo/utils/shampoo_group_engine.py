@@ -37,12 +37,16 @@ from distributed_shampoo.utils.shampoo_block_layout import (
     whole_tensors,
 )
 from distributed_shampoo.utils.shampoo_ddp_distributor import DDPExchange, DDPPlacement
+from distributed_shampoo.utils.shampoo_overflow import FactorOverflowGuard
 from distributed_shampoo.utils.shampoo_residuals import log_root_inverse_residuals
 from distributed_shampoo.utils.shampoo_root_status import log_non_diagonal, report_root_statuses
-from distributed_shampoo.utils.shampoo_scalars import (
-    first_moment_bias_correction,
-    fl32,
-    float32_bias_correction,
+from distributed_shampoo.utils.shampoo_scalars import float32_bias_correction
+from distributed_shampoo.utils.shampoo_step_checks import (
+    GroupValues,
+    StepScalars,
+    check_grad,
+    check_params,
+    read_step_scalars,
 )
 
 logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
@@ -99,6 +103,7 @@ class StepPlan:
     root_step: bool
     bias_correction: float
     param_blocks: torch.Tensor | None
+    scalars: StepScalars
 
 
 class GraftingSpec:
@@ -171,7 +176,8 @@ class ShampooGroupEngine:
         # Read once at construction (SPEC B §1.4).
         self.beta2 = float(group["betas"][1])
         self.epsilon = float(group["epsilon"])
-        self.shampoo_bias_correction = bool(group["use_bias_correction"]) and self.beta2 < 1.0
+        # every later step reads the group through this (validated again when edited)
+        self.values = GroupValues(group, group_index)
         self.root_kwargs = root_method_kwargs(group["root_inv_config"])
         self.grafting = GraftingSpec(group["grafting_config"])
         self.working_dtype = kernel_dtype(precision.computation_dtype)
@@ -205,6 +211,12 @@ class ShampooGroupEngine:
         self.filtered_grad = zeros(n, precision.filtered_grad_dtype) if group["betas"][0] != 0 else None
         self.momentum = zeros(n, precision.momentum_dtype) if group["momentum"] != 0 else None
         self.step_count = torch.zeros((), dtype=torch.int64)
+        # proves before each factor update that no entry can overflow (shampoo_overflow.py)
+        self.overflow = (
+            FactorOverflowGuard(layout, self.factors.dtype, self.shampoo_dtype, self.beta2, self.device)
+            if layout.factor_numel > 0
+            else None
+        )
         # Scratch, in the kernels' dtypes.
         self.grad_flat = zeros(layout.param_numel, self.working_dtype)  # gradients in, updates out
         self.grad_blocks = zeros(n, self.working_dtype)     # G, then G_hat
@@ -339,20 +351,27 @@ class ShampooGroupEngine:
     def prepare(self, group: dict[str, Any]) -> Optional["StepPlan"]:
         """The fallible half of a step (SPEC B §4.1-§4.6): gathers and checks the gradients
         and, on a root step, computes new factors and inverse roots into scratch. Raises
-        before any parameter or state changes; returns None when no gradient exists."""
+        before any parameter or state changes; returns None when no gradient exists.
+        (Group edits are expected to be the same on every rank: they are checked here.)"""
+        where = f"param group {self.group_index}: "
+        values = self.values.current(group)
+        check_params(group, self.params, where)
         grads = [None if p.grad is None else local_tensor(p.grad) for p in self.params]
+        for i, g in enumerate(grads):
+            if g is not None:
+                check_grad(self.locals[i], g, self._describe_param(i))
         active_params = tuple(g is not None for g in grads)
         if active_params != self._active_params:
             self._set_active(active_params)
         if not self._live:
             return None
-        if self.exchange is None or (self.on_cuda and not self._is_root_step(group)):
+        if self.exchange is None or (self.on_cuda and not self._is_root_step(values)):
             # CUDA non-root steps agree through the device flag (agree_on_device_failure)
-            return self._prepare_live(group, grads)
+            return self._prepare_live(values, grads)
         # Under DDP every rank learns whether any rank failed, so that all raise together
         # rather than some waiting forever in the all-gather (SPEC A.3.6).
         try:
-            plan = self._prepare_live(group, grads)
+            plan = self._prepare_live(values, grads)
         except Exception:
             self.exchange.agree_on_failure(True)
             raise
@@ -364,14 +383,19 @@ class ShampooGroupEngine:
             )
         return plan
 
+    def _describe_param(self, i: int) -> str:
+        return f"parameter {i} of param group {self.group_index} (shape {tuple(self.params[i].shape)})"
+
     def _prepare_live(self, group: dict[str, Any], grads: list[torch.Tensor | None]) -> "StepPlan":
+        """`group`: the validated values (GroupValues.current)."""
         self.num_threads = max(1, torch.get_num_threads())  # follows torch.set_num_threads
         live_grads = [grads[i] for i in self._live]
-        for g in live_grads:
-            if g.is_sparse:
-                raise TypeError("DistributedShampoo does not support sparse gradients.")
-        beta1 = float(group["betas"][0])
-        momentum = float(group["momentum"])
+        t = int(self.step_count) + 1
+        scalars = read_step_scalars(
+            group, t, self.grafting.bias_corrected, self.grafting.beta2, self.beta2,
+            f"param group {self.group_index}: ",
+        )
+        beta1, momentum = scalars.beta1, scalars.momentum
         if beta1 != 0.0 and self.filtered_grad is None:
             raise ValueError(
                 f"param group {self.group_index}: betas[0]={beta1} but it was 0 at construction, "
@@ -383,13 +407,11 @@ class ShampooGroupEngine:
                 "construction, so no momentum state exists; set momentum before constructing."
             )
 
-        weight_decay = float(group["weight_decay"])
-        decoupled = bool(group["use_decoupled_weight_decay"])
+        weight_decay, decoupled = scalars.weight_decay, scalars.decoupled
         if self.on_cuda and self.exchange is None:
             # an earlier step's failure, if already known. Under DDP only root steps look
             # (all ranks at the same step), so that no rank raises while others all-gather.
             self._raise_device_failure(wait=False)
-        t = int(self.step_count) + 1
         root_step = self._is_root_step(group)
         torch._foreach_copy_(self._live_grad_views, live_grads)
         param_flat = param_blocks = None
@@ -399,12 +421,15 @@ class ShampooGroupEngine:
         bad = _backend.gather(
             self.grad_blocks, param_blocks, self.grad_flat, param_flat, self.table, self.active,
             0.0 if decoupled else weight_decay, step=t, fail=self.fail,
+            sq_norms=None if self.overflow is None else self.overflow.sq_norms,
         )
         if bad >= 0:
             raise ValueError(
                 f"Encountered nan or inf values in the gradient of {self.describe_block(bad)}. "
                 "The step was not taken; parameters and optimizer state are unchanged."
             )
+        if self.overflow is not None:
+            self._check_overflow(t)
         if self.on_cuda:
             if self.exchange is not None:
                 self.exchange.agree_on_device_failure(self.fail)
@@ -420,7 +445,7 @@ class ShampooGroupEngine:
         if root_step:
             new_factors = self._update_factors(self.factor_work)
             self.diagonal_work.copy_(self.diagonal)
-            if self.shampoo_bias_correction:
+            if scalars.shampoo_bias_correction:
                 bias_correction = float32_bias_correction(self.beta2, t)
             _backend.root_inverse(
                 self.root_work, new_factors, self.table, self.active,
@@ -430,9 +455,39 @@ class ShampooGroupEngine:
             )
             log_non_diagonal(self.layout, self.diagonal, self.diagonal_work)
             self._check_roots()
-        return StepPlan(t, root_step, bias_correction, param_blocks)
+        return StepPlan(t, root_step, bias_correction, param_blocks, scalars)
+
+    def _check_overflow(self, step: int) -> None:
+        """Raises (CPU) or records in the failure flag (CUDA, no host wait) when the coming
+        factor update could overflow (shampoo_overflow.py), before anything is written."""
+        assert self.overflow is not None
+        first = self.overflow.first_overflow(self.factors, self.active)
+        if self.on_cuda:
+            # as gather does: only if no earlier failure is recorded; the block field holds
+            # -2 - factor so that _raise_device_failure can tell this cause apart
+            record = (first >= 0) & (self.fail[0] > step)
+            self.fail[1] = torch.where(record, -2 - first, self.fail[1])
+            self.fail[0] = torch.where(record, step, self.fail[0])
+            return
+        factor = int(first)
+        if factor >= 0:
+            raise ValueError(self._overflow_message(factor))
+
+    def _overflow_message(self, factor: int, step: int | None = None) -> str:
+        layout = self.layout
+        block = int(layout.factor_block[factor])
+        at = "" if step is None else f" at step {step}"
+        limit = self.overflow.limit if self.overflow is not None else float("nan")
+        return (
+            f"The gradient of {self.describe_block(block)}{at} is too large: the update of factor "
+            f"matrix {layout.factor_label(factor)} could exceed the largest finite value "
+            f"({limit:.4g}) of its dtype ({self.factors.dtype}, computed in {self.shampoo_dtype}). "
+            "The step was not taken; parameters and optimizer state are unchanged. To mitigate, "
+            "scale or clip the gradients, or use a float64 factor_matrix_dtype."
+        )
 
     def _is_root_step(self, group: dict[str, Any]) -> bool:
+        """`group`: validated values."""
         """Whether the coming step computes inverse roots (SPEC B §4.6)."""
         t = int(self.step_count) + 1
         frequency, start = group["precondition_frequency"], group["start_preconditioning_step"]
@@ -457,6 +512,8 @@ class ShampooGroupEngine:
         self.fail.fill_(_backend.FAIL_NONE)
         self._fail_seen.fill_(_backend.FAIL_NONE)
         self.step_count.fill_(step - 1)
+        if block <= -2:  # recorded by _check_overflow
+            raise ValueError(self._overflow_message(-2 - block, step))
         where = (
             f"the gradient of {self.describe_block(block)}"
             if block != _backend.FAIL_NONE
@@ -515,32 +572,29 @@ class ShampooGroupEngine:
                 inv_roots = self.root_work.copy_(self.inv_factors)
         self.step_count.fill_(t)
 
-        lr = group["lr"]
-        beta1, beta3 = float(group["betas"][0]), float(group["beta3"])
-        weight_decay = float(group["weight_decay"])
-        decoupled = bool(group["use_decoupled_weight_decay"])
-        momentum = float(group["momentum"])
-        grafting_on = group["grafting_config"] is not None
+        # every value was read and checked in prepare(): nothing below can fail
+        sc = plan.scalars
+        beta1, beta3, momentum = sc.beta1, sc.beta3, sc.momentum
+        weight_decay, decoupled, grafting_on = sc.weight_decay, sc.decoupled, sc.grafting_on
 
         # Grafting accumulator and filtered gradient (state in place, SPEC B §4.5, §4.7).
         working = self.working_dtype
         grafting_state = self._working("grafting_state", self.grafting_state, working)
         filtered_grad = self._working("filtered_grad", self.filtered_grad, working)
         update_grafting = grafting_on and grafting_state is not None
-        use_bias_correction = bool(group["use_bias_correction"]) and beta1 != 0.0
         _backend.moments(
             self.grad_blocks, grafting_state if update_grafting else None,
             filtered_grad if beta1 != 0.0 else None, self.table, self.active,
             update_grafting_state=update_grafting, grafting_beta2=self.grafting.beta2,
             beta1=beta1, beta3=beta3,
-            bias_correction1=first_moment_bias_correction(beta1, beta3, t) if use_bias_correction else 1.0,
+            bias_correction1=sc.bias_correction1,
             fail=self.fail,
         )
         if beta1 != 0.0 and filtered_grad is not self.filtered_grad:
             self.filtered_grad.copy_(filtered_grad)  # type: ignore[union-attr]
 
         # Shampoo direction (SPEC B §4.8).
-        grafting_phase = t < group["start_preconditioning_step"] and grafting_on
+        grafting_phase = sc.grafting_phase
         shampoo_dir = None
         if not grafting_phase:
             if self.shampoo_dtype == working:
@@ -570,13 +624,10 @@ class ShampooGroupEngine:
             grafting_state if graft_kind == "diagonal" else None,
             plan.param_blocks if decoupled else None, momentum_state, destination_table, self.active,
             graft=graft_kind, grafting_phase=grafting_phase,
-            grafting_bias_correction=(
-                float32_bias_correction(self.grafting.beta2, t) if self.grafting.bias_corrected else 1.0
-            ),
+            grafting_bias_correction=sc.grafting_bias_correction,
             grafting_epsilon=self.grafting.epsilon,
             decoupled_weight_decay=weight_decay if decoupled else 0.0,
-            momentum=momentum, dampening=float(group["dampening"]),
-            nesterov=bool(group["use_nesterov"]), lr=fl32(lr), fail=self.fail,
+            momentum=momentum, dampening=sc.dampening, nesterov=sc.nesterov, lr=sc.lr, fail=self.fail,
         )
         if momentum_state is not None and momentum_state is not self.momentum:
             self.momentum.copy_(momentum_state)  # type: ignore[union-attr]
