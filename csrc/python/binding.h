@@ -71,7 +71,9 @@ typedef struct shampoo_arg_spec {
 
 /* One argument borrowed for the length of a call. */
 typedef struct shampoo_view {
-    PyObject *capsule; /* owned; releasing it lets the producer free its DLPack tensor */
+    PyObject *capsule; /* owned; renamed "used_..." so that nobody else consumes it */
+    void *managed;     /* the managed tensor we own (deleter called at release), or NULL */
+    int versioned;     /* managed is a DLManagedTensorVersioned (else the legacy struct) */
     void *data;        /* NULL for None */
     int64_t numel;
     int64_t rows;      /* the table's row count */
@@ -100,6 +102,15 @@ int shampoo_call_bind(shampoo_call *call, shampoo_dlpack_state *st, const char *
                       const shampoo_arg_spec *specs, PyObject *const *objs, int nargs,
                       int real_bits);
 void shampoo_call_release(shampoo_call *call);
+
+/* The scalar arguments of the root-inverse kernels (kernel_ops.c), checked where a bad
+ * value would only come back as an unnamed invalid-argument status: 0, or -1 with a
+ * ValueError naming the argument and its allowed range. Shared with the CUDA binding. */
+struct shampoo_root_config;
+int shampoo_check_root_config(const char *fn, const struct shampoo_root_config *cfg);
+/* num_threads of the parallel kernels: 1..SHAMPOO_PARALLEL_MAX_THREADS, else -1 and a
+ * ValueError. */
+int shampoo_check_num_threads(const char *fn, int num_threads);
 
 /* Borrows one int64 2-D [rows, SHAMPOO_BF_COUNT] table argument (block_plan, validate). */
 int shampoo_view_table(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,

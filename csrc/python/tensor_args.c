@@ -93,6 +93,37 @@ static PyObject *dlpack_export(shampoo_dlpack_state *st, const char *fn, const c
     return cap;
 }
 
+/* torch's negative and conjugate views hold their sign in a flag that DLPack does not carry:
+ * exported, the kernels would read the unflipped memory. 0, or -1 with a ValueError. Objects
+ * without the flags (NumPy arrays) pass. */
+static int neg_or_conj(const char *fn, const char *arg, PyObject *obj)
+{
+    static const char *const flags[2][2] = {{"is_neg", "resolve_neg"},
+                                            {"is_conj", "resolve_conj"}};
+    for (int i = 0; i < 2; i++) {
+        PyObject *meth = PyObject_GetAttrString(obj, flags[i][0]);
+        if (meth == NULL) {
+            PyErr_Clear();
+            continue;
+        }
+        PyObject *res = PyObject_CallNoArgs(meth);
+        Py_DECREF(meth);
+        int set = res != NULL ? PyObject_IsTrue(res) : -1;
+        Py_XDECREF(res);
+        if (set < 0) {
+            PyErr_Clear();
+            continue; /* not torch's flag: DLPack decides */
+        }
+        if (set) {
+            PyErr_Format(PyExc_ValueError, "%s: argument '%s' is a %s view (torch keeps its "
+                         "sign in a flag the kernels cannot see); pass %s.%s()", fn, arg,
+                         i == 0 ? "negative" : "conjugate", arg, flags[i][1]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* Exports obj and fills v; checks device, dtype, compact row-major layout and alignment. */
 static int view_get(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,
                     const shampoo_arg_spec *spec, PyObject *obj, int real_bits)
@@ -104,6 +135,8 @@ static int view_get(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,
         PyErr_Format(PyExc_TypeError, "%s: argument '%s' must be a tensor, not None", fn, arg);
         return -1;
     }
+    if (neg_or_conj(fn, arg, obj) < 0)
+        return -1;
     v->capsule = dlpack_export(st, fn, arg, obj);
     if (v->capsule == NULL)
         return -1;
@@ -111,6 +144,13 @@ static int view_get(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,
     if (PyCapsule_IsValid(v->capsule, "dltensor_versioned")) {
         shampoo_dl_managed_tensor_versioned *mt =
             PyCapsule_GetPointer(v->capsule, "dltensor_versioned");
+        /* Consume the capsule (DLPack: rename it, then the deleter is ours to call), so
+         * that code the producer or another thread runs during the call cannot consume it
+         * and free the memory the kernels use. */
+        if (mt == NULL || PyCapsule_SetName(v->capsule, "used_dltensor_versioned") < 0)
+            return -1;
+        v->managed = mt;
+        v->versioned = 1;
         if (mt->version.major != SHAMPOO_DLPACK_MAJOR_VERSION) {
             PyErr_Format(PyExc_TypeError, "%s: argument '%s' was exported with DLPack %u.%u; "
                          "only major version 1 is understood", fn, arg,
@@ -126,6 +166,10 @@ static int view_get(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,
         t = &mt->dl_tensor;
     } else if (PyCapsule_IsValid(v->capsule, "dltensor")) {
         shampoo_dl_managed_tensor *mt = PyCapsule_GetPointer(v->capsule, "dltensor");
+        if (mt == NULL || PyCapsule_SetName(v->capsule, "used_dltensor") < 0)
+            return -1;
+        v->managed = mt;
+        v->versioned = 0;
         t = &mt->dl_tensor;
     } else {
         PyErr_Format(PyExc_TypeError, "%s: argument '%s': __dlpack__ returned %R, not a "
@@ -206,8 +250,20 @@ static int view_get(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,
 
 void shampoo_view_release(shampoo_view *v)
 {
-    /* The producer's capsule destructor calls the DLPack deleter: the capsule was never
-     * renamed to "used_dltensor", so ownership of the managed tensor never moved to us. */
+    /* We consumed the capsule (renamed "used_..."), so its destructor does nothing and the
+     * deleter is ours to call, with the GIL held (a producer's deleter may need it). */
+    if (v->managed != NULL) {
+        if (v->versioned) {
+            shampoo_dl_managed_tensor_versioned *mt = v->managed;
+            if (mt->deleter != NULL)
+                mt->deleter(mt);
+        } else {
+            shampoo_dl_managed_tensor *mt = v->managed;
+            if (mt->deleter != NULL)
+                mt->deleter(mt);
+        }
+        v->managed = NULL;
+    }
     Py_CLEAR(v->capsule);
     v->data = NULL;
 }
@@ -256,7 +312,8 @@ static int check_extents(shampoo_call *call, const shampoo_arg_spec *specs,
         return 0;
     if (shampoo_table_validate(table, call->nblocks, -1, -1, -1, -1) != SHAMPOO_OK) {
         PyErr_Format(PyExc_ValueError, "%s: argument 'table' is malformed (a row has an "
-                     "order outside 0..%d, a negative field, or NUMEL != product of DIMS)",
+                     "order outside 0..%d, a negative field, NUMEL != product of DIMS, or two "
+                     "blocks share block-layout, factor-layout or per-factor entries)",
                      call->fn, SHAMPOO_MAX_ORDER);
         return -1;
     }
