@@ -103,7 +103,7 @@ int shampoo_call_bind(shampoo_call *call, shampoo_dlpack_state *st, const char *
                       int real_bits);
 void shampoo_call_release(shampoo_call *call);
 
-/* The scalar arguments of the root-inverse kernels (kernel_ops.c), checked where a bad
+/* The scalar arguments of the root-inverse kernels (arg_checks.c), checked where a bad
  * value would only come back as an unnamed invalid-argument status: 0, or -1 with a
  * ValueError naming the argument and its allowed range. Shared with the CUDA binding. */
 struct shampoo_root_config;
@@ -111,6 +111,8 @@ int shampoo_check_root_config(const char *fn, const struct shampoo_root_config *
 /* num_threads of the parallel kernels: 1..SHAMPOO_PARALLEL_MAX_THREADS, else -1 and a
  * ValueError. */
 int shampoo_check_num_threads(const char *fn, int num_threads);
+/* 0, or -1 with a ValueError when obj is a torch negative or conjugate view (arg_checks.c). */
+int shampoo_check_sign_flags(const char *fn, const char *arg, PyObject *obj);
 
 /* Borrows one int64 2-D [rows, SHAMPOO_BF_COUNT] table argument (block_plan, validate). */
 int shampoo_view_table(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,

@@ -3,13 +3,10 @@
  * raise on a bad status. Part of the binding; the dtype picks the C twin here and nowhere else. */
 #include "binding.h"
 
-#include <math.h>
-
 #include "../core/block_table.h"
 #include "../core/elementwise.h"
 #include "../core/factor_update.h"
 #include "../core/matrix_root.h"
-#include "../core/parallel.h"
 #include "../core/precondition.h"
 
 #define TABLE_ARG {"table", SHAMPOO_ARG_TABLE, SHAMPOO_LAYOUT_NONE, 0}
@@ -28,52 +25,6 @@ static inline int is_none(shampoo_call *call, int i)
 static PyObject *finish_call(shampoo_call *call, shampoo_status st, PyObject *ok)
 {
     return shampoo_call_done(call, st, ok, shampoo_raise_status);
-}
-
-int shampoo_check_num_threads(const char *fn, int num_threads)
-{
-    if (num_threads >= 1 && num_threads <= SHAMPOO_PARALLEL_MAX_THREADS)
-        return 0;
-    PyErr_Format(PyExc_ValueError, "%s: argument 'num_threads' must be in [1, %d], got %d", fn,
-                 SHAMPOO_PARALLEL_MAX_THREADS, num_threads);
-    return -1;
-}
-
-int shampoo_check_root_config(const char *fn, const shampoo_root_config *cfg)
-{
-    const char *name = NULL, *range = NULL;
-    double value = 0.0;
-    if (isnan(cfg->epsilon))
-        name = "epsilon", range = "a number, not NaN", value = cfg->epsilon;
-    else if (isnan(cfg->exponent_multiplier))
-        name = "exponent_multiplier", range = "a number, not NaN",
-        value = cfg->exponent_multiplier;
-    else if (!isfinite(cfg->bias_correction) || cfg->bias_correction == 0.0)
-        name = "bias_correction", range = "finite and nonzero", value = cfg->bias_correction;
-    else if (isnan(cfg->tolerance))
-        name = "tolerance", range = "a number, not NaN", value = cfg->tolerance;
-    else if (cfg->method == SHAMPOO_ROOT_HIGHER_ORDER && isnan(cfg->rel_epsilon))
-        name = "rel_epsilon", range = "a number, not NaN", value = cfg->rel_epsilon;
-    if (name != NULL) {
-        PyObject *v = PyFloat_FromDouble(value);
-        PyErr_Format(PyExc_ValueError, "%s: argument '%s' must be %s, got %R", fn, name,
-                     range, v);
-        Py_XDECREF(v);
-        return -1;
-    }
-    if (cfg->max_iterations < 0 || cfg->max_iterations > SHAMPOO_ROOT_MAX_ITERATIONS) {
-        PyErr_Format(PyExc_ValueError, "%s: argument 'max_iterations' must be in [0, %d], "
-                     "got %lld", fn, SHAMPOO_ROOT_MAX_ITERATIONS,
-                     (long long)cfg->max_iterations);
-        return -1;
-    }
-    if (cfg->method == SHAMPOO_ROOT_HIGHER_ORDER &&
-        (cfg->order < 2 || cfg->order > SHAMPOO_ROOT_MAX_TAYLOR_ORDER)) {
-        PyErr_Format(PyExc_ValueError, "%s: argument 'order' must be in [2, %d], got %lld", fn,
-                     SHAMPOO_ROOT_MAX_TAYLOR_ORDER, (long long)cfg->order);
-        return -1;
-    }
-    return 0;
 }
 
 static PyObject *gather(PyObject *m, PyObject *args, int bits, const char *fn)

@@ -93,37 +93,6 @@ static PyObject *dlpack_export(shampoo_dlpack_state *st, const char *fn, const c
     return cap;
 }
 
-/* torch's negative and conjugate views hold their sign in a flag that DLPack does not carry:
- * exported, the kernels would read the unflipped memory. 0, or -1 with a ValueError. Objects
- * without the flags (NumPy arrays) pass. */
-static int neg_or_conj(const char *fn, const char *arg, PyObject *obj)
-{
-    static const char *const flags[2][2] = {{"is_neg", "resolve_neg"},
-                                            {"is_conj", "resolve_conj"}};
-    for (int i = 0; i < 2; i++) {
-        PyObject *meth = PyObject_GetAttrString(obj, flags[i][0]);
-        if (meth == NULL) {
-            PyErr_Clear();
-            continue;
-        }
-        PyObject *res = PyObject_CallNoArgs(meth);
-        Py_DECREF(meth);
-        int set = res != NULL ? PyObject_IsTrue(res) : -1;
-        Py_XDECREF(res);
-        if (set < 0) {
-            PyErr_Clear();
-            continue; /* not torch's flag: DLPack decides */
-        }
-        if (set) {
-            PyErr_Format(PyExc_ValueError, "%s: argument '%s' is a %s view (torch keeps its "
-                         "sign in a flag the kernels cannot see); pass %s.%s()", fn, arg,
-                         i == 0 ? "negative" : "conjugate", arg, flags[i][1]);
-            return -1;
-        }
-    }
-    return 0;
-}
-
 /* Exports obj and fills v; checks device, dtype, compact row-major layout and alignment. */
 static int view_get(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,
                     const shampoo_arg_spec *spec, PyObject *obj, int real_bits)
@@ -135,7 +104,7 @@ static int view_get(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,
         PyErr_Format(PyExc_TypeError, "%s: argument '%s' must be a tensor, not None", fn, arg);
         return -1;
     }
-    if (neg_or_conj(fn, arg, obj) < 0)
+    if (shampoo_check_sign_flags(fn, arg, obj) < 0)
         return -1;
     v->capsule = dlpack_export(st, fn, arg, obj);
     if (v->capsule == NULL)
