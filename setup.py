@@ -119,6 +119,7 @@ if _want_cuda != "0":
                     "csrc/core/block_table.c",
                     "csrc/core/status.c",
                     "csrc/python/arg_checks.c",
+                    "csrc/python/dlpack_state.c",
                     "csrc/python/tensor_args.c",
                     "csrc/python/cuda_binding.c",
                     "csrc/python/cuda_ops.c",

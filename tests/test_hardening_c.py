@@ -238,6 +238,31 @@ def test_a_borrowed_capsule_cannot_be_consumed_during_the_call():
         torch.from_dlpack(out.capsule)
 
 
+class Shrinker:
+    """Frees another argument's memory from inside its own __dlpack__."""
+
+    def __init__(self, t, victim):
+        self.t, self.victim = t, victim
+
+    def __dlpack__(self, **kwargs):
+        self.victim.untyped_storage().resize_(0)
+        return self.t.__dlpack__(**kwargs)
+
+
+def test_an_exporter_cannot_free_a_tensor_exported_before_it():
+    """torch tensors are exported after any other exporter ran, so an earlier argument's
+    memory cannot be freed behind the binding's back (it used to be read after free)."""
+    lay = make_layout([(3, 2)], max_dim=3)
+    g = torch.arange(float(lay.block_numel), dtype=torch.float64)
+    inv = torch.cat([torch.eye(3, dtype=torch.float64).ravel(),
+                     torch.eye(2, dtype=torch.float64).ravel()])
+    out = torch.zeros_like(g)
+    with pytest.raises(ValueError, match="'grads' has no data"):
+        _C.precondition_f64(out, g, Shrinker(inv, g), torch.from_numpy(lay.table),
+                            torch.ones(1, dtype=torch.uint8), 1)
+    assert not out.any()
+
+
 # ---- item 6 (kernel entry): sign-flag views and complex buffers --------------------------
 
 def test_negative_and_conjugate_views_are_refused_at_the_binding():

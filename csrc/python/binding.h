@@ -20,9 +20,15 @@ typedef struct shampoo_dlpack_state {
     PyObject *dlpack_kwargs;    /* {"max_version": (1, 0)} (+ "stream": -1 for CUDA) */
     PyObject *empty_tuple;
     int device_type;            /* DLPack device of the kernels' buffers: 1 CPU, 2 CUDA */
+    PyObject *known_types[2];   /* torch.Tensor, numpy.ndarray (NULL if not importable) */
 } shampoo_dlpack_state;
 
-/* Fills st (new references) for kernels whose buffers live on device_type; -1 on error. */
+/* 1 if obj is exactly a torch.Tensor or numpy.ndarray, whose __dlpack__ runs no user code
+ * (dlpack_state.c), else 0. */
+int shampoo_known_exporter(const shampoo_dlpack_state *st, PyObject *obj);
+
+/* Fills st (new references) for kernels whose buffers live on device_type; -1 on error
+ * (dlpack_state.c, as are the next two). */
 int shampoo_dlpack_state_init(shampoo_dlpack_state *st, int device_type);
 void shampoo_dlpack_state_clear(shampoo_dlpack_state *st);
 int shampoo_dlpack_state_traverse(shampoo_dlpack_state *st, visitproc visit, void *arg);

@@ -304,35 +304,6 @@ static int check_extents(shampoo_call *call, const shampoo_arg_spec *specs,
     return -1;
 }
 
-int shampoo_dlpack_state_init(shampoo_dlpack_state *st, int device_type)
-{
-    st->device_type = device_type;
-    st->dlpack_name = PyUnicode_InternFromString("__dlpack__");
-    st->empty_tuple = PyTuple_New(0);
-    /* stream -1: torch exports without making any stream wait (the kernels run on the
-     * caller's current stream, where the tensors were produced) */
-    st->dlpack_kwargs = device_type == SHAMPOO_DL_CPU
-                            ? Py_BuildValue("{s:(ii)}", "max_version", 1, 0)
-                            : Py_BuildValue("{s:(ii),s:i}", "max_version", 1, 0, "stream", -1);
-    return st->dlpack_name != NULL && st->empty_tuple != NULL && st->dlpack_kwargs != NULL
-               ? 0 : -1;
-}
-
-void shampoo_dlpack_state_clear(shampoo_dlpack_state *st)
-{
-    Py_CLEAR(st->dlpack_name);
-    Py_CLEAR(st->dlpack_kwargs);
-    Py_CLEAR(st->empty_tuple);
-}
-
-int shampoo_dlpack_state_traverse(shampoo_dlpack_state *st, visitproc visit, void *arg)
-{
-    Py_VISIT(st->dlpack_name);
-    Py_VISIT(st->dlpack_kwargs);
-    Py_VISIT(st->empty_tuple);
-    return 0;
-}
-
 int shampoo_call_bind(shampoo_call *call, shampoo_dlpack_state *st, const char *fn,
                       const shampoo_arg_spec *specs, PyObject *const *objs, int nargs,
                       int real_bits)
@@ -343,10 +314,16 @@ int shampoo_call_bind(shampoo_call *call, shampoo_dlpack_state *st, const char *
     call->real_bits = real_bits;
     call->nblocks = 0;
     call->device_id = -1;
+    /* Every export first: exporters other than torch's and NumPy's may run any code, which
+     * could resize or free the storage of an argument exported before them; so they go
+     * first, and the tensors whose __dlpack__ runs no user code are exported after. */
+    for (int pass = 0; pass < 2; pass++)
+        for (int i = 0; i < nargs; i++)
+            if (shampoo_known_exporter(st, objs[i]) == pass &&
+                view_get(&call->views[i], st, fn, &specs[i], objs[i], real_bits) < 0)
+                return -1;
     for (int i = 0; i < nargs; i++) {
         shampoo_view *v = &call->views[i];
-        if (view_get(v, st, fn, &specs[i], objs[i], real_bits) < 0)
-            return -1;
         if (v->data != NULL && v->device_type != SHAMPOO_DL_CPU) {
             if (call->device_id >= 0 && v->device_id != call->device_id) {
                 PyErr_Format(PyExc_ValueError, "%s: argument '%s' is on GPU %d, the others on "
