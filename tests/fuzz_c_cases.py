@@ -1,5 +1,6 @@
-"""Hostile calls into every entry point of the compiled extension (_backend._C), generated from a seed (used
-by tests/test_fuzz_c.py, which runs batches of them in subprocesses and counts crashes).
+"""Hostile calls into every entry point of the compiled extension (_backend._C), generated
+from a seed (used by tests/test_fuzz_c.py, which runs batches of them in subprocesses and
+counts crashes).
 
 A case starts from a valid call of one entry point on a small block table, then applies one
 to three mutations: an argument replaced by a wrong type, a hostile __dlpack__ exporter, a
@@ -124,31 +125,31 @@ def _base_calls(bits: int, rng: np.random.Generator, stem: str) -> tuple[list[An
     par = lambda: _real(LAYOUT.param_numel, rng, bits)  # noqa: E731
     fac = lambda: _psd_factors(bits, rng)  # noqa: E731
     nf = LAYOUT.factor_count
+    fu8 = lambda: torch.zeros(nf, dtype=torch.uint8)  # noqa: E731
     calls = {
         "gather": lambda: ([blk(), blk(), par(), par(), t, act(), 0.1],
-                   ["buf", "buf", "buf", "buf", "table", "mask", "float"]),
-        "scatter": lambda: ([par(), blk(), t, act()], ["buf", "buf", "table", "mask"]),
+                           "buf buf buf buf table mask float"),
+        "scatter": lambda: ([par(), blk(), t, act()], "buf buf table mask"),
         "factor_update": lambda: ([fac(), fac(), blk(), t, act(), 0.9, 2],
-                          ["buf", "buf", "buf", "table", "mask", "float", "int"]),
+                                  "buf buf buf table mask float int"),
         "precondition": lambda: ([blk(), blk(), fac(), t, act(), 2],
-                         ["buf", "buf", "buf", "table", "mask", "int"]),
+                                 "buf buf buf table mask int"),
         "moments": lambda: ([blk(), blk().abs(), blk(), t, act(), True, 0.999, 0.9, 0.5, 0.5],
-                    ["buf", "buf", "buf", "table", "mask", "bool", "float", "float", "float",
-                     "float"]),
-        "finish": lambda: ([par(), blk(), blk(), blk().abs(), blk(), blk(), t, act(), 2, False, 0.5,
-                    1e-8, 0.01, 0.9, 0.0, True, 0.1],
-                   ["buf", "buf", "buf", "buf", "buf", "buf", "table", "mask", "int", "bool",
-                    "float", "float", "float", "float", "float", "bool", "float"]),
-        "root_inverse": lambda: ([torch.zeros_like(fac()), fac(), t, act(),
-                          torch.zeros(nf, dtype=torch.uint8), torch.zeros(nf, dtype=torch.int32),
-                          int(rng.integers(0, 3)), 1e-6, 1.0, 1.0, True, True, 20, 1e-6, 0.0, 3,
-                          2],
-                         ["buf", "buf", "table", "mask", "mask", "i32", "int", "float", "float",
-                          "float", "bool", "bool", "int", "float", "float", "int", "int"]),
+                            "buf buf buf table mask bool float float float float"),
+        "finish": lambda: ([par(), blk(), blk(), blk().abs(), blk(), blk(), t, act(), 2, False,
+                            0.5, 1e-8, 0.01, 0.9, 0.0, True, 0.1],
+                           "buf buf buf buf buf buf table mask int bool float float float float "
+                           "float bool float"),
+        "root_inverse": lambda: ([torch.zeros_like(fac()), fac(), t, act(), fu8(),
+                                  torch.zeros(nf, dtype=torch.int32), int(rng.integers(0, 3)),
+                                  1e-6, 1.0, 1.0, True, True, 20, 1e-6, 0.0, 3, 2],
+                                 "buf buf table mask mask i32 int float float float bool bool "
+                                 "int float float int int"),
         "root_commit": lambda: ([fac(), fac(), t, torch.ones(nf, dtype=torch.uint8)],
-                        ["buf", "buf", "table", "mask"]),
+                                "buf buf table mask"),
     }
-    return calls[stem]()
+    args, kinds = calls[stem]()
+    return args, kinds.split()
 
 
 def _plain_calls(rng: np.random.Generator) -> dict[str, tuple[list[Any], list[str]]]:
