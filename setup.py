@@ -124,6 +124,8 @@ if _want_cuda != "0":
                     "csrc/core/batch_plan.c",
                     "csrc/core/block_table.c",
                     "csrc/core/status.c",
+                    "csrc/python/arg_checks.c",
+                    "csrc/python/dlpack_state.c",
                     "csrc/python/tensor_args.c",
                     "csrc/python/cuda_binding.c",
                     "csrc/python/cuda_ops.c",

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "block_table.h"
+#include "int_math.h"
 #include "factor_update.h"
 #include "parallel.h"
 
