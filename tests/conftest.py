@@ -1,5 +1,5 @@
 """The CUDA emulation tier (tools/cuda_emu/README.md): `pytest --cuda-emu tests/test_cuda_*.py`
-(or SHAMPOO_CUDA_EMU=<build dir> as tools/cuda_emu/run.py sets it) runs the CUDA tests against
+(or SHAMPOO_CUDA_EMU=<build dir>, or =1 / small / asan / asan-small to build that flavour) runs the CUDA tests against
 the emulated _C_cuda in this process. Without either, nothing here changes anything."""
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ def pytest_configure(config):
     import build as emu_build  # tools/cuda_emu/build.py
     import torch_emu
 
-    if not build_dir:
-        build_dir = str(emu_build.build())
+    if not build_dir or not (Path(build_dir) / "build.json").exists():
+        # "1" / "small" / "asan" / "asan-small": build that flavour (cached) first
+        flavour = build_dir or ""
+        build_dir = str(emu_build.build(asan="asan" in flavour, small_caps="small" in flavour))
         os.environ["SHAMPOO_CUDA_EMU"] = build_dir
     torch_emu.install(build_dir)

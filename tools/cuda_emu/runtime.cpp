@@ -9,6 +9,7 @@
 
 #include <sys/mman.h>
 
+#include <cerrno>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -213,7 +214,7 @@ struct block_runner {
             void *m = mmap(nullptr, STACK_BYTES, PROT_READ | PROT_WRITE,
                            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
             if (m == MAP_FAILED) {
-                fprintf(stderr, "cuda_emu: cannot map a fiber stack\n");
+                fprintf(stderr, "cuda_emu: cannot map fiber stack %zu: %s\n", fibers.size(), strerror(errno));
                 abort();
             }
             mprotect(m, 4096, PROT_NONE);
@@ -325,13 +326,15 @@ struct job {
     std::atomic<uint64_t> next{0};
     std::atomic<uint64_t> finished{0};
     std::atomic<bool> diverged{false};
-    std::atomic<bool> stray_barrier{false};
+    int users = 0; /* pool workers inside work_on(this); guarded by p_mu */
 };
 
-std::mutex p_mu;
-std::condition_variable p_cv, p_done_cv;
-std::deque<job *> p_jobs;
-std::vector<std::thread> p_workers;
+/* Never destroyed: detached workers wait on them until the process ends. */
+std::mutex &p_mu = *new std::mutex;
+std::condition_variable &p_cv = *new std::condition_variable;
+std::condition_variable &p_done_cv = *new std::condition_variable;
+std::deque<job *> &p_jobs = *new std::deque<job *>;
+std::vector<std::thread> &p_workers = *new std::vector<std::thread>;
 bool p_started = false;
 
 thread_local job *t_job = nullptr;
@@ -407,9 +410,12 @@ void worker_main()
             p_cv.wait(lock);
             continue;
         }
+        j->users++; /* keeps j alive: its launcher waits for users == 0 */
         lock.unlock();
         work_on(j);
         lock.lock();
+        j->users--;
+        p_done_cv.notify_all();
     }
 }
 
@@ -437,7 +443,7 @@ void run_job(job *j)
     }
     work_on(j);
     std::unique_lock<std::mutex> lock(p_mu);
-    p_done_cv.wait(lock, [j] { return j->finished.load() == j->blocks; });
+    p_done_cv.wait(lock, [j] { return j->finished.load() == j->blocks && j->users == 0; });
     for (auto it = p_jobs.begin(); it != p_jobs.end(); ++it)
         if (*it == j) {
             p_jobs.erase(it);

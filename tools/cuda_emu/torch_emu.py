@@ -156,8 +156,26 @@ def _relabel(capsule: Any, device_id: int) -> None:
     dev[0], dev[1] = _KDL_CUDA, device_id
 
 
+# torch's CUDA caching allocator hands out 512-byte aligned blocks (cudaMalloc: 256); the
+# CPU allocator only 64. Fresh "cuda" tensors get the GPU's alignment, since code may rely on
+# it (cublasSetWorkspace requires 256).
+_ALIGN = 512
+
+
+def _aligned_copy(t: torch.Tensor, dtype: Any = None) -> torch.Tensor:
+    dtype = dtype or t.dtype
+    if t.layout != torch.strided:
+        return t.detach().to(device="cpu", dtype=dtype, copy=True)
+    nbytes = t.numel() * torch.empty((), dtype=dtype).element_size()
+    raw = torch.empty(nbytes + _ALIGN, dtype=torch.uint8)
+    off = (-raw.data_ptr()) % _ALIGN
+    out = raw[off:off + nbytes].view(dtype).view(t.shape)
+    out.copy_(t.detach())
+    return out
+
+
 def to_emu(t: torch.Tensor, device: torch.device, dtype: Any = None) -> EmuCudaTensor:
-    inner = t.detach().to(device="cpu", dtype=dtype or t.dtype, copy=True)
+    inner = _aligned_copy(t, dtype)
     out = EmuCudaTensor(inner, device)
     if t.requires_grad:
         out.requires_grad_(True)
@@ -170,7 +188,8 @@ class EmuFunctionMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.to and not isinstance(args[0], EmuCudaTensor):
-            device, dtype, _non_blocking, _fmt = torch._C._nn._parse_to(*args[1:], **kwargs)
+            parse = {k: v for k, v in kwargs.items() if k != "copy"}
+            device, dtype, _non_blocking, _fmt = torch._C._nn._parse_to(*args[1:], **parse)
             target = _cuda_device(device)
             if target is not None:
                 return to_emu(args[0], target, dtype)
@@ -182,15 +201,57 @@ class EmuFunctionMode(TorchFunctionMode):
             return to_emu(args[0], target)
         elif func is torch.Tensor.record_stream:
             return None
-        elif "device" in kwargs and not any(isinstance(a, EmuCudaTensor) for a in args):
+        elif func is torch.Tensor.tolist and isinstance(args[0], EmuCudaTensor):
+            return args[0]._inner.tolist()
+        emus = [a for a in (*args, *kwargs.values()) if isinstance(a, EmuCudaTensor)]
+        if emus:
+            # Plain CPU tensors beside emulated ones (a copy_ source, an index, a 0-dim
+            # scalar) are lifted to the same device without a copy: torch's dispatcher would
+            # otherwise look for a CUDA device guard this build does not have.
+            dev = emus[0].device
+
+            def lift(x):
+                if isinstance(x, torch.Tensor) and not isinstance(x, EmuCudaTensor):
+                    return EmuCudaTensor(x, dev)
+                return x
+
+            try:
+                return func(*tree_map(lift, args), **tree_map(lift, kwargs))
+            except RuntimeError as e:
+                if "not linked with support for cuda" not in str(e):
+                    raise
+            # Bindings that take a CUDA device guard before dispatch (copy_, indexing):
+            # run them on the CPU tensors and wrap what comes back.
+            return _on_inner(func, args, kwargs, dev)
+        if "device" in kwargs:
             target = _cuda_device(kwargs["device"])
             if target is not None:
                 kwargs = dict(kwargs, device="cpu")
                 out = func(*args, **kwargs)
                 return tree_map(
-                    lambda x: EmuCudaTensor(x, target) if isinstance(x, torch.Tensor) else x, out
+                    lambda x: EmuCudaTensor(_aligned_copy(x), target)
+                    if isinstance(x, torch.Tensor) else x, out
                 )
         return func(*args, **kwargs)
+
+
+def _on_inner(func, args, kwargs, dev: torch.device):
+    wrappers: dict[int, EmuCudaTensor] = {}
+
+    def unwrap(x):
+        if isinstance(x, EmuCudaTensor):
+            wrappers[id(x._inner)] = x
+            return x._inner
+        return x
+
+    out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+
+    def wrap(x):
+        if isinstance(x, torch.Tensor) and not isinstance(x, EmuCudaTensor):
+            return wrappers[id(x)] if id(x) in wrappers else EmuCudaTensor(x, dev)
+        return x
+
+    return tree_map(wrap, out)
 
 
 # ------------------------------------------------------------------------------ torch.cuda
@@ -439,13 +500,18 @@ def _checked_module(raw: types.ModuleType, rt: ctypes.CDLL) -> types.SimpleNames
             else:
                 stream, device = args[0], _call_device(args)
             rt.emu_rt_begin_call(int(stream), int(device))
+            error = None
             try:
                 result = _fn(*args)
-            finally:
-                buf = ctypes.create_string_buffer(16384)
-                n = rt.emu_rt_end_call(buf, len(buf))
+            except Exception as e:  # reported with the violations behind it, if any
+                error = e
+            buf = ctypes.create_string_buffer(16384)
+            n = rt.emu_rt_end_call(buf, len(buf))
             if n:
-                raise EmuViolation(f"{_name}: {buf.value.decode(errors='replace').strip()}")
+                text = buf.value.decode(errors="replace").strip()
+                raise EmuViolation(f"{_name}: {text}") from error
+            if error is not None:
+                raise error
             return result
 
         checked.__name__ = name
