@@ -123,7 +123,7 @@ int eigh(int n, T *a, long lda, T *w, int uplo, bool vectors, int bits, int fail
                 if (i != j)
                     off += x;
             }
-        if (off <= 1e-32 * total || off == 0.0) {
+        if (off <= 1e-28 * total || off == 0.0) { /* off-diagonal norm <= 1e-14 of the whole */
             converged = true;
             break;
         }

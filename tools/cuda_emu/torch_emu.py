@@ -394,7 +394,21 @@ class _device_ctx:
         return False
 
 
+_Generator = torch.Generator
+
+
+class _EmuGenerator(_Generator):
+    """torch.Generator(device="cuda"): a CPU generator (random numbers differ from a GPU's)."""
+
+    def __new__(cls, device: Any = "cpu"):
+        return _Generator.__new__(cls, "cpu" if _cuda_device(device) is not None else device)
+
+    def __init__(self, device: Any = "cpu"):
+        pass
+
+
 def _patch_torch_cuda() -> None:
+    torch.Generator = _EmuGenerator
     c = torch.cuda
     c.is_available = lambda: True
     c.is_initialized = lambda: True
