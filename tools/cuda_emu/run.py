@@ -3,6 +3,7 @@ own (the emulator patches torch.cuda process-wide). Usage:
 
   python tools/cuda_emu/run.py            the default CI subset (about two minutes on 2 cores)
   python tools/cuda_emu/run.py --all      every CUDA kernel test, large groups included
+  python tools/cuda_emu/run.py --small-caps   grid-y cap 3, staging cap 600 (every strided loop)
   python tools/cuda_emu/run.py --asan     AddressSanitizer + UBSan build with small grid caps,
                                           so every grid-stride loop and multi-batch path runs
 Extra arguments go to pytest. Exits with pytest's status.
@@ -30,8 +31,9 @@ def main() -> int:
     args = sys.argv[1:]
     every = "--all" in args
     asan = "--asan" in args
-    rest = [a for a in args if a not in ("--all", "--asan")]
-    out = build.build(asan=asan, small_caps=asan)
+    small = asan or "--small-caps" in args
+    rest = [a for a in args if a not in ("--all", "--asan", "--small-caps")]
+    out = build.build(asan=asan, small_caps=small)
     env = dict(os.environ, SHAMPOO_CUDA_EMU=str(out))
     if asan:
         lib = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
