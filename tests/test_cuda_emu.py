@@ -104,6 +104,7 @@ def test_syevd_fallback_without_xsyev_batched(emu, tmp_path):
 
     old = torch_emu.Emulator(emu.dir, cusolver="libcusolver.so.11")
     assert old.module.library_info()["batched_syev"] is False
+    assert old.blas_path.endswith("libcublas.so.12")  # CUDA 12's pair, as _backend pairs them
     torch_emu.use_module(old)
     try:
         ns = [33, 33, 40, 7]
@@ -161,10 +162,6 @@ def test_the_stream_check_catches_a_wrong_stream(emu):
     assert n > 0 and b"not the caller's stream" in buf.value
 
 
-@pytest.mark.xfail(strict=False, reason="cuBLAS/cuSOLVER handles are shared per device while "
-                   "root_inverse runs without the GIL (issue 10 item 2; h10a): the emulator sees "
-                   "one thread re-bind the other's handle. A race, so not strict: flip to a plain "
-                   "test once fixed")
 def test_two_threads_at_once(emu):
     """Two host threads, each on its own stream, running root steps concurrently (the
     binding releases the GIL): no handle may be re-bound under the other's feet."""
@@ -209,8 +206,6 @@ def _factor_update_problem(nblocks, dims=(2,)):
     return kt, g, f
 
 
-@pytest.mark.xfail(strict=True, reason="batched GEMMs above 65,535 matrices are not chunked "
-                   "yet (issue 10 item 2; h10a)")
 def test_batches_above_65535_are_chunked(emu):
     emu.blas.emu_blas_set_max_batch(65535)
     n = 65536 + 3
@@ -225,10 +220,6 @@ def test_batches_above_65535_are_chunked(emu):
 
 # ---- failures must say what failed ------------------------------------------------------------
 
-H10A = "fixed by h10a's error-text change"
-
-
-@pytest.mark.xfail(strict=True, reason=H10A)
 def test_cublas_failure_reports_its_status(emu):
     kt, g, f = _factor_update_problem(4, (3, 5))
     emu.blas.emu_blas_fail(b"cublasDgemmBatched", 1, 13)  # CUBLAS_STATUS_EXECUTION_FAILED
@@ -242,7 +233,6 @@ def test_cublas_failure_reports_its_status(emu):
     assert "cublasDgemmBatched" in msg and ("13" in msg or "EXECUTION_FAILED" in msg), msg
 
 
-@pytest.mark.xfail(strict=True, reason=H10A)
 def test_launch_failure_reports_the_cuda_error(emu):
     table, _ = make_table([([4, 3], 2)])
     kt = B.KernelTable(table, DEVICE)
@@ -256,7 +246,6 @@ def test_launch_failure_reports_the_cuda_error(emu):
     assert "too many resources requested for launch" in msg or "LaunchOutOfResources" in msg, msg
 
 
-@pytest.mark.xfail(strict=True, reason=H10A + " (no kernel image: name the device and archs)")
 def test_no_kernel_image_is_a_clear_error(emu):
     table, _ = make_table([([4], 2)])
     kt = B.KernelTable(table, DEVICE)
@@ -266,7 +255,10 @@ def test_no_kernel_image_is_a_clear_error(emu):
     with pytest.raises(RuntimeError) as info:
         B.gather(torch.zeros(4, dtype=torch.float64).to(DEVICE), None, g, None, kt,
                  torch.ones(1, dtype=torch.uint8).to(DEVICE), 0.0, step=1, fail=flag)
-    assert "no kernel image" in str(info.value), str(info.value)
+    msg = str(info.value)
+    assert "no kernel image" in msg, msg
+    # names the device (index, name, compute capability) and the architectures built
+    assert "GPU 0 (" in msg and "sm_" in msg and f"built for SM architectures {emu.manifest['archs']};" in msg, msg
 
 
 def test_injected_solver_status_is_an_error_and_writes_nothing(emu):

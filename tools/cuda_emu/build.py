@@ -1,9 +1,9 @@
 """Builds the CUDA emulation tier (tools/cuda_emu/README.md) into a build directory:
 
   libshampoo_emu_cudart.so   the emulated CUDA runtime (runtime.cpp)
-  libcublas.so.13            reference cuBLAS (ref_blas.cpp)
+  libcublas.so.13, .so.12    reference cuBLAS (ref_blas.cpp) of CUDA 13 and CUDA 12
   libcusolver.so.12          reference cuSOLVER with XsyevBatched (ref_solver.cpp)
-  libcusolver.so.11          the same without XsyevBatched (older cuSOLVER)
+  libcusolver.so.11          the same without XsyevBatched (CUDA 12's cuSOLVER)
   _C_cuda<EXT_SUFFIX>        distributed_shampoo._C_cuda from the UNMODIFIED csrc sources:
                              csrc/cuda/*.cu compiled as host C++ after one mechanical rewrite
                              (every `k<<<cfg>>>(args)` -> `::emu::cfg(__FILE__, __LINE__,
@@ -197,6 +197,9 @@ def build(asan: bool = False, small_caps: bool = False, out_root: Path | None = 
     src = tmp / "src" / "csrc"
     shutil.copytree(CSRC, src)
 
+    # The architectures a real build names in "no kernel image" (setup.py's default).
+    archs = re.search(r'DEFAULT_CUDA_ARCHS = "([^"]*)"', (ROOT / "setup.py").read_text())
+    archs = archs.group(1) if archs else "unknown"
     overrides = SMALL_CAPS if small_caps else {}
     hit: set[str] = set()
     cuda_dir = src / "cuda"
@@ -221,9 +224,12 @@ def build(asan: bool = False, small_caps: bool = False, out_root: Path | None = 
     _run([cxx, "-std=c++17", *flags, *inc, "-shared", str(HERE / "runtime.cpp"),
           "-o", str(tmp / "libshampoo_emu_cudart.so")])
     rt = ["-L", str(tmp), "-lshampoo_emu_cudart", *rpath]
-    _run([cxx, "-std=c++17", *flags, *inc, "-I", str(HERE), "-shared",
-          str(HERE / "ref_blas.cpp"), "-Wl,-soname,libcublas.so.13", "-o",
-          str(tmp / "libcublas.so.13"), *rt])
+    # cuBLAS of CUDA 13 and of CUDA 12, so that each reference cuSOLVER has its release's
+    # cuBLAS (_backend loads them as matched pairs only)
+    for soname in ("libcublas.so.13", "libcublas.so.12"):
+        _run([cxx, "-std=c++17", *flags, *inc, "-I", str(HERE), "-shared",
+              str(HERE / "ref_blas.cpp"), f"-Wl,-soname,{soname}", "-o", str(tmp / soname),
+              *rt])
     for soname, extra in (("libcusolver.so.12", []), ("libcusolver.so.11", ["-DEMU_NO_XSYEV"])):
         _run([cxx, "-std=c++17", *flags, *extra, *inc, "-I", str(HERE), "-shared",
               str(HERE / "ref_solver.cpp"), f"-Wl,-soname,{soname}", "-o", str(tmp / soname),
@@ -234,7 +240,7 @@ def build(asan: bool = False, small_caps: bool = False, out_root: Path | None = 
         obj = tmp / (p.name + ".o")
         # -ffp-contract=off: no fused multiply-adds, as nvcc's -fmad=false
         _run([cxx, "-std=c++17", *flags, "-ffp-contract=off", "-x", "c++", *inc, "-include",
-              "cuda_runtime.h", "-Wall", "-Wno-unused-function", "-c", str(p), "-o", str(obj)])
+              "cuda_runtime.h", f'-DSHAMPOO_CUDA_ARCHS="{archs}"', "-Wall", "-Wno-unused-function", "-c", str(p), "-o", str(obj)])
         objs.append(str(obj))
     py_inc = sysconfig.get_paths()["include"]
     for rel in ["cuda/cuda_libs.c", *BINDING_C]:
@@ -250,6 +256,7 @@ def build(asan: bool = False, small_caps: bool = False, out_root: Path | None = 
         "launches_rewritten": launches,
         "overrides": overrides,
         "missing_overrides": sorted(set(overrides) - hit),
+        "archs": archs,
         "grid_y_limit": SMALL_GRID_Y if small_caps else 65535,
         "module": f"_C_cuda{ext}",
     }

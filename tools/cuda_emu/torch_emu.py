@@ -445,8 +445,15 @@ class Emulator:
         self.dir = Path(build_dir)
         self.manifest = json.loads((self.dir / "build.json").read_text())
         self.rt = ctypes.CDLL(str(self.dir / "libshampoo_emu_cudart.so"), mode=ctypes.RTLD_GLOBAL)
-        self.blas_path = str(self.dir / "libcublas.so.13")
+        # the cuBLAS of cusolver's CUDA release, chosen by _backend's own pairing rule
+        from distributed_shampoo import _backend as B
+
         self.solver_path = str(self.dir / cusolver)
+        pairs = B._library_pairs([str(self.dir / "libcublas.so.13"),
+                                  str(self.dir / "libcublas.so.12")], [self.solver_path])
+        if not pairs:
+            raise RuntimeError(f"cuda_emu: no reference cuBLAS pairs with {cusolver}")
+        self.blas_path = pairs[0][0]
         self.blas = ctypes.CDLL(self.blas_path, mode=ctypes.RTLD_GLOBAL)
         self.solver = ctypes.CDLL(self.solver_path, mode=ctypes.RTLD_GLOBAL)
         _declare(self.rt, self.blas, self.solver)
