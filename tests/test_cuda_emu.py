@@ -268,3 +268,17 @@ def test_injected_solver_status_is_an_error_and_writes_nothing(emu):
     emu.solver.emu_solver_fail(b"cusolverDnDsyevjBatched", 1, 7)  # INTERNAL_ERROR
     with pytest.raises(RuntimeError, match="root_inverse"):
         run_root(kt, factors, 2)
+
+
+def test_many_small_factors_in_several_solver_batches(emu):
+    """Twelve 4x4 factors of one size. Full caps: one syevjBatched call. --small-caps
+    (batch cap 5, solver budget 16 KiB; the reference syevjBatched needs 536 doubles a 4x4
+    matrix, 4,288 bytes): 5 matrices need 21,440 bytes, so batches halve to 3 -> four calls.
+    Results as the oracle's either way."""
+    ns = [4] * 12
+    mats, offsets, factors, kt = root_problem(ns, torch.float64)
+    out, status = run_root(kt, factors, len(ns))
+    assert status.tolist() == [B.ROOT_OK] * len(ns)
+    small = emu.manifest["options"]["small_caps"]
+    assert emu.solver.emu_solver_calls(b"syevj") == (4 if small else 1)
+    assert_matches_oracle(out, mats, offsets, ns, 1e-10)

@@ -35,11 +35,15 @@ CSRC = ROOT / "csrc"
 # The constants --small-caps rewrites, and the values it gives them. A name no source defines
 # any more is reported (build.json "missing_overrides") rather than failing the build.
 SMALL_CAPS = {
-    "SHAMPOO_CUDA_MAX_GRID_Y": "3",
-    "STAGING_CAP": "600",
+    "SHAMPOO_CUDA_MAX_GRID_Y": "3",  # grid-y loops (cuda_common.cuh)
+    "SHAMPOO_CUDA_MAX_BATCH": "5",  # chunked cuBLAS/cuSOLVER batches (cuda_common.cuh)
+    "STAGING_CAP": "600",  # several eigensolver batches per size (eigensolver_cuda.cuh)
+    "SOLVER_BUDGET": "16384",  # batches halved until the workspace fits (eigensolver_cuda.cuh)
 }
-# The emulator's own grid-y limit in --small-caps builds (what launches are checked against).
+# The emulator's own limits in --small-caps builds (what launches and batched cuBLAS calls are
+# checked against), matching the rewritten constants.
 SMALL_GRID_Y = 3
+SMALL_MAX_BATCH = 5
 
 BINDING_C = [
     "core/batch_plan.c",
@@ -258,6 +262,7 @@ def build(asan: bool = False, small_caps: bool = False, out_root: Path | None = 
         "missing_overrides": sorted(set(overrides) - hit),
         "archs": archs,
         "grid_y_limit": SMALL_GRID_Y if small_caps else 65535,
+        "blas_batch_limit": SMALL_MAX_BATCH if small_caps else None,
         "module": f"_C_cuda{ext}",
     }
     (tmp / "build.json").write_text(json.dumps(manifest, indent=1))

@@ -466,11 +466,19 @@ class Emulator:
         self.module.load_libraries([self.blas_path], [self.solver_path])
         if self.manifest["options"]["small_caps"]:
             self.rt.emu_rt_set_grid_limits(self.manifest["grid_y_limit"], 65535)
+        self._small_batch()
+
+    def _small_batch(self) -> None:
+        """In --small-caps builds, batched cuBLAS calls above the rewritten cap are refused."""
+        limit = self.manifest.get("blas_batch_limit")
+        if limit:
+            self.blas.emu_blas_set_max_batch(limit)
 
     def reset(self) -> None:
         """Clears injected failures, sticky errors and counters."""
         self.rt.emu_rt_reset()
         self.blas.emu_blas_reset()
+        self._small_batch()
         self.solver.emu_solver_reset()
         self.rt.emu_rt_take_violations(None, 0)
 
