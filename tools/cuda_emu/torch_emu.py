@@ -123,6 +123,16 @@ class EmuCudaTensor(torch.Tensor):
         _relabel(cap, self.device.index or 0)
         return cap
 
+    def __deepcopy__(self, memo):
+        # torch's deepcopy goes through the storage, which a wrapper subclass does not have
+        if id(self) in memo:
+            return memo[id(self)]
+        out = EmuCudaTensor(_aligned_copy(self._inner), self.device)
+        if self.requires_grad:
+            out.requires_grad_(True)
+        memo[id(self)] = out
+        return out
+
     def __dlpack_device__(self):
         return (_KDL_CUDA, self.device.index or 0)
 
@@ -201,6 +211,11 @@ class EmuFunctionMode(TorchFunctionMode):
             return to_emu(args[0], target)
         elif func is torch.Tensor.record_stream:
             return None
+        elif func is torch.Tensor.pin_memory and not isinstance(args[0], EmuCudaTensor):
+            # host memory is all the emulator has; pinned or not makes no difference here
+            return args[0].clone()
+        elif func is torch.Tensor.is_pinned and not isinstance(args[0], EmuCudaTensor):
+            return True
         elif func is torch.Tensor.tolist and isinstance(args[0], EmuCudaTensor):
             return args[0]._inner.tolist()
         emus = [a for a in (*args, *kwargs.values()) if isinstance(a, EmuCudaTensor)]
@@ -215,6 +230,12 @@ class EmuFunctionMode(TorchFunctionMode):
                     return EmuCudaTensor(x, dev)
                 return x
 
+            if func is torch.where and len(args) == 3:
+                # torch.where's Scalar overloads wrap the number in a fresh CUDA tensor below
+                # the Python dispatcher, where this CPU-only torch has no CUDA kernels: a
+                # 0-dim tensor of the number (same promotion: 0-dim) takes its place
+                args = tuple(torch.tensor(a) if isinstance(a, (bool, int, float)) else a
+                             for a in args)
             try:
                 return func(*tree_map(lift, args), **tree_map(lift, kwargs))
             except RuntimeError as e:
