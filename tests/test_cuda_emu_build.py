@@ -5,13 +5,15 @@ other than its own would run its __syncthreads without barriers."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools" / "cuda_emu"))
-import build  # noqa: E402  (tools/cuda_emu/build.py)
+# loaded under its own name: "build" is also PyPA's package, which a venv may hold
+_spec = importlib.util.spec_from_file_location("cuda_emu_build", ROOT / "tools" / "cuda_emu" / "build.py")
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
 
 CUDA = ROOT / "csrc" / "cuda"
 
