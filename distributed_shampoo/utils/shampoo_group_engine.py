@@ -9,25 +9,13 @@ scratch first, so a failed step leaves parameters and state bitwise unchanged (S
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from distributed_shampoo import _backend
-from distributed_shampoo.matrix_functions_types import (
-    CoupledHigherOrderConfig,
-    CoupledNewtonConfig,
-    RootInvConfig,
-)
-from distributed_shampoo.shampoo_types import (
-    AdaGradGraftingConfig,
-    AdamGraftingConfig,
-    PrecisionConfig,
-    RMSpropGraftingConfig,
-    SGDGraftingConfig,
-)
+from distributed_shampoo.shampoo_types import PrecisionConfig
 from distributed_shampoo.utils.shampoo_block_layout import (
     BlockLayout,
     TensorPiece,
@@ -37,13 +25,21 @@ from distributed_shampoo.utils.shampoo_block_layout import (
     whole_tensors,
 )
 from distributed_shampoo.utils.shampoo_ddp_distributor import DDPExchange, DDPPlacement
+from distributed_shampoo.utils.shampoo_device_failure import DeviceFailureFlag
+from distributed_shampoo.utils.shampoo_engine_setup import (  # noqa: F401 (re-exported)
+    GraftingSpec,
+    StepPlan,
+    kernel_dtype,
+    local_tensor,
+    root_method_kwargs,
+)
+from distributed_shampoo.utils.shampoo_engine_state import GroupStateLayout
 from distributed_shampoo.utils.shampoo_overflow import FactorOverflowGuard
 from distributed_shampoo.utils.shampoo_residuals import log_root_inverse_residuals
 from distributed_shampoo.utils.shampoo_root_status import log_non_diagonal, report_root_statuses
 from distributed_shampoo.utils.shampoo_scalars import float32_bias_correction
 from distributed_shampoo.utils.shampoo_step_checks import (
     GroupValues,
-    StepScalars,
     check_grad,
     check_params,
     read_step_scalars,
@@ -53,78 +49,7 @@ logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
 _ROOT_OK = (_backend.ROOT_OK, _backend.ROOT_MAX_ITERS, _backend.ROOT_RETRIED_DOUBLE)
 
 
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (FSDP2 parameters and gradients); other tensors as they are."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if to_local is not None else tensor
-
-
-def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The C kernels compute in float32 or float64; half precisions compute in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def root_method_kwargs(config: RootInvConfig) -> dict[str, Any]:
-    """The method-specific arguments of _backend.root_inverse for a root-inverse config."""
-    kwargs: dict[str, Any] = dict(
-        method="eigen",
-        make_positive_semidefinite=True,
-        retry_double_precision=True,
-        max_iterations=0,
-        tolerance=0.0,
-        rel_epsilon=0.0,
-        order=3,
-    )
-    if type(config) is CoupledNewtonConfig:
-        kwargs.update(
-            method="newton", max_iterations=config.max_iterations, tolerance=config.tolerance
-        )
-    elif type(config) is CoupledHigherOrderConfig:
-        kwargs.update(
-            method="higher_order",
-            max_iterations=config.max_iterations,
-            tolerance=config.tolerance,
-            rel_epsilon=config.rel_epsilon,
-            order=config.order,
-        )
-    else:
-        kwargs.update(
-            make_positive_semidefinite=config.make_positive_semidefinite,
-            retry_double_precision=config.retry_double_precision,
-        )
-    return kwargs
-
-
-@dataclass
-class StepPlan:
-    """What prepare() decided for apply(): the new step count and the root-step data."""
-
-    step: int
-    root_step: bool
-    bias_correction: float
-    param_blocks: torch.Tensor | None
-    scalars: StepScalars
-
-
-class GraftingSpec:
-    """What a grafting config means for the kernels (SPEC B §4.5, §4.8)."""
-
-    def __init__(self, config: Any) -> None:
-        # isinstance, as the reference dispatches (a user's subclass of AdamGraftingConfig is
-        # Adam); the three diagonal configs are unrelated classes.
-        self.has_state = isinstance(
-            config, (AdaGradGraftingConfig, RMSpropGraftingConfig, AdamGraftingConfig)
-        )
-        self.kind = "none" if config is None else ("diagonal" if self.has_state else "sgd")
-        self.epsilon = float(config.epsilon) if self.has_state else 0.0
-        # AdaGrad sums (beta2 = 1); RMSprop and Adam average; only Adam bias-corrects.
-        averaged = isinstance(config, (RMSpropGraftingConfig, AdamGraftingConfig))
-        self.beta2 = float(config.beta2) if averaged else 1.0
-        self.bias_corrected = isinstance(config, AdamGraftingConfig) and self.beta2 < 1.0
-        assert config is None or self.has_state or isinstance(config, SGDGraftingConfig)
-
-
-class ShampooGroupEngine:
+class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
     """Flat state buffers, block table and step of one parameter group on one device."""
 
     def __init__(
@@ -233,17 +158,8 @@ class ShampooGroupEngine:
         self._grad_views = self._param_shaped_views(self.grad_flat)
         self._active_params: tuple[bool, ...] | None = None
         self._live: list[int] = []
-        # CUDA: the step's failure flag stays on the device (a step that computes no root
-        # inverse must not wait for the GPU); a pinned copy is read once it has arrived.
-        self.fail = _backend.new_failure_flag(self.device) if self.on_cuda else None
-        self._fail_seen = (
-            torch.full((2,), _backend.FAIL_NONE, dtype=torch.int64).pin_memory() if self.on_cuda else None
-        )
-        # marks the last copy into _fail_seen (recorded each step; None before the first)
-        self._fail_copied = torch.cuda.Event() if self.on_cuda else None
-        self._fail_recorded = False
+        self._init_failure_flag()
 
-    # ----------------------------------------------------------------------------- set-up
     @staticmethod
     def _common_device(params: Sequence[torch.Tensor]) -> torch.device:
         devices = {p.device for p in params}
@@ -254,79 +170,6 @@ class ShampooGroupEngine:
         device = devices.pop() if devices else torch.device("cpu")
         _backend.check_device_supported(device, "params")
         return device
-
-    def _param_shaped_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [
-            flat[offset : offset + t.numel()].view(t.shape)
-            for offset, t in zip(self.layout.param_offsets, self.locals)
-        ]
-
-    def _scratch_like(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A scratch buffer allocated on first use and kept (no allocation per step)."""
-        key = (name, dtype)
-        buffer = self._scratch.get(key)
-        if buffer is None:
-            buffer = self._scratch[key] = torch.empty(like.numel(), dtype=dtype, device=self.device)
-        return buffer
-
-    def _working(self, name: str, state: torch.Tensor | None, dtype: torch.dtype) -> Any:
-        """`state` itself when stored in `dtype`, else a working copy in scratch (SPEC B §6.2)."""
-        if state is None or state.dtype == dtype:
-            return state
-        return self._scratch_like(name, state, dtype).copy_(state)
-
-    def _ensure_param_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.param_flat is None or self.param_blocks is None:
-            self.param_flat = torch.zeros_like(self.grad_flat)
-            self.param_blocks = torch.zeros_like(self.grad_blocks)
-            self._param_views = self._param_shaped_views(self.param_flat)
-        return self.param_flat, self.param_blocks
-
-    # ---------------------------------------------------------------------- state access
-    def block_states(self) -> dict[int, dict[str, dict[str, Any]]]:
-        """Per parameter index: {block_key: nested state dict of live views} (SPEC B §8.1)."""
-        layout = self.layout
-        table = layout.table.numpy()
-        states: dict[int, dict[str, dict[str, Any]]] = {}
-        for b, key in enumerate(layout.block_keys):
-            row = table[b]
-            shape = layout.block_shapes[b]
-            offset, numel = int(row[_backend.BF_BLOCK_OFFSET]), int(row[_backend.BF_NUMEL])
-            factor_offset = int(row[_backend.BF_FACTOR_OFFSET])
-            first_factor = int(row[_backend.BF_FACTOR_INDEX])
-            factors: dict[int, Any] = {}
-            inverses: dict[int, Any] = {}
-            diagonal: dict[int, Any] = {}
-            for k, d in enumerate(shape):
-                view = slice(factor_offset, factor_offset + d * d)
-                factors[k] = {"quantized_values": self.factors[view].view(d, d)}
-                inverses[k] = {"quantized_values": self.inv_factors[view].view(d, d)}
-                diagonal[k] = self.diagonal[first_factor + k]
-                factor_offset += d * d
-            state: dict[str, Any] = {
-                "shampoo": {
-                    "factor_matrices": factors,
-                    "inv_factor_matrices": inverses,
-                    "is_factor_matrices_diagonal": diagonal,
-                }
-            }
-            for name, buffer in (
-                ("adagrad", self.grafting_state),
-                ("momentum", self.momentum),
-                ("filtered_grad", self.filtered_grad),
-            ):
-                if buffer is not None:
-                    state[name] = {"quantized_values": buffer[offset : offset + numel].view(shape)}
-            states.setdefault(int(layout.block_param[b]), {})[key] = state
-        return states
-
-    def describe_block(self, block: int) -> str:
-        p = int(self.layout.block_param[block])
-        return (
-            f"parameter {p} of param group {self.group_index} "
-            f"(shape {tuple(self.params[p].shape)}), block {self.layout.block_keys[block]} "
-            f"(shape {self.layout.block_shapes[block]})"
-        )
 
     # ------------------------------------------------------------------------------ step
     def _set_active(self, active_params: tuple[bool, ...]) -> None:
@@ -382,10 +225,6 @@ class ShampooGroupEngine:
                 "parameters and optimizer state are unchanged."
             )
         return plan
-
-    def _describe_param(self, i: int) -> str:
-        return f"parameter {i} of param group {self.group_index} (shape {tuple(self.params[i].shape)})"
-
     def _prepare_live(self, group: dict[str, Any], grads: list[torch.Tensor | None]) -> "StepPlan":
         """`group`: the validated values (GroupValues.current)."""
         self.num_threads = max(1, torch.get_num_threads())  # follows torch.set_num_threads
@@ -433,11 +272,7 @@ class ShampooGroupEngine:
         if self.on_cuda:
             if self.exchange is not None:
                 self.exchange.agree_on_device_failure(self.fail)
-            self._fail_seen.copy_(self.fail, non_blocking=True)
-            # on the stream the copy above ran on (the parameters' device), not the current
-            # device's: in a multi-GPU process they differ
-            self._fail_copied.record(torch.cuda.current_stream(self.device))
-            self._fail_recorded = True
+            self._record_failure_copy()
             if root_step:  # a root step waits for the device anyway: report at once
                 self._raise_device_failure(wait=True)
 
@@ -456,76 +291,12 @@ class ShampooGroupEngine:
             log_non_diagonal(self.layout, self.diagonal, self.diagonal_work)
             self._check_roots()
         return StepPlan(t, root_step, bias_correction, param_blocks, scalars)
-
-    def _check_overflow(self, step: int) -> None:
-        """Raises (CPU) or records in the failure flag (CUDA, no host wait) when the coming
-        factor update could overflow (shampoo_overflow.py), before anything is written."""
-        assert self.overflow is not None
-        first = self.overflow.first_overflow(self.factors, self.active)
-        if self.on_cuda:
-            # as gather does: only if no earlier failure is recorded; the block field holds
-            # -2 - factor so that _raise_device_failure can tell this cause apart
-            record = (first >= 0) & (self.fail[0] > step)
-            self.fail[1] = torch.where(record, -2 - first, self.fail[1])
-            self.fail[0] = torch.where(record, step, self.fail[0])
-            return
-        factor = int(first)
-        if factor >= 0:
-            raise ValueError(self._overflow_message(factor))
-
-    def _overflow_message(self, factor: int, step: int | None = None) -> str:
-        layout = self.layout
-        block = int(layout.factor_block[factor])
-        at = "" if step is None else f" at step {step}"
-        limit = self.overflow.limit if self.overflow is not None else float("nan")
-        return (
-            f"The gradient of {self.describe_block(block)}{at} is too large: the update of factor "
-            f"matrix {layout.factor_label(factor)} could exceed the largest finite value "
-            f"({limit:.4g}) of its dtype ({self.factors.dtype}, computed in {self.shampoo_dtype}). "
-            "The step was not taken; parameters and optimizer state are unchanged. To mitigate, "
-            "scale or clip the gradients, or use a float64 factor_matrix_dtype."
-        )
-
     def _is_root_step(self, group: dict[str, Any]) -> bool:
         """`group`: validated values."""
         """Whether the coming step computes inverse roots (SPEC B §4.6)."""
         t = int(self.step_count) + 1
         frequency, start = group["precondition_frequency"], group["start_preconditioning_step"]
         return self.layout.factor_numel > 0 and ((t % frequency == 0 and t > start) or t == start)
-
-    def _raise_device_failure(self, wait: bool) -> None:
-        """CUDA: raises for a step whose gradient held NaN/Inf, once the host knows of it
-        (at once when `wait`). The device skipped that step and every later one (the flag is
-        sticky), so rolling the step count back leaves the optimizer exactly as after the
-        last good step."""
-        event = self._fail_copied
-        if not self._fail_recorded:
-            return
-        if not event.query():
-            if not wait:
-                return
-            event.synchronize()
-        step, block = (int(v) for v in self._fail_seen.tolist())
-        if step == _backend.FAIL_NONE:
-            return
-        skipped = int(self.step_count) + 1 - step
-        self.fail.fill_(_backend.FAIL_NONE)
-        self._fail_seen.fill_(_backend.FAIL_NONE)
-        self.step_count.fill_(step - 1)
-        if block <= -2:  # recorded by _check_overflow
-            raise ValueError(self._overflow_message(-2 - block, step))
-        where = (
-            f"the gradient of {self.describe_block(block)}"
-            if block != _backend.FAIL_NONE
-            else "a gradient on another rank of the trainer group"
-        )
-        raise ValueError(
-            f"Encountered nan or inf values in {where} at step {step}. On CUDA this is found "
-            f"without waiting for the GPU, so it is reported now; that step and the "
-            f"{max(skipped - 1, 0)} after it were not taken: parameters and optimizer state "
-            f"are unchanged since step {step - 1}."
-        )
-
     def _update_factors(self, target: torch.Tensor) -> torch.Tensor:
         """SPEC B §4.4 into `target`: the live factors (in place) or factor_work (scratch, a
         copy of them first), in the Shampoo dtype."""
