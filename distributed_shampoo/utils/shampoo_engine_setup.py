@@ -71,6 +71,9 @@ class StepPlan:
     bias_correction: float
     param_blocks: torch.Tensor | None
     scalars: StepScalars
+    # a root step's new factors and inverse roots, staged until apply() commits them
+    factor_work: torch.Tensor | None = None
+    root_work: torch.Tensor | None = None
 
 
 class GraftingSpec:

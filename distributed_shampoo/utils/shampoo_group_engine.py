@@ -3,8 +3,11 @@
 All per-block arithmetic happens in `_backend` calls over the whole block table, a constant
 number per step, so Python work grows with the number of parameters (gradient lists) but
 never with the number of blocks. Everything that can fail (non-finite gradients, factor
-matrices or inverse roots; a failed root computation with protection off) is computed into
-scratch first, so a failed step leaves parameters and state bitwise unchanged (SPEC A.3.12).
+matrices or inverse roots; a failed root computation with protection off) is proven
+impossible or computed into scratch first, so a failed step leaves parameters and state
+bitwise unchanged (SPEC A.3.12): a step without roots updates the factors in place once the
+overflow proof (shampoo_overflow.py) holds; a root step stages new factors and roots in
+buffers that live for that step only.
 """
 
 import logging
@@ -146,8 +149,9 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         self.grad_flat = zeros(layout.param_numel, self.working_dtype)  # gradients in, updates out
         self.grad_blocks = zeros(n, self.working_dtype)     # G, then G_hat
         self.shampoo_dir = zeros(n, self.working_dtype)
-        self.factor_work = zeros(nf, self.shampoo_dtype)
-        self.root_work = zeros(nf, self.shampoo_dtype)
+        # No persistent copy of the factors or roots: a root step stages its new factors and
+        # roots in buffers allocated for that step only (StepPlan), so that a failure found
+        # after computing them changes nothing; other steps update the factors in place.
         self.diagonal_work = torch.ones_like(self.diagonal)
         self.root_status = torch.zeros(layout.factor_count, dtype=torch.int32)
         self.root_commit = torch.zeros(layout.factor_count, dtype=torch.uint8, device=self.device)
@@ -277,20 +281,24 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
                 self._raise_device_failure(wait=True)
 
         bias_correction = 1.0
+        factor_work = root_work = None
         if root_step:
-            new_factors = self._update_factors(self.factor_work)
+            # transient (freed when the step ends): 2 x factor_numel in the Shampoo dtype
+            factor_work = torch.empty(self.layout.factor_numel, dtype=self.shampoo_dtype, device=self.device)
+            root_work = torch.empty_like(factor_work)
+            new_factors = self._update_factors(factor_work)
             self.diagonal_work.copy_(self.diagonal)
             if scalars.shampoo_bias_correction:
                 bias_correction = float32_bias_correction(self.beta2, t)
             _backend.root_inverse(
-                self.root_work, new_factors, self.table, self.active,
+                root_work, new_factors, self.table, self.active,
                 epsilon=self.epsilon, exponent_multiplier=self.exponent_multiplier,
                 bias_correction=bias_correction, is_diagonal=self.diagonal_work,
                 status_out=self.root_status, num_threads=self.num_threads, **self.root_kwargs,
             )
             log_non_diagonal(self.layout, self.diagonal, self.diagonal_work)
             self._check_roots()
-        return StepPlan(t, root_step, bias_correction, param_blocks, scalars)
+        return StepPlan(t, root_step, bias_correction, param_blocks, scalars, factor_work, root_work)
     def _is_root_step(self, group: dict[str, Any]) -> bool:
         """`group`: validated values."""
         """Whether the coming step computes inverse roots (SPEC B §4.6)."""
@@ -298,8 +306,8 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         frequency, start = group["precondition_frequency"], group["start_preconditioning_step"]
         return self.layout.factor_numel > 0 and ((t % frequency == 0 and t > start) or t == start)
     def _update_factors(self, target: torch.Tensor) -> torch.Tensor:
-        """SPEC B §4.4 into `target`: the live factors (in place) or factor_work (scratch, a
-        copy of them first), in the Shampoo dtype."""
+        """SPEC B §4.4 into `target`: the live factors (in place) or a staging buffer (a copy
+        of them first), in the Shampoo dtype."""
         if target is not self.factors:
             target.copy_(self.factors)
         grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
@@ -320,15 +328,19 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         then moments, preconditioning, grafting, momentum and the parameter update."""
         t = plan.step
         if plan.root_step:
-            self.factors.copy_(self.factor_work)
+            factor_work, root_work = plan.factor_work, plan.root_work
+            assert factor_work is not None and root_work is not None
+            plan.factor_work = plan.root_work = None  # freed once this step is done
+            self.factors.copy_(factor_work)
             self.diagonal.copy_(self.diagonal_work)
             if self.inv_factors.dtype == self.shampoo_dtype:
-                _backend.root_commit(self.inv_factors, self.root_work, self.table, self.root_commit)
+                _backend.root_commit(self.inv_factors, root_work, self.table, self.root_commit)
             else:
-                staged = self.factor_work.copy_(self.inv_factors)
-                _backend.root_commit(staged, self.root_work, self.table, self.root_commit)
+                staged = factor_work.copy_(self.inv_factors)
+                _backend.root_commit(staged, root_work, self.table, self.root_commit)
                 self.inv_factors.copy_(staged)
-            inv_roots = self.root_work
+            del factor_work
+            inv_roots = root_work
             if track_residuals:
                 log_root_inverse_residuals(self, plan.bias_correction)
         else:
@@ -337,10 +349,12 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
                 if self.factors.dtype == self.shampoo_dtype:
                     self._update_factors(self.factors)
                 else:
-                    self.factors.copy_(self._update_factors(self.factor_work))
+                    # every step needs this working copy: kept as scratch (this config only)
+                    staging = self._scratch_like("factors_s", self.factors, self.shampoo_dtype)
+                    self.factors.copy_(self._update_factors(staging))
             inv_roots = self.inv_factors
             if self.inv_factors.dtype != self.shampoo_dtype:
-                inv_roots = self.root_work.copy_(self.inv_factors)
+                inv_roots = self._working("roots_s", self.inv_factors, self.shampoo_dtype)
         self.step_count.fill_(t)
 
         # every value was read and checked in prepare(): nothing below can fail
