@@ -124,9 +124,11 @@ if _want_cuda != "0":
                     "csrc/core/batch_plan.c",
                     "csrc/core/block_table.c",
                     "csrc/core/status.c",
+                    "csrc/core/sym_pack.c",
                     "csrc/python/tensor_args.c",
                     "csrc/python/cuda_binding.c",
                     "csrc/python/cuda_ops.c",
+                    "csrc/python/cuda_packed_ops.c",
                 ],
                 depends=sorted(
                     glob("csrc/cuda/*.h") + glob("csrc/cuda/*.cuh") + glob("csrc/core/*.h")

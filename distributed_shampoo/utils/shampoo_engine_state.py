@@ -48,25 +48,27 @@ class GroupStateLayout:
 
     # ---------------------------------------------------------------------- state access
     def block_states(self) -> dict[int, dict[str, dict[str, Any]]]:
-        """Per parameter index: {block_key: nested state dict of live views} (SPEC B §8.1)."""
+        """Per parameter index: {block_key: nested state dict of live views} (SPEC B §8.1).
+        Factor matrices and inverse roots are views of packed storage: 1-D, d(d+1)/2 elements
+        (the upper triangle by rows; loading also accepts full d x d tensors)."""
         layout = self.layout
         table = layout.table.numpy()
+        packed_at = 0
         states: dict[int, dict[str, dict[str, Any]]] = {}
         for b, key in enumerate(layout.block_keys):
             row = table[b]
             shape = layout.block_shapes[b]
             offset, numel = int(row[_backend.BF_BLOCK_OFFSET]), int(row[_backend.BF_NUMEL])
-            factor_offset = int(row[_backend.BF_FACTOR_OFFSET])
             first_factor = int(row[_backend.BF_FACTOR_INDEX])
             factors: dict[int, Any] = {}
             inverses: dict[int, Any] = {}
             diagonal: dict[int, Any] = {}
             for k, d in enumerate(shape):
-                view = slice(factor_offset, factor_offset + d * d)
-                factors[k] = {"quantized_values": self.factors[view].view(d, d)}
-                inverses[k] = {"quantized_values": self.inv_factors[view].view(d, d)}
+                view = slice(packed_at, packed_at + d * (d + 1) // 2)
+                factors[k] = {"quantized_values": self.factors[view]}
+                inverses[k] = {"quantized_values": self.inv_factors[view]}
                 diagonal[k] = self.diagonal[first_factor + k]
-                factor_offset += d * d
+                packed_at += d * (d + 1) // 2
             state: dict[str, Any] = {
                 "shampoo": {
                     "factor_matrices": factors,

@@ -38,6 +38,7 @@ from distributed_shampoo.utils.shampoo_engine_setup import (  # noqa: F401 (re-e
 )
 from distributed_shampoo.utils.shampoo_engine_state import GroupStateLayout
 from distributed_shampoo.utils.shampoo_overflow import FactorOverflowGuard
+from distributed_shampoo.utils.shampoo_packed_chunks import PackedFactors
 from distributed_shampoo.utils.shampoo_residuals import log_root_inverse_residuals
 from distributed_shampoo.utils.shampoo_root_status import log_non_diagonal, report_root_statuses
 from distributed_shampoo.utils.shampoo_scalars import float32_bias_correction
@@ -114,7 +115,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         def zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
             return torch.zeros(numel, dtype=dtype, device=self.device)
 
-        n, nf = layout.numel, layout.factor_numel
+        n = layout.numel
         self.table = _backend.KernelTable(layout.table, self.device)
         self.on_cuda = self.device.type == "cuda"
         if self.on_cuda and self.root_kwargs["method"] != "eigen":
@@ -130,8 +131,12 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
             self.payload = zeros(n, self.working_dtype)
             self.full_active = torch.zeros(self.full_layout.num_blocks, dtype=torch.uint8, device=self.device)
         # Live optimizer state (storage dtypes of SPEC B §3 / §6).
-        self.factors = zeros(nf, precision.factor_matrix_dtype)
-        self.inv_factors = zeros(nf, precision.inv_factor_matrix_dtype)
+        # Factor matrices and inverse roots packed (upper triangles, shampoo_packed_chunks.py);
+        # the kernels see them in full in a bounded scratch, chunk by chunk.
+        self.packing = PackedFactors(layout, self.device, self.shampoo_dtype)
+        self.factors = zeros(self.packing.numel, precision.factor_matrix_dtype)
+        self.inv_factors = zeros(self.packing.numel, precision.inv_factor_matrix_dtype)
+        self.factor_active = torch.zeros(layout.factor_count, dtype=torch.uint8, device=self.device)
         self.diagonal = torch.ones(layout.factor_count, dtype=torch.bool, device=self.device)
         self.grafting_state = (
             zeros(n, precision.grafting_state_dtype) if self.grafting.has_state else None
@@ -188,6 +193,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         self._active_params = active_params
         per_param = np.asarray(active_params, dtype=np.uint8)
         self.active.copy_(torch.from_numpy(per_param[self.layout.block_param]))
+        self.factor_active.copy_(torch.from_numpy(per_param[self.layout.block_param[self.layout.factor_block]]))
         if self.exchange is not None:
             self.full_active.copy_(torch.from_numpy(per_param[self.full_layout.block_param]))
         self._live = [i for i, a in enumerate(active_params) if a]
@@ -283,19 +289,13 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         bias_correction = 1.0
         factor_work = root_work = None
         if root_step:
-            # transient (freed when the step ends): 2 x factor_numel in the Shampoo dtype
-            factor_work = torch.empty(self.layout.factor_numel, dtype=self.shampoo_dtype, device=self.device)
+            # transient (freed when the step ends): twice the packed factors, Shampoo dtype
+            factor_work = torch.empty(self.packing.numel, dtype=self.shampoo_dtype, device=self.device)
             root_work = torch.empty_like(factor_work)
-            new_factors = self._update_factors(factor_work)
             self.diagonal_work.copy_(self.diagonal)
             if scalars.shampoo_bias_correction:
                 bias_correction = float32_bias_correction(self.beta2, t)
-            _backend.root_inverse(
-                root_work, new_factors, self.table, self.active,
-                epsilon=self.epsilon, exponent_multiplier=self.exponent_multiplier,
-                bias_correction=bias_correction, is_diagonal=self.diagonal_work,
-                status_out=self.root_status, num_threads=self.num_threads, **self.root_kwargs,
-            )
+            self._stage_root_step(factor_work, root_work, bias_correction)
             log_non_diagonal(self.layout, self.diagonal, self.diagonal_work)
             self._check_roots()
         return StepPlan(t, root_step, bias_correction, param_blocks, scalars, factor_work, root_work)
@@ -305,17 +305,54 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         t = int(self.step_count) + 1
         frequency, start = group["precondition_frequency"], group["start_preconditioning_step"]
         return self.layout.factor_numel > 0 and ((t % frequency == 0 and t > start) or t == start)
-    def _update_factors(self, target: torch.Tensor) -> torch.Tensor:
-        """SPEC B §4.4 into `target`: the live factors (in place) or a staging buffer (a copy
-        of them first), in the Shampoo dtype."""
-        if target is not self.factors:
-            target.copy_(self.factors)
+    def _update_factors(self, factors: torch.Tensor) -> None:
+        """SPEC B §4.4 in place on packed `factors` (any dtype), chunk by chunk through the
+        full-matrix scratch."""
         grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
-        _backend.factor_update(
-            target, target, grads, self.table, self.active, self.beta2,
-            num_threads=self.num_threads, fail=self.fail,
-        )
-        return target
+        scratch = self.packing.scratch(0)
+        for c in self.packing.chunks:
+            full = self.packing.unpack(scratch, factors, c, self.active)
+            _backend.factor_update(
+                full, full, grads, c.table, self.active[c.block_start : c.block_stop], self.beta2,
+                num_threads=self.num_threads, fail=self.fail,
+            )
+            self.packing.pack(factors, full, c, self.factor_active)
+
+    def _stage_root_step(self, factor_work: torch.Tensor, root_work: torch.Tensor, bias_correction: float) -> None:
+        """A root step's new factors and inverse roots into the packed staging buffers, each
+        chunk's roots computed while its new factors are in scratch; statuses and diagonal
+        flags land in root_status and diagonal_work. Live state is not touched."""
+        factor_work.copy_(self.factors)  # inactive factors keep their values
+        grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
+        scratch, roots = self.packing.scratch(0), self.packing.scratch(1)
+        for c in self.packing.chunks:
+            active = self.active[c.block_start : c.block_stop]
+            full = self.packing.unpack(scratch, factor_work, c, self.active)
+            _backend.factor_update(
+                full, full, grads, c.table, active, self.beta2, num_threads=self.num_threads, fail=self.fail
+            )
+            self.packing.pack(factor_work, full, c, self.factor_active)
+            out = roots[: c.full_numel]
+            _backend.root_inverse(
+                out, full, c.table, active,
+                epsilon=self.epsilon, exponent_multiplier=self.exponent_multiplier,
+                bias_correction=bias_correction,
+                is_diagonal=self.diagonal_work[c.factor_start : c.factor_stop],
+                status_out=self.root_status[c.factor_start : c.factor_stop],
+                num_threads=self.num_threads, **self.root_kwargs,
+            )
+            # every factor: the uncommitted ones are restored by the commit (packed_commit)
+            self.packing.pack(root_work, out, c, None, average=True)
+
+    def _precondition(self, out: torch.Tensor, grads: torch.Tensor, inv_roots: torch.Tensor) -> None:
+        """SPEC B §4.8 with packed inverse roots (any dtype), chunk by chunk."""
+        scratch = self.packing.scratch(0)
+        for c in self.packing.chunks:
+            roots = self.packing.unpack(scratch, inv_roots, c, self.active)
+            _backend.precondition(
+                out, grads, roots, c.table, self.active[c.block_start : c.block_stop],
+                num_threads=self.num_threads,
+            )
 
     def _live_param_targets(self) -> list[torch.Tensor]:
         """Views of param_flat for the parameters with gradients (built once per pattern)."""
@@ -334,10 +371,10 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
             self.factors.copy_(factor_work)
             self.diagonal.copy_(self.diagonal_work)
             if self.inv_factors.dtype == self.shampoo_dtype:
-                _backend.root_commit(self.inv_factors, root_work, self.table, self.root_commit)
+                _backend.packed_commit(self.inv_factors, root_work, self.table, self.root_commit)
             else:
                 staged = factor_work.copy_(self.inv_factors)
-                _backend.root_commit(staged, root_work, self.table, self.root_commit)
+                _backend.packed_commit(staged, root_work, self.table, self.root_commit)
                 self.inv_factors.copy_(staged)
             del factor_work
             inv_roots = root_work
@@ -345,16 +382,9 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
                 log_root_inverse_residuals(self, plan.bias_correction)
         else:
             if self.layout.factor_numel > 0:
-                # Nothing can fail any more: update in place unless stored in another dtype.
-                if self.factors.dtype == self.shampoo_dtype:
-                    self._update_factors(self.factors)
-                else:
-                    # every step needs this working copy: kept as scratch (this config only)
-                    staging = self._scratch_like("factors_s", self.factors, self.shampoo_dtype)
-                    self.factors.copy_(self._update_factors(staging))
+                # Nothing can fail any more (the overflow proof held): update in place.
+                self._update_factors(self.factors)
             inv_roots = self.inv_factors
-            if self.inv_factors.dtype != self.shampoo_dtype:
-                inv_roots = self._working("roots_s", self.inv_factors, self.shampoo_dtype)
         self.step_count.fill_(t)
 
         # every value was read and checked in prepare(): nothing below can fail
@@ -383,16 +413,11 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         shampoo_dir = None
         if not grafting_phase:
             if self.shampoo_dtype == working:
-                _backend.precondition(
-                    self.shampoo_dir, self.grad_blocks, inv_roots, self.table, self.active,
-                    num_threads=self.num_threads,
-                )
+                self._precondition(self.shampoo_dir, self.grad_blocks, inv_roots)
             else:
                 grads_s = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
                 out_s = self._scratch_like("dir_s", self.grad_blocks, self.shampoo_dtype)
-                _backend.precondition(
-                    out_s, grads_s, inv_roots, self.table, self.active, num_threads=self.num_threads
-                )
+                self._precondition(out_s, grads_s, inv_roots)
                 self.shampoo_dir.copy_(out_s)
             shampoo_dir = self.shampoo_dir
 
