@@ -152,8 +152,13 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         )
         # Scratch, in the kernels' dtypes.
         self.grad_flat = zeros(layout.param_numel, self.working_dtype)  # gradients in, updates out
-        self.grad_blocks = zeros(n, self.working_dtype)     # G, then G_hat
-        self.shampoo_dir = zeros(n, self.working_dtype)
+        self.grad_blocks = zeros(n, self.working_dtype)     # G, then G_hat, then the updates
+        # The Shampoo direction lives in grad_flat's memory (block layout; n <= param_numel):
+        # grad_flat is dead from gather until the updates are scattered into it.
+        self.shampoo_dir = self.grad_flat[:n]
+        # finish() writes the updates over G_hat in place (block layout), then they are
+        # scattered into grad_flat (param layout) for the parameter update
+        self.block_destination = _backend.KernelTable(contiguous_destination(layout), self.device)
         # No persistent copy of the factors or roots: a root step stages its new factors and
         # roots in buffers allocated for that step only (StepPlan), so that a failure found
         # after computing them changes nothing; other steps update the factors in place.
@@ -309,7 +314,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         """SPEC B §4.4 in place on packed `factors` (any dtype), chunk by chunk through the
         full-matrix scratch."""
         grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
-        scratch = self.packing.scratch(0)
+        scratch = self.packing.scratch()
         for c in self.packing.chunks:
             full = self.packing.unpack(scratch, factors, c, self.active)
             _backend.factor_update(
@@ -324,7 +329,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         flags land in root_status and diagonal_work. Live state is not touched."""
         factor_work.copy_(self.factors)  # inactive factors keep their values
         grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
-        scratch, roots = self.packing.scratch(0), self.packing.scratch(1)
+        scratch, roots = self.packing.scratch(), self.packing.scratch()
         for c in self.packing.chunks:
             active = self.active[c.block_start : c.block_stop]
             full = self.packing.unpack(scratch, factor_work, c, self.active)
@@ -346,7 +351,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
 
     def _precondition(self, out: torch.Tensor, grads: torch.Tensor, inv_roots: torch.Tensor) -> None:
         """SPEC B §4.8 with packed inverse roots (any dtype), chunk by chunk."""
-        scratch = self.packing.scratch(0)
+        scratch = self.packing.scratch()
         for c in self.packing.chunks:
             roots = self.packing.unpack(scratch, inv_roots, c, self.active)
             _backend.precondition(
@@ -424,10 +429,12 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         # Grafting, decoupled weight decay, momentum, lr (SPEC B §4.8-§4.11); then parameters.
         momentum_state = self._working("momentum", self.momentum, working) if momentum != 0.0 else None
         graft_kind = self.grafting.kind if grafting_on else "none"
-        # Serially the updates land in the parameters' layout; under DDP they are packed
-        # block after block, the payload of the all-gather.
+        # Serially the updates overwrite G_hat (block layout; scattered into the parameters'
+        # layout below); under DDP they are packed block after block, the all-gather payload.
         destination, destination_table = (
-            (self.grad_flat, self.table) if self.exchange is None else (self.payload, self.payload_table)
+            (self.grad_blocks, self.block_destination)
+            if self.exchange is None
+            else (self.payload, self.payload_table)
         )
         _backend.finish(
             destination, self.grad_blocks, shampoo_dir,
@@ -444,6 +451,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         if update_grafting and grafting_state is not self.grafting_state:
             self.grafting_state.copy_(grafting_state)  # type: ignore[union-attr]
         if self.exchange is None:
+            _backend.scatter(self.grad_flat, self.grad_blocks, self.table, self.active)
             torch._foreach_add_(self._live_params, self._live_grad_views)
         else:
             self._apply_exchanged(plan)

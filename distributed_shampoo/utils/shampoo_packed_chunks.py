@@ -21,8 +21,9 @@ import torch
 
 from distributed_shampoo import _backend
 
-# Full-matrix scratch per chunk, in bytes (or the largest block's factors, if larger).
-CHUNK_BUDGET_BYTES = 32 * 2**20
+# Full-matrix elements per chunk at least (more blocks per kernel call for small blocks);
+# otherwise the largest block's full factors once per thread (threads share a call's blocks).
+MIN_CHUNK_ELEMENTS = 2**18
 
 
 @dataclass
@@ -59,11 +60,11 @@ def packed_offsets(layout: Any) -> np.ndarray:
     return np.asarray(offsets, dtype=np.int64)
 
 
-def plan_chunks(layout: Any, device: torch.device, element_size: int) -> list[Chunk]:
+def plan_chunks(layout: Any, device: torch.device, threads: int) -> list[Chunk]:
     rows = layout.table.numpy()
     full = (rows[:, _backend.BF_DIMS : _backend.BF_DIMS + _backend.MAX_ORDER] ** 2).sum(axis=1)
     packed = packed_sizes(layout)
-    budget = max(int(full.max(initial=0)), CHUNK_BUDGET_BYTES // element_size)
+    budget = max(int(full.max(initial=0)) * max(threads, 1), MIN_CHUNK_ELEMENTS)
     chunks: list[Chunk] = []
     start = 0
     factor_start = packed_start = 0
@@ -90,15 +91,13 @@ class PackedFactors:
         self.dtype = dtype  # the kernels' (Shampoo) dtype
         self.device = device
         self.numel = int(packed_sizes(layout).sum())
-        self.chunks = plan_chunks(layout, device, torch.finfo(dtype).bits // 8)
+        self.chunks = plan_chunks(layout, device, torch.get_num_threads())
         self.max_full = max((c.full_numel for c in self.chunks), default=0)
-        self._scratch: list[torch.Tensor] = []
 
-    def scratch(self, i: int) -> torch.Tensor:
-        """Full-matrix scratch number i (kept: bounded by the chunk budget)."""
-        while len(self._scratch) <= i:
-            self._scratch.append(torch.zeros(self.max_full, dtype=self.dtype, device=self.device))
-        return self._scratch[i]
+    def scratch(self) -> torch.Tensor:
+        """A full-matrix scratch for one phase of one step, freed when the caller drops it
+        (max_full elements: bounded by the chunk budget, never held between steps)."""
+        return torch.empty(self.max_full, dtype=self.dtype, device=self.device)
 
     def in_kernel_dtype(self, packed: torch.Tensor, chunk: Chunk) -> torch.Tensor:
         """The chunk's slice of packed storage, converted to the kernels' dtype if needed (a
