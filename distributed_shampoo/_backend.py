@@ -98,7 +98,7 @@ _ENTRY: dict[tuple[str, str, str], Callable[..., Any]] = {
     (op, dtype, device): getattr(module, f"{op}_{suffix}")
     for device, module in (("cpu", _C), ("cuda", _C_cuda))
     if module is not None
-    for op in _OPS
+    for op in _OPS + (("factor_update_packed",) if device == "cpu" else ())
     for dtype, suffix in (("float32", "f32"), ("float64", "f64"))
 }
 _DEVICES = sorted({device for _, _, device in _ENTRY})
@@ -514,6 +514,18 @@ def _packed_op(op: str, names: tuple[str, str, str, str], a: Any, b: Any, table:
     kt = _cuda_table(op, table, a)
     offsets, offsets_host = kt.packed_offsets()
     kernel(_stream(a.device), a, b, kt.device_table, kt.host, offsets, offsets_host, mask, *flag)
+
+
+def factor_update_packed(
+    factors_out: Any, factors_in: Any, grads: Any, table: Any, active: Any, beta2: float, *,
+    num_threads: int = 1,
+) -> None:
+    """factor_update on packed factors (CPU; csrc/core/factor_update.h): the same values as
+    the full update's upper triangles, without unpacking."""
+    args = (factors_out, factors_in, grads, _host_table(table), active)
+    _checked("factor_update_packed", ("factors_out", "factors_in", "grads", "table", "active"), args)
+    kernel = _entry("factor_update_packed", "factors_out", factors_out)
+    kernel(*args, float(beta2), _thread_count("factor_update_packed", num_threads))
 
 
 def sym_unpack(full: Any, packed: Any, table: Any, active: Any) -> None:

@@ -2,11 +2,13 @@
  * body in factor_update.inc. */
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "block_table.h"
 #include "factor_update.h"
 #include "parallel.h"
+#include "sym_pack.h"
 
 #define SHAMPOO_REAL_IS_DOUBLE 0
 #include "real_template.h"

@@ -4,6 +4,7 @@
 #include "binding.h"
 
 #include "../core/block_table.h"
+#include "../core/factor_update.h"
 #include "../core/sym_pack.h"
 
 #define TABLE_ARG {"table", SHAMPOO_ARG_TABLE, SHAMPOO_LAYOUT_NONE, 0}
@@ -109,6 +110,42 @@ static PyObject *packed_commit(PyObject *m, PyObject *args, int bits, const char
     return finish_call(&call, st);
 }
 
+static PyObject *factor_update_packed(PyObject *m, PyObject *args, int bits, const char *fn)
+{
+    static const shampoo_arg_spec specs[] = {
+        {"factors_out", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_NONE,
+         SHAMPOO_ARG_OUT | SHAMPOO_ARG_ALIAS_OK},
+        {"factors_in", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_NONE, SHAMPOO_ARG_ALIAS_OK},
+        {"grads", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, 0},
+        TABLE_ARG,
+        {"active", SHAMPOO_ARG_MASK, SHAMPOO_LAYOUT_PER_BLOCK, 0},
+    };
+    PyObject *o[5];
+    double beta2;
+    int num_threads;
+    shampoo_call call = {0};
+    if (!PyArg_ParseTuple(args, "OOOOOdi", &o[0], &o[1], &o[2], &o[3], &o[4], &beta2,
+                          &num_threads))
+        return NULL;
+    if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 5, bits) < 0 ||
+        check_packed(&call, 0, "factors_out", 3) < 0 ||
+        check_packed(&call, 1, "factors_in", 3) < 0)
+        return shampoo_call_failed(&call);
+    const shampoo_module_state *ms = shampoo_get_state(m);
+    void *out = shampoo_arg(&call, 0), *in = shampoo_arg(&call, 1), *grads = shampoo_arg(&call, 2);
+    const int64_t *table = shampoo_arg(&call, 3);
+    const uint8_t *active = shampoo_arg(&call, 4);
+    shampoo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = bits == 32
+        ? shampoo_factor_update_packed_f32(&ms->la, out, in, grads, table, call.nblocks, active,
+                                           beta2, num_threads)
+        : shampoo_factor_update_packed_f64(&ms->la, out, in, grads, table, call.nblocks, active,
+                                           beta2, num_threads);
+    Py_END_ALLOW_THREADS
+    return finish_call(&call, st);
+}
+
 static PyObject *packed_numel(PyObject *m, PyObject *args)
 {
     PyObject *obj;
@@ -128,11 +165,13 @@ static PyObject *packed_numel(PyObject *m, PyObject *args)
 SHAMPOO_TWINS(sym_unpack)
 SHAMPOO_TWINS(sym_pack)
 SHAMPOO_TWINS(packed_commit)
+SHAMPOO_TWINS(factor_update_packed)
 
 PyMethodDef shampoo_packed_methods[] = {
     SHAMPOO_TWIN_ENTRIES(sym_unpack, "packed symmetric -> full factor layout"),
     SHAMPOO_TWIN_ENTRIES(sym_pack, "full factor layout -> packed upper triangles"),
     SHAMPOO_TWIN_ENTRIES(packed_commit, "inverse-root commit, packed layout"),
+    SHAMPOO_TWIN_ENTRIES(factor_update_packed, "factor update, packed layout"),
     {"packed_numel", packed_numel, METH_VARARGS, "elements of a table's packed layout"},
     {NULL, NULL, 0, NULL}
 };

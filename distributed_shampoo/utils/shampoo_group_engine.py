@@ -314,6 +314,12 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         """SPEC B §4.4 in place on packed `factors` (any dtype), chunk by chunk through the
         full-matrix scratch."""
         grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
+        if not self.on_cuda and factors.dtype == self.shampoo_dtype:
+            # CPU: updated where they are stored, without unpacking
+            _backend.factor_update_packed(
+                factors, factors, grads, self.table, self.active, self.beta2, num_threads=self.num_threads
+            )
+            return
         scratch = self.packing.scratch()
         for c in self.packing.chunks:
             full = self.packing.unpack(scratch, factors, c, self.active)
