@@ -128,3 +128,33 @@ def test_cuda_packed_kernels_equal_the_cpu_bitwise(dtype) -> None:
     B.packed_commit(dst, src, table, mask)
     B.packed_commit(gdst, gsrc, kt, mask.cuda())
     assert torch.equal(gdst.cpu(), dst) and torch.equal(gsrc.cpu(), src)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta2", [0.9, 1.0])
+def test_packed_factor_update_equals_the_full_update_bitwise(dtype, beta2) -> None:
+    """factor_update_packed: the upper triangles of factor_update's results, bit for bit, and
+    in place; inactive blocks untouched. The full update itself is checked against NumPy in
+    test_kernels_factor_update.py."""
+    lay = T.make_layout(SHAPES, 4)
+    rng = np.random.default_rng(3)
+    full = rng.standard_normal(lay.factor_numel).astype(dtype)
+    for b in range(len(lay.blocks)):  # symmetric inputs, as factors are
+        for m in lay.factor_views(full, b):
+            m[...] = m + m.T
+    grads = rng.standard_normal(lay.block_numel).astype(dtype)
+    active = np.array([b != 2 for b in range(len(lay.blocks))], dtype=np.uint8)
+    packed = packed_expected(lay, full, False)
+    before = packed.copy()
+    want = full.copy()
+    B.factor_update(want, want, grads, lay.table, active, beta2)
+    B.factor_update_packed(packed, packed, grads, lay.table, active, beta2, num_threads=2)
+    np.testing.assert_array_equal(packed, packed_expected(lay, want, False))
+    at = 0
+    for b, blk in enumerate(lay.blocks):
+        for d in blk.shape:
+            if not active[b]:
+                np.testing.assert_array_equal(packed[at : at + d * (d + 1) // 2], before[at : at + d * (d + 1) // 2])
+            at += d * (d + 1) // 2
+    with pytest.raises(ValueError, match="factors_out' has .* needs"):
+        B.factor_update_packed(packed[:-1], packed[:-1], grads, lay.table, active, beta2)
