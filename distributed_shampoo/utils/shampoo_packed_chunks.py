@@ -24,6 +24,9 @@ from distributed_shampoo import _backend
 # Full-matrix elements per chunk at least (more blocks per kernel call for small blocks);
 # otherwise the largest block's full factors once per thread (threads share a call's blocks).
 MIN_CHUNK_ELEMENTS = 2**18
+# CUDA: launches (and a root step's host waits) are per chunk, so chunks are larger there: a
+# byte budget of 64 MiB of float32 scratch per buffer.
+MIN_CHUNK_ELEMENTS_CUDA = 2**24
 
 
 @dataclass
@@ -64,7 +67,8 @@ def plan_chunks(layout: Any, device: torch.device, threads: int) -> list[Chunk]:
     rows = layout.table.numpy()
     full = (rows[:, _backend.BF_DIMS : _backend.BF_DIMS + _backend.MAX_ORDER] ** 2).sum(axis=1)
     packed = packed_sizes(layout)
-    budget = max(int(full.max(initial=0)) * max(threads, 1), MIN_CHUNK_ELEMENTS)
+    least = MIN_CHUNK_ELEMENTS_CUDA if device.type == "cuda" else MIN_CHUNK_ELEMENTS
+    budget = max(int(full.max(initial=0)) * max(threads, 1), least)
     chunks: list[Chunk] = []
     start = 0
     factor_start = packed_start = 0
