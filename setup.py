@@ -113,23 +113,28 @@ extensions = [
     ),
 ]
 
+# The host C sources of _C_cuda besides csrc/cuda (a literal list: the CUDA emulation tier,
+# tools/cuda_emu/build.py, reads it from here so that both builds compile the same files).
+CUDA_MODULE_HOST_SOURCES = [
+    "csrc/core/batch_plan.c",
+    "csrc/core/block_table.c",
+    "csrc/core/status.c",
+    "csrc/core/sym_pack.c",
+    "csrc/python/arg_checks.c",
+    "csrc/python/dlpack_state.c",
+    "csrc/python/tensor_args.c",
+    "csrc/python/cuda_binding.c",
+    "csrc/python/cuda_ops.c",
+    "csrc/python/cuda_packed_ops.c",
+]
+
 _want_cuda = os.environ.get("SHAMPOO_BUILD_CUDA", "auto")
 if _want_cuda != "0":
     if find_cuda_home() is not None:
         extensions.append(
             Extension(
                 "distributed_shampoo._C_cuda",
-                sources=sorted(glob("csrc/cuda/*.cu") + glob("csrc/cuda/*.c"))
-                + [
-                    "csrc/core/batch_plan.c",
-                    "csrc/core/block_table.c",
-                    "csrc/core/status.c",
-                    "csrc/core/sym_pack.c",
-                    "csrc/python/tensor_args.c",
-                    "csrc/python/cuda_binding.c",
-                    "csrc/python/cuda_ops.c",
-                    "csrc/python/cuda_packed_ops.c",
-                ],
+                sources=sorted(glob("csrc/cuda/*.cu") + glob("csrc/cuda/*.c")) + CUDA_MODULE_HOST_SOURCES,
                 depends=sorted(
                     glob("csrc/cuda/*.h") + glob("csrc/cuda/*.cuh") + glob("csrc/core/*.h")
                     + glob("csrc/python/*.h")

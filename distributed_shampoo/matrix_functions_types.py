@@ -5,7 +5,17 @@ Plain mutable dataclasses, as in the reference. Dispatch is by exact type
 an unknown config and is rejected at construction.
 """
 
+import numbers
 from dataclasses import dataclass
+from typing import Any
+
+# Bounds on the values that size work or memory, the same as the C kernels'
+# (csrc/core/matrix_root.h; tests/test_fuzz_c.py checks they agree): with tolerance 0 an
+# iteration runs all max_iterations steps, each a few n x n matrix products, and order is the
+# number of Taylor terms (one product and one scratch entry each, per step). Far above what
+# converges (the defaults are 100 and 3); an unbounded value would hang or overflow memory.
+MAX_ITERATIONS = 1000
+MAX_TAYLOR_ORDER = 64
 
 
 @dataclass(kw_only=True)
@@ -32,8 +42,7 @@ class CoupledNewtonConfig(RootInvConfig):
     tolerance: float = 1e-6
 
     def __post_init__(self) -> None:
-        _check_iterations(self.max_iterations)
-        _check_tolerance(self.tolerance)
+        validate_root_inv_config(self)
 
 
 @dataclass(kw_only=True)
@@ -50,19 +59,31 @@ class CoupledHigherOrderConfig(RootInvConfig):
     disable_tf32: bool = True
 
     def __post_init__(self) -> None:
-        _check_iterations(self.max_iterations)
-        _check_tolerance(self.tolerance)
-        if not self.rel_epsilon >= 0.0:
-            raise ValueError(f"Invalid rel_epsilon: {self.rel_epsilon}. Must be >= 0.0.")
-        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 2:
-            raise ValueError(f"Invalid order: {self.order!r}. Must be an integer >= 2.")
+        validate_root_inv_config(self)
 
 
-def _check_iterations(max_iterations: int) -> None:
-    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 0:
-        raise ValueError(f"Invalid max_iterations: {max_iterations!r}. Must be an integer >= 0.")
+def validate_root_inv_config(config: Any) -> None:
+    """ValueError naming the field and its allowed range unless every value of a root-inverse
+    config the kernels read is in range. Run at construction and again by the optimizer when
+    it reads a config (fields can change in between)."""
+    if isinstance(config, (CoupledNewtonConfig, CoupledHigherOrderConfig)):
+        _check_int("max_iterations", config.max_iterations, 0, MAX_ITERATIONS)
+        _check_tolerance(config.tolerance)
+    if isinstance(config, CoupledHigherOrderConfig):
+        if not _is_real(config.rel_epsilon) or not config.rel_epsilon >= 0.0:
+            raise ValueError(f"Invalid rel_epsilon: {config.rel_epsilon!r}. Must be >= 0.0.")
+        _check_int("order", config.order, 2, MAX_TAYLOR_ORDER)
 
 
-def _check_tolerance(tolerance: float) -> None:
-    if not tolerance >= 0.0:
-        raise ValueError(f"Invalid tolerance: {tolerance}. Must be >= 0.0.")
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"Invalid {name}: {value!r}. Must be an integer in [{low}, {high}].")
+
+
+def _check_tolerance(tolerance: Any) -> None:
+    if not _is_real(tolerance) or not tolerance >= 0.0:
+        raise ValueError(f"Invalid tolerance: {tolerance!r}. Must be >= 0.0.")

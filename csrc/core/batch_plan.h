@@ -46,7 +46,7 @@ shampoo_status shampoo_batch_plan_build(const int64_t *table, int64_t nblocks, i
                                         int64_t length);
 
 /* SHAMPOO_OK iff plan (length entries) is the plan of this table: what the GPU kernels rely
- * on before trusting a plan that came from Python. O(length + nblocks). */
+ * on before trusting a plan that came from Python. O(nblocks log nblocks). */
 shampoo_status shampoo_batch_plan_check(const int64_t *plan, int64_t length,
                                         const int64_t *table, int64_t nblocks);
 

@@ -41,7 +41,11 @@ enum shampoo_block_field {
 /* table: int64[nblocks][SHAMPOO_BF_COUNT]. Returns SHAMPOO_ERR_INVALID_ARG unless every row is
  * well formed and every block fits inside buffers of the given element counts (a count of -1
  * skips that buffer's check): block_numel for block layout, factor_numel for factor layout,
- * factor_count for per-factor arrays, param_numel for param layout. Cheap: O(nblocks). */
+ * factor_count for per-factor arrays, param_numel for param layout, and no two blocks share
+ * an element of block layout, factor layout or the per-factor arrays (param layout may be
+ * shared: it is only read, or written by one thread). O(nblocks) for a table laid out in
+ * table order, O(nblocks log nblocks) otherwise; SHAMPOO_ERR_NO_MEMORY if the sort's
+ * scratch cannot be had. */
 shampoo_status shampoo_table_validate(const int64_t *table, int64_t nblocks,
                                       int64_t block_numel, int64_t factor_numel,
                                       int64_t factor_count, int64_t param_numel);

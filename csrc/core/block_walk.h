@@ -32,13 +32,18 @@ static inline void shampoo_walk_init(shampoo_block_walk *w, const int64_t *row)
         w->idx[k] = 0;
 }
 
-/* Advance to the next row (odometer over the outer dims, last outer dim fastest). */
+/* Advance to the next row (odometer over the outer dims, last outer dim fastest). pos never
+ * leaves the block's extent [PARAM_OFFSET, PARAM_OFFSET + sum (d_k - 1) s_k], which
+ * shampoo_table_validate proved representable: a carry rewinds by (d_k - 1) s_k instead of
+ * stepping past the end first (d_k s_k may overflow where (d_k - 1) s_k does not). */
 static inline void shampoo_walk_next(shampoo_block_walk *w)
 {
     for (int64_t k = w->outer - 1; k >= 0; k--) {
-        w->pos += w->strides[k];
-        if (++w->idx[k] < w->dims[k])
+        if (w->idx[k] + 1 < w->dims[k]) {
+            w->idx[k]++;
+            w->pos += w->strides[k];
             return;
+        }
         w->pos -= w->idx[k] * w->strides[k];
         w->idx[k] = 0;
     }

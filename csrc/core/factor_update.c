@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "block_table.h"
+#include "int_math.h"
 #include "factor_update.h"
 #include "parallel.h"
 #include "sym_pack.h"

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "block_table.h"
+#include "int_math.h"
 #include "parallel.h"
 
 /* Growth factor of the error above which the higher-order iteration stops early, and the
@@ -74,11 +75,12 @@ static int root_config_valid(const shampoo_root_config *cfg)
     }
     if (!isfinite(cfg->bias_correction) || cfg->bias_correction == 0.0 ||
         isnan(cfg->epsilon) || isnan(cfg->exponent_multiplier) || isnan(cfg->tolerance) ||
-        cfg->max_iterations < 0) {
+        cfg->max_iterations < 0 || cfg->max_iterations > SHAMPOO_ROOT_MAX_ITERATIONS) {
         return 0;
     }
     if (cfg->method == SHAMPOO_ROOT_HIGHER_ORDER &&
-        (cfg->order < 2 || isnan(cfg->rel_epsilon))) {
+        (cfg->order < 2 || cfg->order > SHAMPOO_ROOT_MAX_TAYLOR_ORDER ||
+         isnan(cfg->rel_epsilon))) {
         return 0;
     }
     return 1;

@@ -14,6 +14,13 @@ typedef enum shampoo_root_method {
     SHAMPOO_ROOT_HIGHER_ORDER = 2    /* SPEC §5.5: coupled higher-order, integer root */
 } shampoo_root_method;
 
+/* Bounds on the config values that size work or memory (the Python configs refuse larger at
+ * construction, matrix_functions_types.py): with tolerance 0 Newton runs all max_iterations,
+ * each a few n^3 products; order is the number of Taylor terms, one n x n product and one
+ * scratch entry each per iteration. Far above what converges (defaults 100 and 3). */
+#define SHAMPOO_ROOT_MAX_ITERATIONS 1000
+#define SHAMPOO_ROOT_MAX_TAYLOR_ORDER 64
+
 typedef struct shampoo_root_config {
     shampoo_root_method method;
     double epsilon;                  /* added to the spectrum / diagonal (SPEC §5) */
@@ -21,10 +28,10 @@ typedef struct shampoo_root_config {
     double bias_correction;          /* bc2: each factor is divided by it first (SPEC §4.6.2) */
     int make_positive_semidefinite;  /* eigen */
     int retry_double_precision;      /* eigen, float32 kernel only */
-    int64_t max_iterations;          /* Newton, higher order */
+    int64_t max_iterations;          /* Newton, higher order: 0..SHAMPOO_ROOT_MAX_ITERATIONS */
     double tolerance;                /* Newton, higher order */
     double rel_epsilon;              /* higher order */
-    int64_t order;                   /* higher order, >= 2 */
+    int64_t order;                   /* higher order: 2..SHAMPOO_ROOT_MAX_TAYLOR_ORDER */
 } shampoo_root_config;
 
 /* For each active block b and each dim k, with F = factors[b, k] (uncorrected), r = ROOT(b):

@@ -109,6 +109,8 @@ shampoo_status shampoo_parallel_for(int64_t n, int num_threads, size_t scratch_b
             return SHAMPOO_ERR_NO_MEMORY;
     }
     int64_t threads = num_threads < n ? num_threads : n;
+    if (threads > SHAMPOO_PARALLEL_MAX_THREADS)
+        threads = SHAMPOO_PARALLEL_MAX_THREADS;
     if (threads > 1 && cost_fn != NULL)
         order = cost_order(n, threads, cost_fn, ctx, &threads);
     if (order != NULL) {

@@ -27,6 +27,11 @@
  * start at 2 x 200 us. */
 #define SHAMPOO_PARALLEL_MIN_COST 200000
 
+/* Most threads one call starts (num_threads above it is refused by the binding and clamped
+ * here): far above any core count the kernels could use, low enough that a mistaken value
+ * cannot exhaust the process's threads or scratch (each thread mallocs its own). */
+#define SHAMPOO_PARALLEL_MAX_THREADS 1024
+
 /* One item: runs on any thread; scratch is that thread's scratch_bytes (NULL when 0). */
 typedef shampoo_status (*shampoo_parallel_item_fn)(void *ctx, void *scratch, int64_t item);
 /* Estimated cost of one item in nanoseconds of one core (>= 0), read once per item and only

@@ -4,6 +4,7 @@
 #include <stdint.h>
 
 #include "block_table.h"
+#include "int_math.h"
 #include "parallel.h"
 #include "precondition.h"
 

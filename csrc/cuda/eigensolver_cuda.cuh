@@ -1,5 +1,5 @@
 /* cuSOLVER's symmetric eigensolvers as the inverse-root kernels use them (included by
- * matrix_root_cuda.cu): one overload per type, the choice of solver, buffer sizes, and the
+ * matrix_root_cuda.cuh): one overload per type, the choice of solver, buffer sizes, and the
  * size of the batches a group of equal-size factors is solved in. Every failed call is
  * recorded with its status (cuda_common.cuh). */
 #ifndef SHAMPOO_EIGENSOLVER_CUDA_CUH

@@ -1,64 +1,10 @@
 /* The elementwise passes (elementwise.h) and the root commit (matrix_root.h) on the device:
- * gather, scatter, moments, finish, root_commit (shampoo_cuda.h). Each op is one launch over
- * the whole table: grid.x = table block, grid.y = chunks of SHAMPOO_CUDA_THREADS elements,
- * each thread striding along y over the rest of its block. The arithmetic repeats the CPU
- * bodies (elementwise.inc, matrix_root.inc) op for op in `real`; the build passes
- * -fmad=false so no product is fused into an add, as on the CPU. */
-#include <math.h>
-#include <stddef.h>
-#include <stdint.h>
-
-#include "cuda_common.cuh"
-
-/* gridDim.x is at most 2^31 - 1, and every launch puts one table block on each x index. */
-static bool grid_fits(int64_t nblocks)
-{
-    return nblocks <= (int64_t)INT32_MAX;
-}
-
-/* The checks every op shares: the CPU's nblocks/table/active checks, plus env and the host
- * copy of the table that plans the launch. */
-static bool table_args_ok(const shampoo_cuda_env *env, int64_t nblocks, const int64_t *table,
-                          const int64_t *table_host, const uint8_t *active)
-{
-    return env != nullptr && nblocks >= 0 &&
-           (nblocks == 0 || (table != nullptr && table_host != nullptr && active != nullptr));
-}
-
-static dim3 block_grid(const int64_t *table_host, int64_t nblocks)
-{
-    return dim3((unsigned)nblocks, shampoo_chunks_for(table_host, nblocks));
-}
-
-/* The first element of a block this thread visits, and the stride to the next one. */
-__device__ static inline int64_t first_elem(void)
-{
-    return (int64_t)blockIdx.y * SHAMPOO_CUDA_THREADS + threadIdx.x;
-}
-
-__device__ static inline int64_t elem_stride(void)
-{
-    return (int64_t)gridDim.y * SHAMPOO_CUDA_THREADS;
-}
-
-/* As the CPU root2: sqrt in double, then rounded (exactly sqrtf for floats). */
-template <typename real> __device__ static inline real root2(real x)
-{
-    return (real)sqrt((double)x);
-}
-
-/* torch.lerp, exactly as the CPU lerp. */
-template <typename real> __device__ static inline real lerp(real a, real b, real w)
-{
-    return fabs((double)w) < 0.5 ? a + w * (b - a) : b - (b - a) * ((real)1 - w);
-}
-
-/* graft(G_hat) for one element, as the CPU graft (V NULL: SGD). */
-template <typename real>
-__device__ static inline real graft(real g, const real *V, int64_t i, real bcg, real eps)
-{
-    return V != nullptr ? g / (root2<real>(V[i] / bcg) + eps) : g;
-}
+ * gather, scatter, moments, root_commit (shampoo_cuda.h; finish is in finish_cuda.cu). Each
+ * op is one launch over the whole table: grid.x = table block, grid.y = chunks of
+ * SHAMPOO_CUDA_THREADS elements, each thread striding along y over the rest of its block.
+ * The arithmetic repeats the CPU bodies (elementwise.inc, matrix_root.inc) op for op in
+ * `real`; the build passes -fmad=false so no product is fused into an add, as on the CPU. */
+#include "elementwise_cuda.cuh"
 
 /* ---- gather ---------------------------------------------------------------------------- */
 
@@ -227,151 +173,6 @@ static shampoo_status moments(const shampoo_cuda_env *env, real *grads, real *gr
     return SHAMPOO_LAUNCHED("moments_kernel");
 }
 
-/* ---- finish ---------------------------------------------------------------------------- */
-
-/* The CPU's scalars of shampoo_finish, converted to `real` once on the host. */
-template <typename real> struct finish_scalars {
-    int grafting_phase, use_wd, nesterov;
-    real bcg, eps, wd, mom, one_minus_damp, neg_lr;
-};
-
-/* Phase 1: one thread block per table block writes its grafting ratio (SPEC §4.8) into
- * ratio[b]. Deterministic: each thread sums a fixed strided subset in order, then a fixed
- * tree combines the partial sums. */
-template <typename real>
-__global__ static void finish_norms_kernel(double *ratio, const real *grads,
-                                           const real *shampoo_dir, const real *V,
-                                           const int64_t *table, const uint8_t *active,
-                                           real bcg, real eps, const int64_t *fail)
-{
-    __shared__ double gs[SHAMPOO_CUDA_THREADS], ps[SHAMPOO_CUDA_THREADS];
-    const int64_t b = blockIdx.x;
-    if (!active[b] || shampoo_step_failed(fail))
-        return; /* phase 2 writes -0.0 without the ratio when the step failed */
-    const int64_t *row = shampoo_table_row(table, b);
-    const int64_t off = row[SHAMPOO_BF_BLOCK_OFFSET], numel = row[SHAMPOO_BF_NUMEL];
-    const unsigned t = threadIdx.x;
-    double gsum = 0.0, psum = 0.0;
-    for (int64_t i = off + t; i < off + numel; i += SHAMPOO_CUDA_THREADS) {
-        const real q = graft<real>(grads[i], V, i, bcg, eps);
-        gsum += (double)q * (double)q;
-        psum += (double)shampoo_dir[i] * (double)shampoo_dir[i];
-    }
-    gs[t] = gsum;
-    ps[t] = psum;
-    __syncthreads();
-    for (unsigned half = SHAMPOO_CUDA_THREADS / 2; half > 0; half /= 2) {
-        if (t < half) {
-            gs[t] += gs[t + half];
-            ps[t] += ps[t + half];
-        }
-        __syncthreads();
-    }
-    if (t == 0) {
-        const real gnorm = (real)sqrt(gs[0]), pnorm = (real)sqrt(ps[0]);
-        ratio[b] = (double)(gnorm / (pnorm + (real)1e-16));
-    }
-}
-
-/* Phase 2: the CPU's elementwise loop; ratio is NULL when the CPU does not rescale. */
-template <typename real>
-__global__ static void finish_kernel(real *update_flat, const real *grads,
-                                     const real *shampoo_dir, const real *V,
-                                     const real *param_blocks, real *momentum_state,
-                                     const double *ratio, const int64_t *table,
-                                     const uint8_t *active, finish_scalars<real> s,
-                                     const int64_t *fail)
-{
-    const int64_t b = blockIdx.x;
-    if (!active[b])
-        return;
-    const int64_t *row = shampoo_table_row(table, b);
-    const int64_t off = row[SHAMPOO_BF_BLOCK_OFFSET], numel = row[SHAMPOO_BF_NUMEL];
-    if (shampoo_step_failed(fail)) {
-        /* x + -0.0 == x bitwise: the caller's add leaves the parameters as they were. */
-        for (int64_t j = first_elem(); j < numel; j += elem_stride())
-            update_flat[shampoo_param_index(row, j)] = -(real)0;
-        return;
-    }
-    const real r = ratio != nullptr ? (real)ratio[b] : (real)1;
-    for (int64_t j = first_elem(); j < numel; j += elem_stride()) {
-        const int64_t i = off + j;
-        real x;
-        if (s.grafting_phase)
-            x = graft<real>(grads[i], V, i, s.bcg, s.eps);
-        else
-            x = ratio != nullptr ? shampoo_dir[i] * r : shampoo_dir[i];
-        if (s.use_wd)
-            x = x + s.wd * param_blocks[i];             /* §4.9 */
-        if (momentum_state != nullptr) {                /* §4.10 */
-            real m = momentum_state[i] * s.mom;
-            m = m + s.one_minus_damp * x;
-            momentum_state[i] = m;
-            x = s.nesterov ? x * s.one_minus_damp + s.mom * m : m;
-        }
-        update_flat[shampoo_param_index(row, j)] = s.neg_lr * x; /* §4.11 */
-    }
-}
-
-extern "C" size_t shampoo_cuda_finish_workspace(int64_t nblocks)
-{
-    if (nblocks <= 0)
-        return 0;
-    return ((size_t)nblocks * sizeof(double) + 255) / 256 * 256;
-}
-
-template <typename real>
-static shampoo_status finish(const shampoo_cuda_env *env, real *update_flat, const real *grads,
-                             const real *shampoo_dir, const real *grafting_state,
-                             const real *param_blocks, real *momentum_state,
-                             const int64_t *table, const int64_t *table_host, int64_t nblocks,
-                             const uint8_t *active, const shampoo_finish_params *p,
-                             const int64_t *fail)
-{
-    if (!table_args_ok(env, nblocks, table, table_host, active) || update_flat == nullptr ||
-        grads == nullptr || p == nullptr ||
-        (p->graft != SHAMPOO_GRAFT_NONE && p->graft != SHAMPOO_GRAFT_SGD &&
-         p->graft != SHAMPOO_GRAFT_DIAGONAL) ||
-        (p->grafting_phase && p->graft == SHAMPOO_GRAFT_NONE) ||
-        (p->graft == SHAMPOO_GRAFT_DIAGONAL && grafting_state == nullptr) ||
-        (!p->grafting_phase && shampoo_dir == nullptr) ||
-        (p->decoupled_weight_decay != 0.0 && param_blocks == nullptr) ||
-        ((p->momentum != 0.0) != (momentum_state != nullptr)))
-        return SHAMPOO_ERR_INVALID_ARG;
-    if (nblocks == 0)
-        return SHAMPOO_OK;
-    /* Phase 1 (the CPU's rescale) needs one double per block of scratch. */
-    const bool rescale = !p->grafting_phase && p->graft != SHAMPOO_GRAFT_NONE;
-    if (rescale && (env->workspace == nullptr ||
-                    env->workspace_bytes < shampoo_cuda_finish_workspace(nblocks)))
-        return SHAMPOO_ERR_INVALID_ARG;
-    if (!grid_fits(nblocks))
-        return SHAMPOO_ERR_UNSUPPORTED;
-    const real *V = p->graft == SHAMPOO_GRAFT_DIAGONAL ? grafting_state : nullptr;
-    finish_scalars<real> s;
-    s.grafting_phase = p->grafting_phase != 0;
-    s.use_wd = p->decoupled_weight_decay != 0.0;
-    s.nesterov = p->nesterov != 0;
-    s.bcg = (real)p->grafting_bias_correction;
-    s.eps = (real)p->grafting_epsilon;
-    s.wd = (real)p->decoupled_weight_decay;
-    s.mom = (real)p->momentum;
-    s.one_minus_damp = (real)(1.0 - p->dampening);
-    s.neg_lr = (real)-p->lr;
-    double *ratio = rescale ? (double *)env->workspace : nullptr;
-    const cudaStream_t stream = shampoo_stream(env);
-    if (rescale) {
-        finish_norms_kernel<real><<<(unsigned)nblocks, SHAMPOO_CUDA_THREADS, 0, stream>>>(
-            ratio, grads, shampoo_dir, V, table, active, s.bcg, s.eps, fail);
-        /* finish must not run on norms that were never computed */
-        SHAMPOO_TRY(SHAMPOO_LAUNCHED("finish_norms_kernel"));
-    }
-    finish_kernel<real><<<block_grid(table_host, nblocks), SHAMPOO_CUDA_THREADS, 0, stream>>>(
-        update_flat, grads, shampoo_dir, V, param_blocks, momentum_state, ratio, table, active,
-        s, fail);
-    return SHAMPOO_LAUNCHED("finish_kernel");
-}
-
 /* ---- root commit ----------------------------------------------------------------------- */
 
 /* Every factor of every block (no active mask, as the CPU): committed factors copy the new
@@ -443,17 +244,6 @@ static shampoo_status root_commit(const shampoo_cuda_env *env, real *dst, real *
     {                                                                                          \
         return moments<real>(env, grads, grafting_state, filtered_grad, table, table_host,     \
                              nblocks, active, p, fail);                                        \
-    }                                                                                          \
-    extern "C" shampoo_status shampoo_cuda_finish_##sfx(                                       \
-        const shampoo_cuda_env *env, real *update_flat, const real *grads,                     \
-        const real *shampoo_dir, const real *grafting_state, const real *param_blocks,         \
-        real *momentum_state, const int64_t *table, const int64_t *table_host,                 \
-        int64_t nblocks, const uint8_t *active, const shampoo_finish_params *p,                \
-        const int64_t *fail)                                                                   \
-    {                                                                                          \
-        return finish<real>(env, update_flat, grads, shampoo_dir, grafting_state,              \
-                            param_blocks, momentum_state, table, table_host, nblocks, active,  \
-                            p, fail);                                                          \
     }                                                                                          \
     extern "C" shampoo_status shampoo_cuda_root_commit_##sfx(                                  \
         const shampoo_cuda_env *env, real *dst, real *src, const int64_t *table,               \

@@ -9,327 +9,16 @@
  *      the eigenvectors by (lambda [- min(lambda_min, 0)] + epsilon)^alpha -> one strided
  *      batched GEMM X = Q diag(s) Q^T -> unpack into `out`;
  *   4. float32 factors whose eigensolver failed are redone one by one in float64 (syevd);
- *   5. the host reads the solver infos and non-finite flags and writes the statuses. */
-#include "cuda_common.cuh"
+ *   5. the host reads the solver infos and non-finite flags and writes the statuses.
+ * Planning is in matrix_root_plan.cu; the kernels and step 3 in matrix_root_batch.cu. */
+#include "matrix_root_cuda.cuh"
 
 #include <math.h>
 #include <stdlib.h>
-#include <string.h>
 
 namespace {
 
-enum { FLAG_NAN = 1, FLAG_INF = 2, FLAG_OFFDIAG = 4, FLAG_NONFINITE_ROOT = 8 };
-/* The largest n with n * n <= INT_MAX (cuSOLVER's legacy API takes int sizes). */
-constexpr int64_t DIM_LIMIT = 46340;
-
-/* Where factor k of block b sits, host side. */
-struct factor_ref {
-    int64_t block, n, offset, index;
-};
-
-/* ------------------------------------------------------------------ device kernels */
-
-/* Step 1: per active factor, NaN/Inf in F / bc and nonzero off-diagonal entries of F. */
-template <typename real>
-__global__ void scan_factors(const int64_t *table, const uint8_t *active, const real *factors,
-                             bool divide, real bc, int32_t *flags)
-{
-    const int64_t b = blockIdx.x;
-    if (!active[b])
-        return;
-    const int64_t *row = shampoo_table_row(table, b);
-    const int64_t total = shampoo_row_factor_numel(row);
-    const real *f = factors + row[SHAMPOO_BF_FACTOR_OFFSET];
-    for (int64_t e = blockIdx.y * (int64_t)blockDim.x + threadIdx.x; e < total;
-         e += (int64_t)gridDim.y * blockDim.x) {
-        int64_t k, i, j, n;
-        shampoo_factor_element(row, e, &k, &i, &j, &n);
-        const real a = divide ? f[e] / bc : f[e];
-        int bits = isnan(a) ? FLAG_NAN : isinf(a) ? FLAG_INF : 0;
-        if (i != j && f[e] != (real)0)
-            bits |= FLAG_OFFDIAG;
-        if (bits != 0)
-            atomicOr(&flags[row[SHAMPOO_BF_FACTOR_INDEX] + k], bits);
-    }
-}
-
-/* Step 2: X = diag((a_ii + epsilon)^alpha) for diagonal and 1x1 jobs. */
-template <typename real>
-__global__ void diagonal_roots(const int64_t *job_offset, const int64_t *job_n,
-                               const int64_t *job_factor, const double *job_alpha,
-                               int64_t first, const real *factors, bool divide, real bc,
-                               real epsilon, real *out, int32_t *flags)
-{
-    const int64_t j = first + blockIdx.x, n = job_n[j], offset = job_offset[j];
-    for (int64_t e = blockIdx.y * (int64_t)blockDim.x + threadIdx.x; e < n * n;
-         e += (int64_t)gridDim.y * blockDim.x) {
-        real x = 0;
-        if (e / n == e % n) {
-            const real a = divide ? factors[offset + e] / bc : factors[offset + e];
-            x = (real)pow((double)(a + epsilon), job_alpha[j]);
-        }
-        out[offset + e] = x;
-        if (!isfinite(x))
-            atomicOr(&flags[job_factor[j]], FLAG_NONFINITE_ROOT);
-    }
-}
-
-/* Step 3a: bias-corrected copies (computed in the source type S, as the CPU computes `a`)
- * of jobs first.. into contiguous n x n slots of type R. */
-template <typename S, typename R>
-__global__ void pack(const int64_t *job_offset, int64_t first, int64_t n, const S *factors,
-                     bool divide, S bc, R *staging)
-{
-    const int64_t j = blockIdx.x;
-    const S *f = factors + job_offset[first + j];
-    for (int64_t e = blockIdx.y * (int64_t)blockDim.x + threadIdx.x; e < n * n;
-         e += (int64_t)gridDim.y * blockDim.x)
-        staging[j * n * n + e] = (R)(divide ? f[e] / bc : f[e]);
-}
-
-/* Step 3c: eigenvalues (ascending) -> their scale (lambda [- lambda_min] + epsilon)^alpha, in
- * place. One thread block per matrix. */
-template <typename real>
-__global__ void eigen_scales(real *w, int64_t n, const double *job_alpha, int64_t first,
-                             bool make_psd, real epsilon)
-{
-    real *wj = w + blockIdx.x * n;
-    const real smallest = wj[0];
-    __syncthreads(); /* every thread has read wj[0] before anyone overwrites it */
-    const bool shift = make_psd && smallest < (real)0;
-    const double alpha = job_alpha[first + blockIdx.x];
-    for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
-        const real lambda = shift ? wj[c] - smallest : wj[c];
-        wj[c] = (real)pow((double)(lambda + epsilon), alpha);
-    }
-}
-
-/* Step 3d: Qs = Q diag(s): column c (column-major) of each Q times s_c. */
-template <typename real>
-__global__ void scale_columns(const real *q, const real *w, real *qs, int64_t n)
-{
-    const int64_t j = blockIdx.x;
-    for (int64_t e = blockIdx.y * (int64_t)blockDim.x + threadIdx.x; e < n * n;
-         e += (int64_t)gridDim.y * blockDim.x)
-        qs[j * n * n + e] = q[j * n * n + e] * w[j * n + e / n];
-}
-
-/* Step 3f: X slots -> out (type S), for the jobs whose solver succeeded. */
-template <typename R, typename S>
-__global__ void unpack(const int64_t *job_offset, const int64_t *job_factor, int64_t first,
-                       int64_t n, const R *x, const int *info, S *out, int32_t *flags)
-{
-    const int64_t j = blockIdx.x;
-    if (info[j] != 0)
-        return;
-    S *o = out + job_offset[first + j];
-    for (int64_t e = blockIdx.y * (int64_t)blockDim.x + threadIdx.x; e < n * n;
-         e += (int64_t)gridDim.y * blockDim.x) {
-        const S v = (S)x[j * n * n + e];
-        o[e] = v;
-        if (!isfinite(v))
-            atomicOr(&flags[job_factor[first + j]], FLAG_NONFINITE_ROOT);
-    }
-}
-
-} // namespace
-
-#include "eigensolver_cuda.cuh"
-
-namespace {
-
-using namespace shampoo_eig;
-
-/* ------------------------------------------------------------------ host planning */
-
-/* Device workspace regions, in bytes, sized from the table alone (every factor of size >= 2
- * counted as dense), so the caller can allocate before the call; and the batch size of each
- * factor size, found once from cuSOLVER's buffer sizes (solver_batch). */
-struct root_workspace {
-    size_t flags, jobs, info, stage, w, solver, retry_stage, retry_w, retry_solver, total;
-    int64_t factor_count, max_n;
-    int64_t nsizes;
-    int64_t *size_n, *size_batch; /* nsizes each, ascending n; free with release() */
-};
-
-void release(root_workspace *ws)
-{
-    free(ws->size_n);
-    free(ws->size_batch);
-    ws->size_n = ws->size_batch = NULL;
-}
-
-/* The planned batch for factors of size n (1 when n was not planned). */
-int64_t planned_batch(const root_workspace *ws, int64_t n)
-{
-    for (int64_t i = 0; i < ws->nsizes; i++)
-        if (ws->size_n[i] == n)
-            return ws->size_batch[i];
-    return 1;
-}
-
-/* All factors of the table, host side, and the factor count. */
-factor_ref *list_factors(const int64_t *table_host, int64_t nblocks, int64_t *count)
-{
-    int64_t total = 0;
-    for (int64_t b = 0; b < nblocks; b++)
-        total += table_host[b * SHAMPOO_BF_COUNT + SHAMPOO_BF_ORDER];
-    factor_ref *refs = (factor_ref *)malloc((size_t)(total > 0 ? total : 1) * sizeof(factor_ref));
-    if (refs == NULL)
-        return NULL;
-    int64_t next = 0;
-    for (int64_t b = 0; b < nblocks; b++) {
-        const int64_t *row = table_host + b * (int64_t)SHAMPOO_BF_COUNT;
-        int64_t offset = row[SHAMPOO_BF_FACTOR_OFFSET];
-        for (int64_t k = 0; k < row[SHAMPOO_BF_ORDER]; k++) {
-            const int64_t n = row[SHAMPOO_BF_DIMS + k];
-            refs[next++] = factor_ref{b, n, offset, row[SHAMPOO_BF_FACTOR_INDEX] + k};
-            offset += n * n;
-        }
-    }
-    *count = total;
-    return refs;
-}
-
-int compare_int64(const void *a, const void *b)
-{
-    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-    return (x > y) - (x < y);
-}
-
-template <typename real>
-shampoo_status plan_workspace(const shampoo_cuda_env *env, const int64_t *table_host,
-                              int64_t nblocks, root_workspace *ws)
-{
-    int64_t nfactors = 0, factor_slots = 0;
-    memset(ws, 0, sizeof(*ws));
-    factor_ref *refs = list_factors(table_host, nblocks, &nfactors);
-    const size_t cap = (size_t)(nfactors > 0 ? nfactors : 1);
-    int64_t *sizes = (int64_t *)malloc(cap * sizeof(int64_t));
-    ws->size_n = (int64_t *)malloc(cap * sizeof(int64_t));
-    ws->size_batch = (int64_t *)malloc(cap * sizeof(int64_t));
-    shampoo_status st = SHAMPOO_OK;
-    void *syevj_params = NULL;
-    if (refs == NULL || sizes == NULL || ws->size_n == NULL || ws->size_batch == NULL) {
-        st = SHAMPOO_ERR_NO_MEMORY;
-        goto done;
-    }
-    for (int64_t f = 0; f < nfactors; f++) {
-        factor_slots = refs[f].index + 1 > factor_slots ? refs[f].index + 1 : factor_slots;
-        sizes[f] = refs[f].n;
-        if (refs[f].n > DIM_LIMIT) {
-            st = SHAMPOO_ERR_UNSUPPORTED;
-            goto done;
-        }
-    }
-    qsort(sizes, (size_t)nfactors, sizeof(int64_t), compare_int64);
-    if ((st = SHAMPOO_SOLVER_CHECK("cusolverDnCreateSyevjInfo",
-                                   env->libs->syevj_info_create(&syevj_params))) != SHAMPOO_OK)
-        goto done;
-    {
-        int64_t stage = 0, wlen = 0;
-        size_t solver = 0;
-        for (int64_t f = 0; f < nfactors;) {
-            int64_t n = sizes[f], count = 0;
-            while (f < nfactors && sizes[f] == n) {
-                f++;
-                count++;
-            }
-            ws->max_n = n > ws->max_n ? n : ws->max_n;
-            if (n < 2)
-                continue;
-            int64_t batch = 1;
-            size_t bytes = 0;
-            if ((st = solver_batch<real>(env, solver_for(env->libs, n, false), n, count,
-                                         syevj_params, &batch, &bytes)) != SHAMPOO_OK)
-                goto done;
-            ws->size_n[ws->nsizes] = n;
-            ws->size_batch[ws->nsizes++] = batch;
-            stage = batch * n * n > stage ? batch * n * n : stage;
-            wlen = batch * n > wlen ? batch * n : wlen;
-            solver = bytes > solver ? bytes : solver;
-        }
-        ws->factor_count = factor_slots;
-        ws->flags = shampoo_align256((size_t)factor_slots * sizeof(int32_t));
-        /* job arrays: offset, n, factor (int64) and alpha (double) per factor */
-        ws->jobs = shampoo_align256(4 * (size_t)(nfactors > 0 ? nfactors : 1) * 8);
-        ws->info = shampoo_align256((size_t)(nfactors + 1) * sizeof(int));
-        ws->stage = shampoo_align256((size_t)stage * sizeof(real));
-        ws->w = shampoo_align256((size_t)wlen * sizeof(real));
-        ws->solver = shampoo_align256(solver);
-        if (sizeof(real) == 4 && ws->max_n >= 2) {
-            /* float64 retry of one factor at a time (syevd) */
-            const int64_t n = ws->max_n;
-            int64_t one = 1;
-            size_t bytes = 0;
-            if ((st = solver_batch<double>(env, SOLVER_SYEVD, n, 1, syevj_params, &one,
-                                           &bytes)) != SHAMPOO_OK)
-                goto done;
-            ws->retry_stage = shampoo_align256((size_t)(n * n) * sizeof(double));
-            ws->retry_w = shampoo_align256((size_t)n * sizeof(double));
-            ws->retry_solver = shampoo_align256(bytes);
-        }
-        ws->total = ws->flags + ws->jobs + ws->info + 3 * ws->stage + ws->w + ws->solver +
-                    3 * ws->retry_stage + ws->retry_w + ws->retry_solver;
-    }
-done:
-    if (syevj_params != NULL)
-        env->libs->syevj_info_destroy(syevj_params);
-    free(sizes);
-    free(refs);
-    if (st != SHAMPOO_OK)
-        release(ws);
-    return st;
-}
-
-/* Grid of one thread block row per matrix and chunks of its n*n elements. */
-dim3 matrix_grid(int64_t matrices, int64_t n)
-{
-    int64_t chunks = (n * n + SHAMPOO_CUDA_THREADS - 1) / SHAMPOO_CUDA_THREADS;
-    chunks = chunks < SHAMPOO_CUDA_MAX_GRID_Y ? chunks : SHAMPOO_CUDA_MAX_GRID_Y;
-    return dim3((unsigned)matrices, (unsigned)(chunks > 0 ? chunks : 1));
-}
-
-/* Step 3 for jobs [first, first + count) of size n, batch_max at a time: the eigen root of
- * each into out. S is the factors' type, R the type the eigensolver works in (R = double for
- * the float32 retry). Every launch whose output cuSOLVER or cuBLAS reads next is checked
- * before that call, so no library call runs on stale staging. */
-template <typename S, typename R>
-shampoo_status eigen_roots(const shampoo_cuda_env *env, const S *factors, S *out, bool divide,
-                           S bc, const shampoo_root_config *cfg, const int64_t *job_offset,
-                           const int64_t *job_factor, const double *job_alpha, int *info,
-                           int64_t first, int64_t count, int64_t n, int64_t batch_max,
-                           R *stage_a, R *stage_qs, R *stage_x, R *w, void *solver_work,
-                           size_t solver_work_bytes, void *syevj_params, bool force_syevd,
-                           int32_t *flags)
-{
-    cudaStream_t stream = shampoo_stream(env);
-    const solver_kind kind = solver_for(env->libs, n, force_syevd);
-    batch_max = batch_max > 0 ? batch_max : 1;
-    for (int64_t done = 0; done < count; done += batch_max) {
-        const int64_t batch = count - done < batch_max ? count - done : batch_max;
-        const int64_t at = first + done;
-        const dim3 grid = matrix_grid(batch, n);
-        pack<S, R><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(job_offset, at, n, factors, divide,
-                                                              bc, stage_a);
-        SHAMPOO_TRY(SHAMPOO_LAUNCHED("pack"));
-        SHAMPOO_TRY(solve<R>(env, kind, (int)n, (int)batch, stage_a, w, info + done, solver_work,
-                             solver_work_bytes, syevj_params));
-        eigen_scales<R><<<(unsigned)batch, SHAMPOO_CUDA_THREADS, 0, stream>>>(
-            w, n, job_alpha, at, cfg->make_positive_semidefinite != 0, (R)cfg->epsilon);
-        SHAMPOO_TRY(SHAMPOO_LAUNCHED("eigen_scales"));
-        scale_columns<R><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(stage_a, w, stage_qs, n);
-        SHAMPOO_TRY(SHAMPOO_LAUNCHED("scale_columns"));
-        /* row-major X = Qs Q^T is the column-major Q Qs^T, as the CPU kernel forms it */
-        SHAMPOO_TRY(shampoo_gemm_strided(env->libs, env->blas, SHAMPOO_CUBLAS_OP_N,
-                                         SHAMPOO_CUBLAS_OP_T, (int)n, stage_a, stage_qs, stage_x,
-                                         (int)batch));
-        unpack<R, S><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(job_offset, job_factor, at, n,
-                                                                stage_x, info + done, out, flags);
-        SHAMPOO_TRY(SHAMPOO_LAUNCHED("unpack"));
-    }
-    return SHAMPOO_OK;
-}
+using namespace shampoo_root;
 
 /* Copies device -> host and waits (a root step synchronises anyway). */
 shampoo_status fetch(void *host, const void *device, size_t bytes, cudaStream_t stream)
@@ -338,58 +27,6 @@ shampoo_status fetch(void *host, const void *device, size_t bytes, cudaStream_t 
         SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, host, device, bytes,
                                        cudaMemcpyDeviceToHost, stream));
     return SHAMPOO_CUDA_CHECK(cudaStreamSynchronize, stream);
-}
-
-int compare_int64_pair(const void *a, const void *b);
-
-/* Sorts jobs [first, end) of the four job arrays by size, stably (table order within a
- * size), in O(n log n). Returns false when out of memory. */
-bool sort_dense_jobs(int64_t *offset, int64_t *n, int64_t *factor, double *alpha,
-                     int64_t first, int64_t end)
-{
-    const int64_t count = end - first;
-    if (count < 2)
-        return true;
-    /* (n, original position) pairs: sorting them is stable by construction */
-    int64_t *keys = (int64_t *)malloc((size_t)count * 2 * sizeof(int64_t));
-    int64_t *tmp = (int64_t *)malloc((size_t)count * 3 * sizeof(int64_t));
-    double *tmp_alpha = (double *)malloc((size_t)count * sizeof(double));
-    if (keys == NULL || tmp == NULL || tmp_alpha == NULL) {
-        free(keys);
-        free(tmp);
-        free(tmp_alpha);
-        return false;
-    }
-    for (int64_t i = 0; i < count; i++) {
-        keys[2 * i] = n[first + i];
-        keys[2 * i + 1] = i;
-    }
-    qsort(keys, (size_t)count, 2 * sizeof(int64_t), compare_int64_pair);
-    for (int64_t i = 0; i < count; i++) {
-        const int64_t from = first + keys[2 * i + 1];
-        tmp[i] = offset[from];
-        tmp[count + i] = n[from];
-        tmp[2 * count + i] = factor[from];
-        tmp_alpha[i] = alpha[from];
-    }
-    for (int64_t i = 0; i < count; i++) {
-        offset[first + i] = tmp[i];
-        n[first + i] = tmp[count + i];
-        factor[first + i] = tmp[2 * count + i];
-        alpha[first + i] = tmp_alpha[i];
-    }
-    free(keys);
-    free(tmp);
-    free(tmp_alpha);
-    return true;
-}
-
-int compare_int64_pair(const void *a, const void *b)
-{
-    const int64_t *x = (const int64_t *)a, *y = (const int64_t *)b;
-    if (x[0] != y[0])
-        return (x[0] > y[0]) - (x[0] < y[0]);
-    return (x[1] > y[1]) - (x[1] < y[1]);
 }
 
 /* The host side of one call: every buffer it allocates, freed in one place. */
@@ -489,10 +126,8 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
     const real bc = (real)cfg->bias_correction;
     SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemsetAsync, d_flags, 0,
                                    (size_t)ws.factor_count * sizeof(int32_t), stream));
-    const dim3 grid((unsigned)nblocks, shampoo_chunks_for(table_host, nblocks, true));
-    scan_factors<real><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(table, active, factors, divide,
-                                                                   bc, d_flags);
-    SHAMPOO_TRY(SHAMPOO_LAUNCHED("scan_factors"));
+    SHAMPOO_TRY(launch_scan_factors<real>(stream, table, table_host, nblocks, active, factors,
+                                          divide, bc, d_flags));
     SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, h.active, active, (size_t)nblocks,
                                    cudaMemcpyDeviceToHost, stream));
     SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, h.diagonal, is_diagonal,
@@ -560,11 +195,9 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
         int64_t widest = 1;
         for (int64_t j = 0; j < ndiag; j++)
             widest = job_n[j] > widest ? job_n[j] : widest;
-        diagonal_roots<real><<<matrix_grid(ndiag, widest), SHAMPOO_CUDA_THREADS, 0, stream>>>(
-            d_offset, d_n, d_factor, d_alpha, 0, factors, divide, bc, (real)cfg->epsilon, out,
-            d_flags);
-        /* checked here, not by a later call: no dense job may follow to notice it */
-        SHAMPOO_TRY(SHAMPOO_LAUNCHED("diagonal_roots"));
+        SHAMPOO_TRY(launch_diagonal_roots<real>(stream, d_offset, d_n, d_factor, d_alpha,
+                                                ndiag, widest, factors, divide, bc,
+                                                (real)cfg->epsilon, out, d_flags));
     }
     /* 3. dense factors, one size at a time; infos indexed by dense job */
     for (int64_t j = ndiag; j < njobs;) {

@@ -249,6 +249,9 @@ static int add_constants(PyObject *m)
         {"GRAFT_NONE", SHAMPOO_GRAFT_NONE}, {"GRAFT_SGD", SHAMPOO_GRAFT_SGD},
         {"GRAFT_DIAGONAL", SHAMPOO_GRAFT_DIAGONAL},
         {"PARALLEL_MIN_COST", SHAMPOO_PARALLEL_MIN_COST},
+        {"PARALLEL_MAX_THREADS", SHAMPOO_PARALLEL_MAX_THREADS},
+        {"ROOT_MAX_ITERATIONS", SHAMPOO_ROOT_MAX_ITERATIONS},
+        {"ROOT_MAX_TAYLOR_ORDER", SHAMPOO_ROOT_MAX_TAYLOR_ORDER},
     };
     for (size_t i = 0; i < sizeof(constants) / sizeof(constants[0]); i++)
         if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value) < 0)

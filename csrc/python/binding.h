@@ -20,9 +20,15 @@ typedef struct shampoo_dlpack_state {
     PyObject *dlpack_kwargs;    /* {"max_version": (1, 0)} (+ "stream": -1 for CUDA) */
     PyObject *empty_tuple;
     int device_type;            /* DLPack device of the kernels' buffers: 1 CPU, 2 CUDA */
+    PyObject *known_types[2];   /* torch.Tensor, numpy.ndarray (NULL if not importable) */
 } shampoo_dlpack_state;
 
-/* Fills st (new references) for kernels whose buffers live on device_type; -1 on error. */
+/* 1 if obj is exactly a torch.Tensor or numpy.ndarray, whose __dlpack__ runs no user code
+ * (dlpack_state.c), else 0. */
+int shampoo_known_exporter(const shampoo_dlpack_state *st, PyObject *obj);
+
+/* Fills st (new references) for kernels whose buffers live on device_type; -1 on error
+ * (dlpack_state.c, as are the next two). */
 int shampoo_dlpack_state_init(shampoo_dlpack_state *st, int device_type);
 void shampoo_dlpack_state_clear(shampoo_dlpack_state *st);
 int shampoo_dlpack_state_traverse(shampoo_dlpack_state *st, visitproc visit, void *arg);
@@ -72,7 +78,9 @@ typedef struct shampoo_arg_spec {
 
 /* One argument borrowed for the length of a call. */
 typedef struct shampoo_view {
-    PyObject *capsule; /* owned; releasing it lets the producer free its DLPack tensor */
+    PyObject *capsule; /* owned; renamed "used_..." so that nobody else consumes it */
+    void *managed;     /* the managed tensor we own (deleter called at release), or NULL */
+    int versioned;     /* managed is a DLManagedTensorVersioned (else the legacy struct) */
     void *data;        /* NULL for None */
     int64_t numel;
     int64_t rows;      /* the table's row count */
@@ -101,6 +109,17 @@ int shampoo_call_bind(shampoo_call *call, shampoo_dlpack_state *st, const char *
                       const shampoo_arg_spec *specs, PyObject *const *objs, int nargs,
                       int real_bits);
 void shampoo_call_release(shampoo_call *call);
+
+/* The scalar arguments of the root-inverse kernels (arg_checks.c), checked where a bad
+ * value would only come back as an unnamed invalid-argument status: 0, or -1 with a
+ * ValueError naming the argument and its allowed range. Shared with the CUDA binding. */
+struct shampoo_root_config;
+int shampoo_check_root_config(const char *fn, const struct shampoo_root_config *cfg);
+/* num_threads of the parallel kernels: 1..SHAMPOO_PARALLEL_MAX_THREADS, else -1 and a
+ * ValueError. */
+int shampoo_check_num_threads(const char *fn, int num_threads);
+/* 0, or -1 with a ValueError when obj is a torch negative or conjugate view (arg_checks.c). */
+int shampoo_check_sign_flags(const char *fn, const char *arg, PyObject *obj);
 
 /* Borrows one int64 2-D [rows, SHAMPOO_BF_COUNT] table argument (block_plan, validate). */
 int shampoo_view_table(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,

@@ -112,6 +112,8 @@ static PyObject *factor_update(PyObject *m, PyObject *args, int bits, const char
     if (!PyArg_ParseTuple(args, "OOOOOdi", &o[0], &o[1], &o[2], &o[3], &o[4], &beta2,
                           &num_threads))
         return NULL;
+    if (shampoo_check_num_threads(fn, num_threads) < 0)
+        return NULL;
     if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 5, bits) < 0)
         return shampoo_call_failed(&call);
     const shampoo_module_state *ms = shampoo_get_state(m);
@@ -142,6 +144,8 @@ static PyObject *precondition(PyObject *m, PyObject *args, int bits, const char 
     int num_threads;
     shampoo_call call = {0};
     if (!PyArg_ParseTuple(args, "OOOOOi", &o[0], &o[1], &o[2], &o[3], &o[4], &num_threads))
+        return NULL;
+    if (shampoo_check_num_threads(fn, num_threads) < 0)
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 5, bits) < 0)
         return shampoo_call_failed(&call);
@@ -301,6 +305,8 @@ static PyObject *root_inverse(PyObject *m, PyObject *args, int bits, const char 
     cfg.method = (shampoo_root_method)method;
     cfg.max_iterations = max_iterations;
     cfg.order = order;
+    if (shampoo_check_root_config(fn, &cfg) < 0 || shampoo_check_num_threads(fn, num_threads) < 0)
+        return NULL;
     if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 6, bits) < 0)
         return shampoo_call_failed(&call);
     const shampoo_module_state *ms = shampoo_get_state(m);

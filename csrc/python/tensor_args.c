@@ -107,6 +107,8 @@ static int view_get(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,
         PyErr_Format(PyExc_TypeError, "%s: argument '%s' must be a tensor, not None", fn, arg);
         return -1;
     }
+    if (shampoo_check_sign_flags(fn, arg, obj) < 0)
+        return -1;
     v->capsule = dlpack_export(st, fn, arg, obj);
     if (v->capsule == NULL)
         return -1;
@@ -114,6 +116,13 @@ static int view_get(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,
     if (PyCapsule_IsValid(v->capsule, "dltensor_versioned")) {
         shampoo_dl_managed_tensor_versioned *mt =
             PyCapsule_GetPointer(v->capsule, "dltensor_versioned");
+        /* Consume the capsule (DLPack: rename it, then the deleter is ours to call), so
+         * that code the producer or another thread runs during the call cannot consume it
+         * and free the memory the kernels use. */
+        if (mt == NULL || PyCapsule_SetName(v->capsule, "used_dltensor_versioned") < 0)
+            return -1;
+        v->managed = mt;
+        v->versioned = 1;
         if (mt->version.major != SHAMPOO_DLPACK_MAJOR_VERSION) {
             PyErr_Format(PyExc_TypeError, "%s: argument '%s' was exported with DLPack %u.%u; "
                          "only major version 1 is understood", fn, arg,
@@ -129,6 +138,10 @@ static int view_get(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,
         t = &mt->dl_tensor;
     } else if (PyCapsule_IsValid(v->capsule, "dltensor")) {
         shampoo_dl_managed_tensor *mt = PyCapsule_GetPointer(v->capsule, "dltensor");
+        if (mt == NULL || PyCapsule_SetName(v->capsule, "used_dltensor") < 0)
+            return -1;
+        v->managed = mt;
+        v->versioned = 0;
         t = &mt->dl_tensor;
     } else {
         PyErr_Format(PyExc_TypeError, "%s: argument '%s': __dlpack__ returned %R, not a "
@@ -209,8 +222,20 @@ static int view_get(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,
 
 void shampoo_view_release(shampoo_view *v)
 {
-    /* The producer's capsule destructor calls the DLPack deleter: the capsule was never
-     * renamed to "used_dltensor", so ownership of the managed tensor never moved to us. */
+    /* We consumed the capsule (renamed "used_..."), so its destructor does nothing and the
+     * deleter is ours to call, with the GIL held (a producer's deleter may need it). */
+    if (v->managed != NULL) {
+        if (v->versioned) {
+            shampoo_dl_managed_tensor_versioned *mt = v->managed;
+            if (mt->deleter != NULL)
+                mt->deleter(mt);
+        } else {
+            shampoo_dl_managed_tensor *mt = v->managed;
+            if (mt->deleter != NULL)
+                mt->deleter(mt);
+        }
+        v->managed = NULL;
+    }
     Py_CLEAR(v->capsule);
     v->data = NULL;
 }
@@ -259,7 +284,8 @@ static int check_extents(shampoo_call *call, const shampoo_arg_spec *specs,
         return 0;
     if (shampoo_table_validate(table, call->nblocks, -1, -1, -1, -1) != SHAMPOO_OK) {
         PyErr_Format(PyExc_ValueError, "%s: argument 'table' is malformed (a row has an "
-                     "order outside 0..%d, a negative field, or NUMEL != product of DIMS)",
+                     "order outside 0..%d, a negative field, NUMEL != product of DIMS, or two "
+                     "blocks share block-layout, factor-layout or per-factor entries)",
                      call->fn, SHAMPOO_MAX_ORDER);
         return -1;
     }
@@ -281,35 +307,6 @@ static int check_extents(shampoo_call *call, const shampoo_arg_spec *specs,
     return -1;
 }
 
-int shampoo_dlpack_state_init(shampoo_dlpack_state *st, int device_type)
-{
-    st->device_type = device_type;
-    st->dlpack_name = PyUnicode_InternFromString("__dlpack__");
-    st->empty_tuple = PyTuple_New(0);
-    /* stream -1: torch exports without making any stream wait (the kernels run on the
-     * caller's current stream, where the tensors were produced) */
-    st->dlpack_kwargs = device_type == SHAMPOO_DL_CPU
-                            ? Py_BuildValue("{s:(ii)}", "max_version", 1, 0)
-                            : Py_BuildValue("{s:(ii),s:i}", "max_version", 1, 0, "stream", -1);
-    return st->dlpack_name != NULL && st->empty_tuple != NULL && st->dlpack_kwargs != NULL
-               ? 0 : -1;
-}
-
-void shampoo_dlpack_state_clear(shampoo_dlpack_state *st)
-{
-    Py_CLEAR(st->dlpack_name);
-    Py_CLEAR(st->dlpack_kwargs);
-    Py_CLEAR(st->empty_tuple);
-}
-
-int shampoo_dlpack_state_traverse(shampoo_dlpack_state *st, visitproc visit, void *arg)
-{
-    Py_VISIT(st->dlpack_name);
-    Py_VISIT(st->dlpack_kwargs);
-    Py_VISIT(st->empty_tuple);
-    return 0;
-}
-
 int shampoo_call_bind(shampoo_call *call, shampoo_dlpack_state *st, const char *fn,
                       const shampoo_arg_spec *specs, PyObject *const *objs, int nargs,
                       int real_bits)
@@ -320,10 +317,16 @@ int shampoo_call_bind(shampoo_call *call, shampoo_dlpack_state *st, const char *
     call->real_bits = real_bits;
     call->nblocks = 0;
     call->device_id = -1;
+    /* Every export first: exporters other than torch's and NumPy's may run any code, which
+     * could resize or free the storage of an argument exported before them; so they go
+     * first, and the tensors whose __dlpack__ runs no user code are exported after. */
+    for (int pass = 0; pass < 2; pass++)
+        for (int i = 0; i < nargs; i++)
+            if (shampoo_known_exporter(st, objs[i]) == pass &&
+                view_get(&call->views[i], st, fn, &specs[i], objs[i], real_bits) < 0)
+                return -1;
     for (int i = 0; i < nargs; i++) {
         shampoo_view *v = &call->views[i];
-        if (view_get(v, st, fn, &specs[i], objs[i], real_bits) < 0)
-            return -1;
         if (v->data != NULL && v->device_type != SHAMPOO_DL_CPU) {
             if (call->device_id >= 0 && v->device_id != call->device_id) {
                 PyErr_Format(PyExc_ValueError, "%s: argument '%s' is on GPU %d, the others on "

@@ -10,6 +10,7 @@ from distributed_shampoo.matrix_functions_types import (
     CoupledHigherOrderConfig,
     CoupledNewtonConfig,
     RootInvConfig,
+    validate_root_inv_config,
 )
 from distributed_shampoo.shampoo_types import (
     AdaGradGraftingConfig,
@@ -33,6 +34,7 @@ def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def root_method_kwargs(config: RootInvConfig) -> dict[str, Any]:
     """The method-specific arguments of _backend.root_inverse for a root-inverse config."""
+    validate_root_inv_config(config)  # fields may have changed since construction
     kwargs: dict[str, Any] = dict(
         method="eigen",
         make_positive_semidefinite=True,
