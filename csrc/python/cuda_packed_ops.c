@@ -44,6 +44,17 @@ static int check_packed(shampoo_call *call, const int *packed, int count)
     return 0;
 }
 
+/* A flag argument: a bool or an int, read as a truth value; TypeError for anything else (a
+ * tensor's truth value would raise its own error). Returns 0/1, or -1 with an exception. */
+static int flag_arg(const char *fn, const char *name, PyObject *obj)
+{
+    if (!PyBool_Check(obj) && !PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: argument '%s' must be a bool", fn, name);
+        return -1;
+    }
+    return PyObject_IsTrue(obj);
+}
+
 typedef shampoo_status (*packed_fn)(const shampoo_cuda_env *, void *, void *, const int64_t *,
                                     const int64_t *, int64_t, const int64_t *, const uint8_t *,
                                     int);
@@ -78,14 +89,16 @@ static PyObject *run(PyObject *m, PyObject *args, int bits, const char *fn,
                      const shampoo_arg_spec *specs, const int *packed, int npacked,
                      packed_fn f32, packed_fn f64)
 {
-    PyObject *o[7];
-    int average = 0;
+    PyObject *o[7], *average_obj = Py_False;
     unsigned long long stream;
     shampoo_call call = {0};
     shampoo_cuda_env env;
     shampoo_cuda_scope scope = {0};
-    if (!PyArg_ParseTuple(args, "KOOOOOOO|p", &stream, &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
-                          &o[6], &average))
+    if (!PyArg_ParseTuple(args, "KOOOOOOO|O", &stream, &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
+                          &o[6], &average_obj))
+        return NULL;
+    const int average = flag_arg(fn, "average", average_obj);
+    if (average < 0)
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 7, bits) < 0 ||
         check_packed(&call, packed, npacked) < 0 ||

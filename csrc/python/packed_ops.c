@@ -26,6 +26,17 @@ static int check_packed(shampoo_call *call, int i, const char *name, int table_a
     return 0;
 }
 
+/* A flag argument: a bool or an int, read as a truth value; TypeError for anything else (a
+ * tensor's truth value would raise its own error). Returns 0/1, or -1 with an exception. */
+static int flag_arg(const char *fn, const char *name, PyObject *obj)
+{
+    if (!PyBool_Check(obj) && !PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: argument '%s' must be a bool", fn, name);
+        return -1;
+    }
+    return PyObject_IsTrue(obj);
+}
+
 static PyObject *finish_call(shampoo_call *call, shampoo_status st)
 {
     return shampoo_call_done(call, st, Py_NewRef(Py_None), shampoo_raise_status);
@@ -65,10 +76,12 @@ static PyObject *sym_pack(PyObject *m, PyObject *args, int bits, const char *fn)
         TABLE_ARG,
         {"mask", SHAMPOO_ARG_MASK, SHAMPOO_LAYOUT_PER_FACTOR, SHAMPOO_ARG_OPTIONAL},
     };
-    PyObject *o[4];
-    int average;
+    PyObject *o[4], *average_obj;
     shampoo_call call = {0};
-    if (!PyArg_ParseTuple(args, "OOOOp", &o[0], &o[1], &o[2], &o[3], &average))
+    if (!PyArg_ParseTuple(args, "OOOOO", &o[0], &o[1], &o[2], &o[3], &average_obj))
+        return NULL;
+    const int average = flag_arg(fn, "average", average_obj);
+    if (average < 0)
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 4, bits) < 0 ||
         check_packed(&call, 0, "packed", 2) < 0)
@@ -126,6 +139,8 @@ static PyObject *factor_update_packed(PyObject *m, PyObject *args, int bits, con
     shampoo_call call = {0};
     if (!PyArg_ParseTuple(args, "OOOOOdi", &o[0], &o[1], &o[2], &o[3], &o[4], &beta2,
                           &num_threads))
+        return NULL;
+    if (shampoo_check_num_threads(fn, num_threads) < 0)
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 5, bits) < 0 ||
         check_packed(&call, 0, "factors_out", 3) < 0 ||
