@@ -119,11 +119,13 @@ CUDA_MODULE_HOST_SOURCES = [
     "csrc/core/batch_plan.c",
     "csrc/core/block_table.c",
     "csrc/core/status.c",
+    "csrc/core/sym_pack.c",
     "csrc/python/arg_checks.c",
     "csrc/python/dlpack_state.c",
     "csrc/python/tensor_args.c",
     "csrc/python/cuda_binding.c",
     "csrc/python/cuda_ops.c",
+    "csrc/python/cuda_packed_ops.c",
 ]
 
 _want_cuda = os.environ.get("SHAMPOO_BUILD_CUDA", "auto")

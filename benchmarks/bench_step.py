@@ -30,10 +30,16 @@ PHASES = {
     "gather": "elementwise",
     "moments": "elementwise",
     "finish": "elementwise",
+    "scatter": "elementwise",
     "factor_update": "factor update",
     "root_inverse": "root inverse",
     "root_commit": "root inverse",
     "precondition": "preconditioning",
+    # packed factors and roots (issue 11): unpacked around the kernels that need full matrices
+    "factor_update_packed": "factor update",
+    "sym_unpack": "packing",
+    "sym_pack": "packing",
+    "packed_commit": "root inverse",
 }
 
 
@@ -138,7 +144,7 @@ def main() -> None:
             mean_ms = 1e3 * statistics.mean(times)
             rows.append([name, f"{n_params / 1e6:.2f}M", blocks, frequency, median_ms, mean_ms, adamw_ms, median_ms / adamw_ms])
             total = sum(times)
-            phases = [1e3 * timer.seconds[p] / args.repeats for p in ("factor update", "root inverse", "preconditioning", "elementwise")]
+            phases = [1e3 * timer.seconds[p] / args.repeats for p in ("factor update", "root inverse", "preconditioning", "packing", "elementwise")]
             other = 1e3 * total / args.repeats - sum(phases)
             phase_rows.append([name, frequency, *phases, max(other, 0.0)])
     print_table(
@@ -147,7 +153,7 @@ def main() -> None:
         title=f"Optimizer step time on CPU ({args.threads} threads), median of {args.repeats} steps",
     )
     print_table(
-        ["model", "precond. freq.", "factor update ms", "root inverse ms", "preconditioning ms", "elementwise ms", "other ms"],
+        ["model", "precond. freq.", "factor update ms", "root inverse ms", "preconditioning ms", "unpack/pack ms", "elementwise ms", "other ms"],
         phase_rows,
         title="Shampoo step split by phase (mean ms per step; 'other' = Python, copies, gradient gather)",
     )

@@ -93,12 +93,12 @@ _DTYPE_NAMES: dict[Any, str] = {
 # (op, dtype, device) -> entry point. CUDA kernels (distributed_shampoo._C_cuda) are added
 # here as (op, dtype, "cuda") entries when that extension is built; nothing else changes.
 _OPS = ("gather", "scatter", "factor_update", "precondition", "moments", "finish",
-        "root_inverse", "root_commit")
+        "root_inverse", "root_commit", "sym_unpack", "sym_pack", "packed_commit")
 _ENTRY: dict[tuple[str, str, str], Callable[..., Any]] = {
     (op, dtype, device): getattr(module, f"{op}_{suffix}")
     for device, module in (("cpu", _C), ("cuda", _C_cuda))
     if module is not None
-    for op in _OPS
+    for op in _OPS + (("factor_update_packed",) if device == "cpu" else ())
     for dtype, suffix in (("float32", "f32"), ("float64", "f64"))
 }
 _DEVICES = sorted({device for _, _, device in _ENTRY})
@@ -176,6 +176,17 @@ class KernelTable:
             self.device_table = host.to(self.device)
             self.plan_device = self.plan_host.to(self.device)
         self._workspace_bytes: dict[tuple[str, int], int] = {}
+        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def packed_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each block's offset in the packed layout (csrc/core/sym_pack.h): device and host."""
+        if self._packed is None:
+            rows = self.host.numpy()
+            dims = rows[:, BF_DIMS : BF_DIMS + MAX_ORDER]  # unused dims are 0
+            sizes = (dims * (dims + 1) // 2).sum(axis=1) if len(rows) else np.zeros(0, np.int64)
+            host = torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
+            self._packed = (host.to(self.device), host)
+        return self._packed
 
     def workspace(self, op: str, bits: int) -> torch.Tensor | None:
         """Device scratch for one call of `op`, from torch's caching allocator (sizes are
@@ -485,6 +496,53 @@ def root_commit(dst: Any, src: Any, table: Any, commit: Any) -> None:
         return
     kt = _cuda_table("root_commit", table, dst)
     kernel(_stream(dst.device), dst, src, kt.device_table, kt.host, commit)
+
+
+def packed_numel(table: Any) -> int:
+    """Elements of the packed layout of a table's blocks (csrc/core/sym_pack.h)."""
+    return int(_C.packed_numel(torch.as_tensor(np.asarray(_host_table(table), dtype=np.int64))))
+
+
+def _packed_op(op: str, names: tuple[str, str, str, str], a: Any, b: Any, table: Any, mask: Any,
+               *flag: bool) -> None:
+    args = (a, b, _host_table(table), mask)
+    _checked(op, names, args)
+    kernel = _entry(op, names[0], a)
+    if not _is_cuda(a):
+        kernel(*args, *flag)
+        return
+    kt = _cuda_table(op, table, a)
+    offsets, offsets_host = kt.packed_offsets()
+    kernel(_stream(a.device), a, b, kt.device_table, kt.host, offsets, offsets_host, mask, *flag)
+
+
+def factor_update_packed(
+    factors_out: Any, factors_in: Any, grads: Any, table: Any, active: Any, beta2: float, *,
+    num_threads: int = 1,
+) -> None:
+    """factor_update on packed factors (CPU; csrc/core/factor_update.h): the same values as
+    the full update's upper triangles, without unpacking."""
+    args = (factors_out, factors_in, grads, _host_table(table), active)
+    _checked("factor_update_packed", ("factors_out", "factors_in", "grads", "table", "active"), args)
+    kernel = _entry("factor_update_packed", "factors_out", factors_out)
+    kernel(*args, float(beta2), _thread_count("factor_update_packed", num_threads))
+
+
+def sym_unpack(full: Any, packed: Any, table: Any, active: Any) -> None:
+    """full (factor layout) <- packed symmetric matrices, for every factor of every active
+    block (csrc/core/sym_pack.h); other factors of full are left as they are."""
+    _packed_op("sym_unpack", ("full", "packed", "table", "active"), full, packed, table, active)
+
+
+def sym_pack(packed: Any, full: Any, table: Any, mask: Any = None, *, average: bool = False) -> None:
+    """packed <- the upper triangle of every factor of full with mask[f] (None: all); with
+    `average`, the symmetric part 0.5 F_ij + 0.5 F_ji (for inverse roots)."""
+    _packed_op("sym_pack", ("packed", "full", "table", "mask"), packed, full, table, mask, bool(average))
+
+
+def packed_commit(dst: Any, src: Any, table: Any, commit: Any) -> None:
+    """Per factor, packed layout: commit[f] ? dst[f] <- src[f] : src[f] <- dst[f]."""
+    _packed_op("packed_commit", ("dst", "src", "table", "commit"), dst, src, table, commit)
 
 
 def precondition(

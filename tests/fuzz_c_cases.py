@@ -115,7 +115,20 @@ def _psd_factors(bits: int, rng: np.random.Generator) -> torch.Tensor:
 # Each base: (entry stem, builder(bits, rng) -> (args, kinds)). kinds[i] says what argument
 # i is: "buf" (a float buffer), "table", "mask", "i32", "int", "float", "bool", "shape".
 BASE_STEMS = ["factor_update", "finish", "gather", "moments", "precondition", "root_commit",
-              "root_inverse", "scatter"]
+              "root_inverse", "scatter", "sym_unpack", "sym_pack", "packed_commit",
+              "factor_update_packed"]
+
+
+def _packed(full: torch.Tensor) -> torch.Tensor:
+    """Factor-layout matrices in the packed layout (upper triangles by rows)."""
+    parts = []
+    for b in range(NB):
+        off = LAYOUT.blocks[b].factor_offset
+        for d in LAYOUT.blocks[b].shape:
+            rows, cols = np.triu_indices(d)
+            parts.append(full[off:off + d * d].reshape(d, d)[rows, cols])
+            off += d * d
+    return torch.cat(parts) if parts else full[:0]
 
 
 def _base_calls(bits: int, rng: np.random.Generator, stem: str) -> tuple[list[Any], list[str]]:
@@ -147,6 +160,14 @@ def _base_calls(bits: int, rng: np.random.Generator, stem: str) -> tuple[list[An
                                  "int float float int int"),
         "root_commit": lambda: ([fac(), fac(), t, torch.ones(nf, dtype=torch.uint8)],
                                 "buf buf table mask"),
+        "sym_unpack": lambda: ([torch.zeros_like(fac()), _packed(fac()), t, act()],
+                               "buf buf table mask"),
+        "sym_pack": lambda: ([_packed(fac()), fac(), t, torch.ones(nf, dtype=torch.uint8), True],
+                             "buf buf table mask bool"),
+        "packed_commit": lambda: ([_packed(fac()), _packed(fac()), t,
+                                   torch.ones(nf, dtype=torch.uint8)], "buf buf table mask"),
+        "factor_update_packed": lambda: ([_packed(fac()), _packed(fac()), blk(), t, act(), 0.9, 2],
+                                         "buf buf buf table mask float int"),
     }
     args, kinds = calls[stem]()
     return args, kinds.split()
@@ -164,6 +185,7 @@ def _plain_calls(rng: np.random.Generator) -> dict[str, tuple[list[Any], list[st
                             LAYOUT.factor_count, LAYOUT.param_numel],
                            ["table", "int", "int", "int", "int"]),
         "batch_plan": ([LAYOUT.table.copy()], ["table"]),
+        "packed_numel": ([LAYOUT.table.copy()], ["table"]),
     }
 
 

@@ -78,6 +78,27 @@ class CoupledHigherOrderConfig:
 # --------------------------------------------------------------------------------------------
 
 
+def unpacked(t: torch.Tensor) -> torch.Tensor:
+    """A factor matrix or inverse root as the optimizer stores it, packed (README "Memory": the
+    upper triangle by rows, d(d+1)/2 entries), as the full symmetric d x d matrix."""
+    if t.dim() != 1:
+        return t
+    d = math.isqrt(8 * t.numel() + 1) // 2
+    assert d * (d + 1) // 2 == t.numel(), t.shape
+    out = torch.empty(d, d, dtype=t.dtype, device=t.device)
+    for i in range(d):
+        row = t[i * d - i * (i - 1) // 2 : (i + 1) * d - (i + 1) * i // 2]
+        out[i, i:] = row
+        out[i:, i] = row
+    return out
+
+
+def packed_index(d: int, i: int, j: int) -> int:
+    """Where entry (i, j) (and (j, i)) of a d x d symmetric matrix is in its packed storage."""
+    i, j = min(i, j), max(i, j)
+    return i * d - i * (i - 1) // 2 + (j - i)
+
+
 def fl32(x: float) -> float:
     """x rounded to IEEE float32, returned as a Python float."""
     return torch.tensor(x, dtype=torch.float32).item()
@@ -624,7 +645,9 @@ class OracleShampoo:
                 raise NonFiniteError(
                     f"Encountered nan or inf values in inverse factor matrix {label}!"
                 )
-            block.inv_factor_matrices[k] = X.to(self.dtype)
+            # stored packed (README "Memory"): its symmetric part
+            X = X.to(self.dtype)
+            block.inv_factor_matrices[k] = 0.5 * X + 0.5 * X.T
 
     @staticmethod
     def _shampoo_precondition(block: _Block, G_hat: torch.Tensor) -> torch.Tensor:

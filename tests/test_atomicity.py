@@ -106,7 +106,7 @@ def test_non_finite_factor_raises_and_changes_nothing(value: float, word: str) -
         _set_grads(params, seed)
         optimizer.step()
     # Param 0 is (6, 5): blocks (4,4),(4,1),(2,4),(2,1); poison dim 1 of block_2.
-    _factor(optimizer, params[0], "block_2", 1)[1, 2] = value
+    _factor(optimizer, params[0], "block_2", 1)[O.packed_index(4, 1, 2)] = value
     before = _snapshot(params, optimizer)
     steps_before = _steps(optimizer, params)
     _set_grads(params, 3)
@@ -246,7 +246,7 @@ def test_protected_eigh_keeps_previous_inverse_and_warns(caplog: pytest.LogCaptu
     previous = [shampoo["inv_factor_matrices"][k]["quantized_values"].clone() for k in range(2)]
     # The diagonal path gave diag((d + eps)^(-1/4)) with d = (1, 4, 9).
     expected = torch.diag((torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64) + 1e-6) ** -0.25)
-    torch.testing.assert_close(previous[0], expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(O.unpacked(previous[0]), expected, rtol=1e-12, atol=0)
     p.grad = grads[1].clone()
     with caplog.at_level(logging.WARNING):
         optimizer.step()  # does not raise

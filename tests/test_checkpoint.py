@@ -191,7 +191,7 @@ def write_bad(path: str, how: Dict[str, Any]) -> None:
     train(model, optimizer, range(1, 4))
     state = copy.deepcopy(optimizer.distributed_state_dict(key_to_param=model.named_parameters()))
     if nan:
-        state["state"]["0.weight"][NAN_KEY][1, 0] = float("nan")
+        state["state"]["0.weight"][NAN_KEY][1] = float("nan")  # packed: entry (0, 1)
     dcp.save({"model": model.state_dict(), "optim": state}, checkpoint_id=path)
 
 

@@ -256,7 +256,7 @@ def phase_save(rank: int, world: int, root: str) -> Dict[str, Any]:
             if rank == 1:
                 flat = bad["state"]["0.weight"]
                 key = next(k for k in sorted(flat) if "factor_matrices" in k and "inv" not in k)
-                flat[key][0, 0] = float("nan")
+                flat[key][0] = float("nan")  # packed: entry (0, 0)
                 out["ddp/nan_key"] = key
             bad_state = {"model": run.model_state(), "optim": bad}
             dcp.save(bad_state, checkpoint_id=os.path.join(root, "ddp-nan"))

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import pytest
+import oracle as O
 import test_optimizer_oracle as core
 import torch
 from test_atomicity import assert_bitwise_equal
@@ -379,7 +380,7 @@ def test_nonfinite_factor_fails_the_root_step_and_changes_nothing(value, word):
     shampoo = optimizer.state[params[0]]["block_2"]["shampoo"]
     factor = shampoo["factor_matrices"][1]["quantized_values"]
     assert factor.device.type == DEVICE.type
-    factor[1, 2] = value  # param 0 is (6, 5): blocks (4,4),(4,1),(2,4),(2,1); block_2 dim 1
+    factor[O.packed_index(4, 1, 2)] = value  # packed; param 0 is (6, 5): blocks (4,4),(4,1),(2,4),(2,1); block_2 dim 1
     before = _snapshot(params, optimizer)
     _set_grads(params, 3)
     message = rf"(?i)encountered {word} values in bias-corrected factor matrix 0\.block_2\.1"

@@ -396,14 +396,14 @@ def compare_states(
             assert len(shampoo["factor_matrices"]) == len(block.factor_matrices), where
             for k, expected in enumerate(block.factor_matrices):
                 assert_close_scaled(
-                    shampoo["factor_matrices"][k]["quantized_values"],
+                    O.unpacked(shampoo["factor_matrices"][k]["quantized_values"]),
                     expected,
                     rtol,
                     f"{where} factor {k}",
                 )
                 inv_rtol = case.inv_rtol or (1e-7 if case.dtype == "f64" else 1e-3)
                 assert_close_scaled(
-                    shampoo["inv_factor_matrices"][k]["quantized_values"],
+                    O.unpacked(shampoo["inv_factor_matrices"][k]["quantized_values"]),
                     block.inv_factor_matrices[k],
                     inv_rtol,
                     f"{where} inverse factor {k}",
@@ -487,7 +487,7 @@ def test_preconditioner_dtype_float64_stores_float64_factors() -> None:
     )
     p.grad = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
     optimizer.step()
-    factor = optimizer.state[p]["block_0"]["shampoo"]["factor_matrices"][0]["quantized_values"]
+    factor = O.unpacked(optimizer.state[p]["block_0"]["shampoo"]["factor_matrices"][0]["quantized_values"])
     assert factor.dtype == torch.float64
     g = p.grad.double()
     torch.testing.assert_close(factor, g @ g.T, rtol=1e-12, atol=0)  # exact float64 accumulation
@@ -575,7 +575,7 @@ def test_zero_grad_factor_inverse_root_is_epsilon_power() -> None:
     shampoo = optimizer.state[p]["block_0"]["shampoo"]
     for k, d in enumerate((3, 4)):
         torch.testing.assert_close(
-            shampoo["inv_factor_matrices"][k]["quantized_values"],
+            O.unpacked(shampoo["inv_factor_matrices"][k]["quantized_values"]),
             1e3 * torch.eye(d, dtype=torch.float64),
             rtol=1e-12,
             atol=0,
@@ -586,7 +586,8 @@ def test_zero_grad_factor_inverse_root_is_epsilon_power() -> None:
 
 def test_state_layout_shapes_and_dtypes() -> None:
     """SPEC B §2–§3: blocks of a (6,5) weight with max_preconditioner_dim=4 are (4,4),(4,1),(2,4),
-    (2,1); each dim gets a d×d factor; storage dtypes follow PrecisionConfig."""
+    (2,1); each dim gets a d×d factor, stored packed (d(d+1)/2 entries, README "Memory"); storage
+    dtypes follow PrecisionConfig."""
     p = torch.nn.Parameter(torch.zeros(6, 5))
     precision = PrecisionConfig(
         factor_matrix_dtype=torch.float64,
@@ -614,8 +615,8 @@ def test_state_layout_shapes_and_dtypes() -> None:
         for d, n in enumerate(shape):
             factor = block["shampoo"]["factor_matrices"][d]["quantized_values"]
             inverse = block["shampoo"]["inv_factor_matrices"][d]["quantized_values"]
-            assert factor.shape == (n, n) and factor.dtype == torch.float64
-            assert inverse.shape == (n, n) and inverse.dtype == torch.float32
+            assert factor.shape == (n * (n + 1) // 2,) and factor.dtype == torch.float64
+            assert inverse.shape == (n * (n + 1) // 2,) and inverse.dtype == torch.float32
             assert not factor.any() and not inverse.any()  # zero-initialised, incl. inverses
             assert bool(block["shampoo"]["is_factor_matrices_diagonal"][d])
         for name in ("adagrad", "momentum", "filtered_grad"):

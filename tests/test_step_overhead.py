@@ -11,7 +11,9 @@ from distributed_shampoo import _backend
 from distributed_shampoo.distributed_shampoo import DistributedShampoo
 from distributed_shampoo.shampoo_types import AdamGraftingConfig
 
-PHASES = ("gather", "factor_update", "root_inverse", "root_commit", "precondition", "moments", "finish")
+PHASES = ("gather", "factor_update", "root_inverse", "packed_commit", "precondition", "moments", "finish")
+# packed factors and roots (README "Memory"), unpacked chunk by chunk: one chunk here
+PACKING = ("sym_unpack", "sym_pack")
 
 
 def backend_calls_per_step(max_preconditioner_dim: int, monkeypatch: pytest.MonkeyPatch) -> tuple:
@@ -24,7 +26,7 @@ def backend_calls_per_step(max_preconditioner_dim: int, monkeypatch: pytest.Monk
     model(torch.randn(4, 24)).sum().backward()
     calls: Counter = Counter()
     with monkeypatch.context() as patch:
-        for name in PHASES:
+        for name in PHASES + PACKING:
             original = getattr(_backend, name)
 
             def counted(*args, _name=name, _original=original, **kwargs):
@@ -44,3 +46,5 @@ def test_backend_calls_do_not_grow_with_blocks(monkeypatch: pytest.MonkeyPatch) 
     assert few_calls == many_calls
     # One call per phase for the single param group (a root-inverse step: frequency 1).
     assert all(few_calls[name] == 1 for name in PHASES), few_calls
+    # the new factors unpacked once, the roots for preconditioning once; packed: factors, roots
+    assert few_calls["sym_unpack"] == 2 and few_calls["sym_pack"] == 2, few_calls

@@ -91,7 +91,9 @@ typedef struct shampoo_finish_params {
  * grads: block layout G_hat. shampoo_dir: block layout (NULL allowed when grafting_phase).
  * grafting_state: block layout V (NULL unless graft is DIAGONAL). param_blocks: block layout
  * W (NULL allowed when decoupled_weight_decay == 0). momentum_state: block layout, in/out,
- * NULL iff momentum == 0. update_flat: param layout; only active blocks' elements written. */
+ * NULL iff momentum == 0. update_flat: param layout; only active blocks' elements written.
+ * update_flat may be grads itself when the table places every block at its block-layout
+ * offset with row-major strides: each element is read before it is overwritten (issue 11). */
 shampoo_status shampoo_finish_f32(float *update_flat, const float *grads,
                                   const float *shampoo_dir, const float *grafting_state,
                                   const float *param_blocks, float *momentum_state,

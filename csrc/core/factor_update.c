@@ -2,12 +2,14 @@
  * body in factor_update.inc. */
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "block_table.h"
 #include "int_math.h"
 #include "factor_update.h"
 #include "parallel.h"
+#include "sym_pack.h"
 
 #define SHAMPOO_REAL_IS_DOUBLE 0
 #include "real_template.h"

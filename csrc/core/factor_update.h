@@ -32,4 +32,18 @@ shampoo_status shampoo_factor_update_f64(const shampoo_linalg *la, double *facto
                                          const uint8_t *active, double beta2,
                                          int num_threads);
 
+/* The same update with factors_out / factors_in in the packed layout (sym_pack.h): each
+ * entry of a factor's upper triangle computed exactly as the full update computes it, the
+ * lower triangle neither read nor stored (issue 11). */
+shampoo_status shampoo_factor_update_packed_f32(const shampoo_linalg *la, float *factors_out,
+                                                const float *factors_in, const float *grads,
+                                                const int64_t *table, int64_t nblocks,
+                                                const uint8_t *active, double beta2,
+                                                int num_threads);
+shampoo_status shampoo_factor_update_packed_f64(const shampoo_linalg *la, double *factors_out,
+                                                const double *factors_in, const double *grads,
+                                                const int64_t *table, int64_t nblocks,
+                                                const uint8_t *active, double beta2,
+                                                int num_threads);
+
 #endif

@@ -115,6 +115,27 @@ shampoo_status shampoo_cuda_root_commit_f64(const shampoo_cuda_env *env, double 
                                             const int64_t *table_host, int64_t nblocks,
                                             const uint8_t *commit);
 
+/* ---- packed symmetric storage (core/sym_pack.h semantics; sym_pack_cuda.cu) ---------- */
+
+/* packed_offsets: device int64[nblocks], each block's offset in the packed layout (the prefix
+ * sums of its factors' n(n+1)/2). active (unpack): device uint8[nblocks]; mask (pack, NULL =
+ * all) and commit: device uint8[factor_count]; average (pack): as sym_pack.h. */
+#define SHAMPOO_CUDA_PACKED_DECLS(real, sfx)                                                   \
+    shampoo_status shampoo_cuda_sym_unpack_##sfx(                                              \
+        const shampoo_cuda_env *env, real *full, const real *packed, const int64_t *table,     \
+        const int64_t *table_host, int64_t nblocks, const int64_t *packed_offsets,             \
+        const uint8_t *active);                                                                \
+    shampoo_status shampoo_cuda_sym_pack_##sfx(                                                \
+        const shampoo_cuda_env *env, real *packed, const real *full, const int64_t *table,     \
+        const int64_t *table_host, int64_t nblocks, const int64_t *packed_offsets,             \
+        const uint8_t *mask, int average);                                                     \
+    shampoo_status shampoo_cuda_packed_commit_##sfx(                                           \
+        const shampoo_cuda_env *env, real *dst, real *src, const int64_t *table,               \
+        const int64_t *table_host, int64_t nblocks, const int64_t *packed_offsets,             \
+        const uint8_t *commit);
+SHAMPOO_CUDA_PACKED_DECLS(float, f32)
+SHAMPOO_CUDA_PACKED_DECLS(double, f64)
+
 /* ---- factor accumulation (factor_update.h semantics; factor_update_cuda.cu) ------------ */
 
 /* plan / plan_host: the batch plan of the table (batch_plan.h), device and host copies,

@@ -168,6 +168,8 @@ static inline PyObject *shampoo_call_failed(shampoo_call *call)
 
 /* The float kernels' entry points (kernel_ops.c), added to the module at exec. */
 extern PyMethodDef shampoo_kernel_methods[];
+/* The packed-storage kernels' entry points (packed_ops.c), likewise. */
+extern PyMethodDef shampoo_packed_methods[];
 
 /* Fills st->la from SciPy, checking each capsule's signature; ImportError on mismatch. */
 int shampoo_linalg_load(shampoo_module_state *st);

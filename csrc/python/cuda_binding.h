@@ -50,5 +50,6 @@ void shampoo_cuda_scope_end(PyObject *module, shampoo_cuda_scope *scope);
 PyObject *shampoo_cuda_raise_status(const char *fn, shampoo_status status);
 
 extern PyMethodDef shampoo_cuda_kernel_methods[];
+extern PyMethodDef shampoo_cuda_packed_methods[]; /* cuda_packed_ops.c */
 
 #endif

@@ -177,8 +177,10 @@ static PyObject *finish(PyObject *m, PyObject *args, int bits, const char *fn)
     static const shampoo_arg_spec specs[] = {
         {"workspace", SHAMPOO_ARG_BYTES, SHAMPOO_LAYOUT_NONE,
          SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},
-        {"update_flat", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_PARAM, SHAMPOO_ARG_OUT},
-        {"grads", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, 0},
+        /* may be grads itself when the table writes the block layout (elementwise.h) */
+        {"update_flat", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_PARAM,
+         SHAMPOO_ARG_OUT | SHAMPOO_ARG_ALIAS_OK},
+        {"grads", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, SHAMPOO_ARG_ALIAS_OK},
         {"shampoo_dir", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, SHAMPOO_ARG_OPTIONAL},
         {"grafting_state", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, SHAMPOO_ARG_OPTIONAL},
         {"param_blocks", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, SHAMPOO_ARG_OPTIONAL},

@@ -3,32 +3,22 @@
 All per-block arithmetic happens in `_backend` calls over the whole block table, a constant
 number per step, so Python work grows with the number of parameters (gradient lists) but
 never with the number of blocks. Everything that can fail (non-finite gradients, factor
-matrices or inverse roots; a failed root computation with protection off) is computed into
-scratch first, so a failed step leaves parameters and state bitwise unchanged (SPEC A.3.12).
+matrices or inverse roots; a failed root computation with protection off) is proven
+impossible or computed into scratch first, so a failed step leaves parameters and state
+bitwise unchanged (SPEC A.3.12): a step without roots updates the factors in place once the
+overflow proof (shampoo_overflow.py) holds; a root step stages new factors and roots in
+buffers that live for that step only.
 """
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from distributed_shampoo import _backend
-from distributed_shampoo.matrix_functions_types import (
-    CoupledHigherOrderConfig,
-    CoupledNewtonConfig,
-    RootInvConfig,
-    validate_root_inv_config,
-)
-from distributed_shampoo.shampoo_types import (
-    AdaGradGraftingConfig,
-    AdamGraftingConfig,
-    PrecisionConfig,
-    RMSpropGraftingConfig,
-    SGDGraftingConfig,
-)
+from distributed_shampoo.shampoo_types import PrecisionConfig
 from distributed_shampoo.utils.shampoo_block_layout import (
     BlockLayout,
     TensorPiece,
@@ -38,13 +28,22 @@ from distributed_shampoo.utils.shampoo_block_layout import (
     whole_tensors,
 )
 from distributed_shampoo.utils.shampoo_ddp_distributor import DDPExchange, DDPPlacement
+from distributed_shampoo.utils.shampoo_device_failure import DeviceFailureFlag
+from distributed_shampoo.utils.shampoo_engine_setup import (  # noqa: F401 (re-exported)
+    GraftingSpec,
+    StepPlan,
+    kernel_dtype,
+    local_tensor,
+    root_method_kwargs,
+)
+from distributed_shampoo.utils.shampoo_engine_state import GroupStateLayout
 from distributed_shampoo.utils.shampoo_overflow import FactorOverflowGuard
+from distributed_shampoo.utils.shampoo_packed_chunks import PackedFactors
 from distributed_shampoo.utils.shampoo_residuals import log_root_inverse_residuals
 from distributed_shampoo.utils.shampoo_root_status import log_non_diagonal, report_root_statuses
 from distributed_shampoo.utils.shampoo_scalars import float32_bias_correction
 from distributed_shampoo.utils.shampoo_step_checks import (
     GroupValues,
-    StepScalars,
     check_grad,
     check_params,
     read_step_scalars,
@@ -54,79 +53,7 @@ logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
 _ROOT_OK = (_backend.ROOT_OK, _backend.ROOT_MAX_ITERS, _backend.ROOT_RETRIED_DOUBLE)
 
 
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (FSDP2 parameters and gradients); other tensors as they are."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if to_local is not None else tensor
-
-
-def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The C kernels compute in float32 or float64; half precisions compute in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def root_method_kwargs(config: RootInvConfig) -> dict[str, Any]:
-    """The method-specific arguments of _backend.root_inverse for a root-inverse config."""
-    validate_root_inv_config(config)  # fields may have changed since construction
-    kwargs: dict[str, Any] = dict(
-        method="eigen",
-        make_positive_semidefinite=True,
-        retry_double_precision=True,
-        max_iterations=0,
-        tolerance=0.0,
-        rel_epsilon=0.0,
-        order=3,
-    )
-    if type(config) is CoupledNewtonConfig:
-        kwargs.update(
-            method="newton", max_iterations=config.max_iterations, tolerance=config.tolerance
-        )
-    elif type(config) is CoupledHigherOrderConfig:
-        kwargs.update(
-            method="higher_order",
-            max_iterations=config.max_iterations,
-            tolerance=config.tolerance,
-            rel_epsilon=config.rel_epsilon,
-            order=config.order,
-        )
-    else:
-        kwargs.update(
-            make_positive_semidefinite=config.make_positive_semidefinite,
-            retry_double_precision=config.retry_double_precision,
-        )
-    return kwargs
-
-
-@dataclass
-class StepPlan:
-    """What prepare() decided for apply(): the new step count and the root-step data."""
-
-    step: int
-    root_step: bool
-    bias_correction: float
-    param_blocks: torch.Tensor | None
-    scalars: StepScalars
-
-
-class GraftingSpec:
-    """What a grafting config means for the kernels (SPEC B §4.5, §4.8)."""
-
-    def __init__(self, config: Any) -> None:
-        # isinstance, as the reference dispatches (a user's subclass of AdamGraftingConfig is
-        # Adam); the three diagonal configs are unrelated classes.
-        self.has_state = isinstance(
-            config, (AdaGradGraftingConfig, RMSpropGraftingConfig, AdamGraftingConfig)
-        )
-        self.kind = "none" if config is None else ("diagonal" if self.has_state else "sgd")
-        self.epsilon = float(config.epsilon) if self.has_state else 0.0
-        # AdaGrad sums (beta2 = 1); RMSprop and Adam average; only Adam bias-corrects.
-        averaged = isinstance(config, (RMSpropGraftingConfig, AdamGraftingConfig))
-        self.beta2 = float(config.beta2) if averaged else 1.0
-        self.bias_corrected = isinstance(config, AdamGraftingConfig) and self.beta2 < 1.0
-        assert config is None or self.has_state or isinstance(config, SGDGraftingConfig)
-
-
-class ShampooGroupEngine:
+class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
     """Flat state buffers, block table and step of one parameter group on one device."""
 
     def __init__(
@@ -188,7 +115,7 @@ class ShampooGroupEngine:
         def zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
             return torch.zeros(numel, dtype=dtype, device=self.device)
 
-        n, nf = layout.numel, layout.factor_numel
+        n = layout.numel
         self.table = _backend.KernelTable(layout.table, self.device)
         self.on_cuda = self.device.type == "cuda"
         if self.on_cuda and self.root_kwargs["method"] != "eigen":
@@ -204,8 +131,12 @@ class ShampooGroupEngine:
             self.payload = zeros(n, self.working_dtype)
             self.full_active = torch.zeros(self.full_layout.num_blocks, dtype=torch.uint8, device=self.device)
         # Live optimizer state (storage dtypes of SPEC B §3 / §6).
-        self.factors = zeros(nf, precision.factor_matrix_dtype)
-        self.inv_factors = zeros(nf, precision.inv_factor_matrix_dtype)
+        # Factor matrices and inverse roots packed (upper triangles, shampoo_packed_chunks.py);
+        # the kernels see them in full in a bounded scratch, chunk by chunk.
+        self.packing = PackedFactors(layout, self.device, self.shampoo_dtype)
+        self.factors = zeros(self.packing.numel, precision.factor_matrix_dtype)
+        self.inv_factors = zeros(self.packing.numel, precision.inv_factor_matrix_dtype)
+        self.factor_active = torch.zeros(layout.factor_count, dtype=torch.uint8, device=self.device)
         self.diagonal = torch.ones(layout.factor_count, dtype=torch.bool, device=self.device)
         self.grafting_state = (
             zeros(n, precision.grafting_state_dtype) if self.grafting.has_state else None
@@ -221,10 +152,16 @@ class ShampooGroupEngine:
         )
         # Scratch, in the kernels' dtypes.
         self.grad_flat = zeros(layout.param_numel, self.working_dtype)  # gradients in, updates out
-        self.grad_blocks = zeros(n, self.working_dtype)     # G, then G_hat
-        self.shampoo_dir = zeros(n, self.working_dtype)
-        self.factor_work = zeros(nf, self.shampoo_dtype)
-        self.root_work = zeros(nf, self.shampoo_dtype)
+        self.grad_blocks = zeros(n, self.working_dtype)     # G, then G_hat, then the updates
+        # The Shampoo direction lives in grad_flat's memory (block layout; n <= param_numel):
+        # grad_flat is dead from gather until the updates are scattered into it.
+        self.shampoo_dir = self.grad_flat[:n]
+        # finish() writes the updates over G_hat in place (block layout), then they are
+        # scattered into grad_flat (param layout) for the parameter update
+        self.block_destination = _backend.KernelTable(contiguous_destination(layout), self.device)
+        # No persistent copy of the factors or roots: a root step stages its new factors and
+        # roots in buffers allocated for that step only (StepPlan), so that a failure found
+        # after computing them changes nothing; other steps update the factors in place.
         self.diagonal_work = torch.ones_like(self.diagonal)
         self.root_status = torch.zeros(layout.factor_count, dtype=torch.int32)
         self.root_commit = torch.zeros(layout.factor_count, dtype=torch.uint8, device=self.device)
@@ -235,17 +172,8 @@ class ShampooGroupEngine:
         self._grad_views = self._param_shaped_views(self.grad_flat)
         self._active_params: tuple[bool, ...] | None = None
         self._live: list[int] = []
-        # CUDA: the step's failure flag stays on the device (a step that computes no root
-        # inverse must not wait for the GPU); a pinned copy is read once it has arrived.
-        self.fail = _backend.new_failure_flag(self.device) if self.on_cuda else None
-        self._fail_seen = (
-            torch.full((2,), _backend.FAIL_NONE, dtype=torch.int64).pin_memory() if self.on_cuda else None
-        )
-        # marks the last copy into _fail_seen (recorded each step; None before the first)
-        self._fail_copied = torch.cuda.Event() if self.on_cuda else None
-        self._fail_recorded = False
+        self._init_failure_flag()
 
-    # ----------------------------------------------------------------------------- set-up
     @staticmethod
     def _common_device(params: Sequence[torch.Tensor]) -> torch.device:
         devices = {p.device for p in params}
@@ -256,79 +184,6 @@ class ShampooGroupEngine:
         device = devices.pop() if devices else torch.device("cpu")
         _backend.check_device_supported(device, "params")
         return device
-
-    def _param_shaped_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [
-            flat[offset : offset + t.numel()].view(t.shape)
-            for offset, t in zip(self.layout.param_offsets, self.locals)
-        ]
-
-    def _scratch_like(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A scratch buffer allocated on first use and kept (no allocation per step)."""
-        key = (name, dtype)
-        buffer = self._scratch.get(key)
-        if buffer is None:
-            buffer = self._scratch[key] = torch.empty(like.numel(), dtype=dtype, device=self.device)
-        return buffer
-
-    def _working(self, name: str, state: torch.Tensor | None, dtype: torch.dtype) -> Any:
-        """`state` itself when stored in `dtype`, else a working copy in scratch (SPEC B §6.2)."""
-        if state is None or state.dtype == dtype:
-            return state
-        return self._scratch_like(name, state, dtype).copy_(state)
-
-    def _ensure_param_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.param_flat is None or self.param_blocks is None:
-            self.param_flat = torch.zeros_like(self.grad_flat)
-            self.param_blocks = torch.zeros_like(self.grad_blocks)
-            self._param_views = self._param_shaped_views(self.param_flat)
-        return self.param_flat, self.param_blocks
-
-    # ---------------------------------------------------------------------- state access
-    def block_states(self) -> dict[int, dict[str, dict[str, Any]]]:
-        """Per parameter index: {block_key: nested state dict of live views} (SPEC B §8.1)."""
-        layout = self.layout
-        table = layout.table.numpy()
-        states: dict[int, dict[str, dict[str, Any]]] = {}
-        for b, key in enumerate(layout.block_keys):
-            row = table[b]
-            shape = layout.block_shapes[b]
-            offset, numel = int(row[_backend.BF_BLOCK_OFFSET]), int(row[_backend.BF_NUMEL])
-            factor_offset = int(row[_backend.BF_FACTOR_OFFSET])
-            first_factor = int(row[_backend.BF_FACTOR_INDEX])
-            factors: dict[int, Any] = {}
-            inverses: dict[int, Any] = {}
-            diagonal: dict[int, Any] = {}
-            for k, d in enumerate(shape):
-                view = slice(factor_offset, factor_offset + d * d)
-                factors[k] = {"quantized_values": self.factors[view].view(d, d)}
-                inverses[k] = {"quantized_values": self.inv_factors[view].view(d, d)}
-                diagonal[k] = self.diagonal[first_factor + k]
-                factor_offset += d * d
-            state: dict[str, Any] = {
-                "shampoo": {
-                    "factor_matrices": factors,
-                    "inv_factor_matrices": inverses,
-                    "is_factor_matrices_diagonal": diagonal,
-                }
-            }
-            for name, buffer in (
-                ("adagrad", self.grafting_state),
-                ("momentum", self.momentum),
-                ("filtered_grad", self.filtered_grad),
-            ):
-                if buffer is not None:
-                    state[name] = {"quantized_values": buffer[offset : offset + numel].view(shape)}
-            states.setdefault(int(layout.block_param[b]), {})[key] = state
-        return states
-
-    def describe_block(self, block: int) -> str:
-        p = int(self.layout.block_param[block])
-        return (
-            f"parameter {p} of param group {self.group_index} "
-            f"(shape {tuple(self.params[p].shape)}), block {self.layout.block_keys[block]} "
-            f"(shape {self.layout.block_shapes[block]})"
-        )
 
     # ------------------------------------------------------------------------------ step
     def _set_active(self, active_params: tuple[bool, ...]) -> None:
@@ -343,6 +198,7 @@ class ShampooGroupEngine:
         self._active_params = active_params
         per_param = np.asarray(active_params, dtype=np.uint8)
         self.active.copy_(torch.from_numpy(per_param[self.layout.block_param]))
+        self.factor_active.copy_(torch.from_numpy(per_param[self.layout.block_param[self.layout.factor_block]]))
         if self.exchange is not None:
             self.full_active.copy_(torch.from_numpy(per_param[self.full_layout.block_param]))
         self._live = [i for i, a in enumerate(active_params) if a]
@@ -384,10 +240,6 @@ class ShampooGroupEngine:
                 "parameters and optimizer state are unchanged."
             )
         return plan
-
-    def _describe_param(self, i: int) -> str:
-        return f"parameter {i} of param group {self.group_index} (shape {tuple(self.params[i].shape)})"
-
     def _prepare_live(self, group: dict[str, Any], grads: list[torch.Tensor | None]) -> "StepPlan":
         """`group`: the validated values (GroupValues.current)."""
         self.num_threads = max(1, torch.get_num_threads())  # follows torch.set_num_threads
@@ -435,110 +287,83 @@ class ShampooGroupEngine:
         if self.on_cuda:
             if self.exchange is not None:
                 self.exchange.agree_on_device_failure(self.fail)
-            self._fail_seen.copy_(self.fail, non_blocking=True)
-            # on the stream the copy above ran on (the parameters' device), not the current
-            # device's: in a multi-GPU process they differ
-            self._fail_copied.record(torch.cuda.current_stream(self.device))
-            self._fail_recorded = True
+            self._record_failure_copy()
             if root_step:  # a root step waits for the device anyway: report at once
                 self._raise_device_failure(wait=True)
 
         bias_correction = 1.0
+        factor_work = root_work = None
         if root_step:
-            new_factors = self._update_factors(self.factor_work)
+            # transient (freed when the step ends): twice the packed factors, Shampoo dtype
+            factor_work = torch.empty(self.packing.numel, dtype=self.shampoo_dtype, device=self.device)
+            root_work = torch.empty_like(factor_work)
             self.diagonal_work.copy_(self.diagonal)
             if scalars.shampoo_bias_correction:
                 bias_correction = float32_bias_correction(self.beta2, t)
-            _backend.root_inverse(
-                self.root_work, new_factors, self.table, self.active,
-                epsilon=self.epsilon, exponent_multiplier=self.exponent_multiplier,
-                bias_correction=bias_correction, is_diagonal=self.diagonal_work,
-                status_out=self.root_status, num_threads=self.num_threads, **self.root_kwargs,
-            )
+            self._stage_root_step(factor_work, root_work, bias_correction)
             log_non_diagonal(self.layout, self.diagonal, self.diagonal_work)
             self._check_roots()
-        return StepPlan(t, root_step, bias_correction, param_blocks, scalars)
-
-    def _check_overflow(self, step: int) -> None:
-        """Raises (CPU) or records in the failure flag (CUDA, no host wait) when the coming
-        factor update could overflow (shampoo_overflow.py), before anything is written."""
-        assert self.overflow is not None
-        first = self.overflow.first_overflow(self.factors, self.active)
-        if self.on_cuda:
-            # as gather does: only if no earlier failure is recorded; the block field holds
-            # -2 - factor so that _raise_device_failure can tell this cause apart
-            record = (first >= 0) & (self.fail[0] > step)
-            self.fail[1] = torch.where(record, -2 - first, self.fail[1])
-            self.fail[0] = torch.where(record, step, self.fail[0])
-            return
-        factor = int(first)
-        if factor >= 0:
-            raise ValueError(self._overflow_message(factor))
-
-    def _overflow_message(self, factor: int, step: int | None = None) -> str:
-        layout = self.layout
-        block = int(layout.factor_block[factor])
-        at = "" if step is None else f" at step {step}"
-        limit = self.overflow.limit if self.overflow is not None else float("nan")
-        return (
-            f"The gradient of {self.describe_block(block)}{at} is too large: the update of factor "
-            f"matrix {layout.factor_label(factor)} could exceed the largest finite value "
-            f"({limit:.4g}) of its dtype ({self.factors.dtype}, computed in {self.shampoo_dtype}). "
-            "The step was not taken; parameters and optimizer state are unchanged. To mitigate, "
-            "scale or clip the gradients, or use a float64 factor_matrix_dtype."
-        )
-
+        return StepPlan(t, root_step, bias_correction, param_blocks, scalars, factor_work, root_work)
     def _is_root_step(self, group: dict[str, Any]) -> bool:
         """`group`: validated values."""
         """Whether the coming step computes inverse roots (SPEC B §4.6)."""
         t = int(self.step_count) + 1
         frequency, start = group["precondition_frequency"], group["start_preconditioning_step"]
         return self.layout.factor_numel > 0 and ((t % frequency == 0 and t > start) or t == start)
-
-    def _raise_device_failure(self, wait: bool) -> None:
-        """CUDA: raises for a step whose gradient held NaN/Inf, once the host knows of it
-        (at once when `wait`). The device skipped that step and every later one (the flag is
-        sticky), so rolling the step count back leaves the optimizer exactly as after the
-        last good step."""
-        event = self._fail_copied
-        if not self._fail_recorded:
-            return
-        if not event.query():
-            if not wait:
-                return
-            event.synchronize()
-        step, block = (int(v) for v in self._fail_seen.tolist())
-        if step == _backend.FAIL_NONE:
-            return
-        skipped = int(self.step_count) + 1 - step
-        self.fail.fill_(_backend.FAIL_NONE)
-        self._fail_seen.fill_(_backend.FAIL_NONE)
-        self.step_count.fill_(step - 1)
-        if block <= -2:  # recorded by _check_overflow
-            raise ValueError(self._overflow_message(-2 - block, step))
-        where = (
-            f"the gradient of {self.describe_block(block)}"
-            if block != _backend.FAIL_NONE
-            else "a gradient on another rank of the trainer group"
-        )
-        raise ValueError(
-            f"Encountered nan or inf values in {where} at step {step}. On CUDA this is found "
-            f"without waiting for the GPU, so it is reported now; that step and the "
-            f"{max(skipped - 1, 0)} after it were not taken: parameters and optimizer state "
-            f"are unchanged since step {step - 1}."
-        )
-
-    def _update_factors(self, target: torch.Tensor) -> torch.Tensor:
-        """SPEC B §4.4 into `target`: the live factors (in place) or factor_work (scratch, a
-        copy of them first), in the Shampoo dtype."""
-        if target is not self.factors:
-            target.copy_(self.factors)
+    def _update_factors(self, factors: torch.Tensor) -> None:
+        """SPEC B §4.4 in place on packed `factors` (any dtype), chunk by chunk through the
+        full-matrix scratch."""
         grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
-        _backend.factor_update(
-            target, target, grads, self.table, self.active, self.beta2,
-            num_threads=self.num_threads, fail=self.fail,
-        )
-        return target
+        if not self.on_cuda and factors.dtype == self.shampoo_dtype:
+            # CPU: updated where they are stored, without unpacking
+            _backend.factor_update_packed(
+                factors, factors, grads, self.table, self.active, self.beta2, num_threads=self.num_threads
+            )
+            return
+        scratch = self.packing.scratch()
+        for c in self.packing.chunks:
+            full = self.packing.unpack(scratch, factors, c, self.active)
+            _backend.factor_update(
+                full, full, grads, c.table, self.active[c.block_start : c.block_stop], self.beta2,
+                num_threads=self.num_threads, fail=self.fail,
+            )
+            self.packing.pack(factors, full, c, self.factor_active)
+
+    def _stage_root_step(self, factor_work: torch.Tensor, root_work: torch.Tensor, bias_correction: float) -> None:
+        """A root step's new factors and inverse roots into the packed staging buffers, each
+        chunk's roots computed while its new factors are in scratch; statuses and diagonal
+        flags land in root_status and diagonal_work. Live state is not touched."""
+        factor_work.copy_(self.factors)  # inactive factors keep their values
+        grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
+        scratch, roots = self.packing.scratch(), self.packing.scratch()
+        for c in self.packing.chunks:
+            active = self.active[c.block_start : c.block_stop]
+            full = self.packing.unpack(scratch, factor_work, c, self.active)
+            _backend.factor_update(
+                full, full, grads, c.table, active, self.beta2, num_threads=self.num_threads, fail=self.fail
+            )
+            self.packing.pack(factor_work, full, c, self.factor_active)
+            out = roots[: c.full_numel]
+            _backend.root_inverse(
+                out, full, c.table, active,
+                epsilon=self.epsilon, exponent_multiplier=self.exponent_multiplier,
+                bias_correction=bias_correction,
+                is_diagonal=self.diagonal_work[c.factor_start : c.factor_stop],
+                status_out=self.root_status[c.factor_start : c.factor_stop],
+                num_threads=self.num_threads, **self.root_kwargs,
+            )
+            # every factor: the uncommitted ones are restored by the commit (packed_commit)
+            self.packing.pack(root_work, out, c, None, average=True)
+
+    def _precondition(self, out: torch.Tensor, grads: torch.Tensor, inv_roots: torch.Tensor) -> None:
+        """SPEC B §4.8 with packed inverse roots (any dtype), chunk by chunk."""
+        scratch = self.packing.scratch()
+        for c in self.packing.chunks:
+            roots = self.packing.unpack(scratch, inv_roots, c, self.active)
+            _backend.precondition(
+                out, grads, roots, c.table, self.active[c.block_start : c.block_stop],
+                num_threads=self.num_threads,
+            )
 
     def _live_param_targets(self) -> list[torch.Tensor]:
         """Views of param_flat for the parameters with gradients (built once per pattern)."""
@@ -551,27 +376,26 @@ class ShampooGroupEngine:
         then moments, preconditioning, grafting, momentum and the parameter update."""
         t = plan.step
         if plan.root_step:
-            self.factors.copy_(self.factor_work)
+            factor_work, root_work = plan.factor_work, plan.root_work
+            assert factor_work is not None and root_work is not None
+            plan.factor_work = plan.root_work = None  # freed once this step is done
+            self.factors.copy_(factor_work)
             self.diagonal.copy_(self.diagonal_work)
             if self.inv_factors.dtype == self.shampoo_dtype:
-                _backend.root_commit(self.inv_factors, self.root_work, self.table, self.root_commit)
+                _backend.packed_commit(self.inv_factors, root_work, self.table, self.root_commit)
             else:
-                staged = self.factor_work.copy_(self.inv_factors)
-                _backend.root_commit(staged, self.root_work, self.table, self.root_commit)
+                staged = factor_work.copy_(self.inv_factors)
+                _backend.packed_commit(staged, root_work, self.table, self.root_commit)
                 self.inv_factors.copy_(staged)
-            inv_roots = self.root_work
+            del factor_work
+            inv_roots = root_work
             if track_residuals:
                 log_root_inverse_residuals(self, plan.bias_correction)
         else:
             if self.layout.factor_numel > 0:
-                # Nothing can fail any more: update in place unless stored in another dtype.
-                if self.factors.dtype == self.shampoo_dtype:
-                    self._update_factors(self.factors)
-                else:
-                    self.factors.copy_(self._update_factors(self.factor_work))
+                # Nothing can fail any more (the overflow proof held): update in place.
+                self._update_factors(self.factors)
             inv_roots = self.inv_factors
-            if self.inv_factors.dtype != self.shampoo_dtype:
-                inv_roots = self.root_work.copy_(self.inv_factors)
         self.step_count.fill_(t)
 
         # every value was read and checked in prepare(): nothing below can fail
@@ -600,26 +424,23 @@ class ShampooGroupEngine:
         shampoo_dir = None
         if not grafting_phase:
             if self.shampoo_dtype == working:
-                _backend.precondition(
-                    self.shampoo_dir, self.grad_blocks, inv_roots, self.table, self.active,
-                    num_threads=self.num_threads,
-                )
+                self._precondition(self.shampoo_dir, self.grad_blocks, inv_roots)
             else:
                 grads_s = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
                 out_s = self._scratch_like("dir_s", self.grad_blocks, self.shampoo_dtype)
-                _backend.precondition(
-                    out_s, grads_s, inv_roots, self.table, self.active, num_threads=self.num_threads
-                )
+                self._precondition(out_s, grads_s, inv_roots)
                 self.shampoo_dir.copy_(out_s)
             shampoo_dir = self.shampoo_dir
 
         # Grafting, decoupled weight decay, momentum, lr (SPEC B §4.8-§4.11); then parameters.
         momentum_state = self._working("momentum", self.momentum, working) if momentum != 0.0 else None
         graft_kind = self.grafting.kind if grafting_on else "none"
-        # Serially the updates land in the parameters' layout; under DDP they are packed
-        # block after block, the payload of the all-gather.
+        # Serially the updates overwrite G_hat (block layout; scattered into the parameters'
+        # layout below); under DDP they are packed block after block, the all-gather payload.
         destination, destination_table = (
-            (self.grad_flat, self.table) if self.exchange is None else (self.payload, self.payload_table)
+            (self.grad_blocks, self.block_destination)
+            if self.exchange is None
+            else (self.payload, self.payload_table)
         )
         _backend.finish(
             destination, self.grad_blocks, shampoo_dir,
@@ -636,6 +457,7 @@ class ShampooGroupEngine:
         if update_grafting and grafting_state is not self.grafting_state:
             self.grafting_state.copy_(grafting_state)  # type: ignore[union-attr]
         if self.exchange is None:
+            _backend.scatter(self.grad_flat, self.grad_blocks, self.table, self.active)
             torch._foreach_add_(self._live_params, self._live_grad_views)
         else:
             self._apply_exchanged(plan)

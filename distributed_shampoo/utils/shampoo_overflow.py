@@ -6,7 +6,7 @@ trace(F') = beta2 trace(F) + (1 - beta2) ||G||_F^2 (the same ||G||_F^2 for every
 block: each unfolding holds the same elements). The kernel first forms C = G G^T unweighted
 (|C_ij| <= ||G||_F^2), then the update, so both must fit the Shampoo dtype and F' must fit the
 storage dtype. The gather pass gives ||G||_F^2 per block, summed in double; trace(F) comes
-from the stored diagonal. If the bound, widened by the rounding of a float sum of numel terms,
+from the stored diagonal (of packed storage, shampoo_packed_chunks.py). If the bound, widened by the rounding of a float sum of numel terms,
 stays below the largest finite value, no entry can become Inf, so the update may run in
 place; otherwise the step raises before anything is written.
 """
@@ -35,18 +35,21 @@ class FactorOverflowGuard:
         owners: list[np.ndarray] = []
         widen = np.zeros(layout.factor_count, dtype=np.float64)
         eps = float(torch.finfo(shampoo_dtype).eps)
+        packed_at = 0
         for b, shape in enumerate(layout.block_shapes):
             row = rows[b]
-            offset = int(row[_backend.BF_FACTOR_OFFSET])
             first = int(row[_backend.BF_FACTOR_INDEX])
             numel = int(row[_backend.BF_NUMEL])
             for k, d in enumerate(shape):
-                positions.append(offset + np.arange(d, dtype=np.int64) * (d + 1))
+                # diagonal of packed storage (upper triangle by rows): row i starts at
+                # i*d - i*(i-1)/2 and holds its diagonal entry first
+                i = np.arange(d, dtype=np.int64)
+                positions.append(packed_at + i * d - i * (i - 1) // 2)
                 owners.append(np.full(d, first + k, dtype=np.int64))
                 # a float sum of m products errs by at most m*eps relative to sum |terms|;
                 # the few extra ulps cover beta2*F, (1-beta2)*C and their sum.
                 widen[first + k] = 1.0 + (numel + 8) * eps
-                offset += d * d
+                packed_at += d * (d + 1) // 2
         def joined(parts: list[np.ndarray]) -> torch.Tensor:
             return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.int64)).to(device)
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from distributed_shampoo import _backend
+from distributed_shampoo.utils.shampoo_packed_chunks import unpack_numpy
 
 logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
 
@@ -52,15 +53,15 @@ def log_root_inverse_residuals(engine: Any, bias_correction: float) -> None:
     factors = engine.factors.detach().cpu().double().numpy()
     inverses = engine.inv_factors.detach().cpu().double().numpy()
     errors, residuals = [], []
+    packed_at = 0
     for b, row in enumerate(table):
-        if not active[b]:
-            continue
-        offset = int(row[_backend.BF_FACTOR_OFFSET])
         for d in row[_backend.BF_DIMS : _backend.BF_DIMS + row[_backend.BF_ORDER]]:
-            d = int(d)
-            factor = factors[offset : offset + d * d].reshape(d, d) / bias_correction
-            inverse = inverses[offset : offset + d * d].reshape(d, d)
-            offset += d * d
+            d, view = int(d), slice(packed_at, packed_at + int(d) * (int(d) + 1) // 2)
+            packed_at = view.stop
+            if not active[b]:
+                continue
+            factor = unpack_numpy(factors[view], d) / bias_correction
+            inverse = unpack_numpy(inverses[view], d)
             try:
                 error, residual = root_inverse_residuals(
                     factor, inverse, int(row[_backend.BF_ROOT]), engine.epsilon, engine.exponent_multiplier

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distributed_shampoo.utils.shampoo_packed_chunks import pack_full
 from distributed_shampoo.shampoo_types import (
     PARAMS,
     FSDPShampooConfig,
@@ -71,6 +72,23 @@ def _hint(optimizer: Any, key: str) -> str:
     )
 
 
+def _in_target_layout(key: str, value: Any, target: torch.Tensor) -> Any:
+    """A full d x d factor matrix or inverse root (a checkpoint of before issue 11, or a state
+    dict laid out as the well-known implementation's) for packed storage: its upper triangle
+    (shampoo_packed_chunks.py). Anything else as it is."""
+    if (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 2
+        and target.dim() == 1
+        and value.shape[0] == value.shape[1]
+        and value.shape[0] * (value.shape[0] + 1) // 2 == target.numel()
+        and ('"factor_matrices"' in key or '"inv_factor_matrices"' in key)
+        and not value.is_meta
+    ):
+        return pack_full(value)
+    return value
+
+
 def _check_param_state(
     optimizer: Any, name: str, current: dict[str, torch.Tensor], loaded: Mapping[str, Any]
 ) -> None:
@@ -95,6 +113,7 @@ def _check_param_state(
                 "no such state." + _hint(optimizer, key)
             )
         target = current[key]
+        value = _in_target_layout(key, value, target)
         if not isinstance(value, torch.Tensor):
             raise TypeError(
                 f"State {key} of parameter {name} must be a tensor; got {type(value).__name__}."
@@ -226,7 +245,7 @@ def _check_and_apply(
     with torch.no_grad():
         for _, current, loaded in loaded_states:
             for key, target in current.items():
-                value = loaded[key]
+                value = _in_target_layout(key, loaded[key], target)
                 if not _same_memory(value, target):
                     target.copy_(value)
     for group, candidate in resolved:
