@@ -37,7 +37,9 @@ def stdlib_corpus() -> Dict[str, object]:
         if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)
     ]
     if len(names) < 10:
-        raise RuntimeError(f"found only {len(names)} .py files under {root}; need the stdlib sources")
+        raise RuntimeError(
+            f"found only {len(names)} .py files under {root}; need the stdlib sources"
+        )
     train, val = _split(names)
     return {
         "name": f"CPython stdlib .py sources ({root})",
@@ -67,7 +69,9 @@ def batch_starts(length: int, context: int, batch: int, generator: torch.Generat
     return torch.randint(0, length - context - 1, (batch,), generator=generator)
 
 
-def windows(data: torch.Tensor, starts: torch.Tensor, context: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def windows(
+    data: torch.Tensor, starts: torch.Tensor, context: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-byte targets, (B, context) each, as int64."""
     index = starts[:, None] + torch.arange(context + 1)[None, :]
     chunk = data[index].long()
@@ -89,7 +93,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         h = self.ln1(x)
-        q, k, v = (m(h).view(b, t, self.heads, d // self.heads).transpose(1, 2) for m in (self.q, self.k, self.v))
+        q, k, v = (
+            m(h).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+            for m in (self.q, self.k, self.v)
+        )
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
         return x + self.proj(F.gelu(self.fc(self.ln2(x))))
@@ -107,7 +114,11 @@ class ByteLM(nn.Module):
         # GPT-2's initialisation: N(0, 0.02), residual output projections scaled by 1/sqrt(2L)
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                std = 0.02 / math.sqrt(2 * layers) if name.endswith(("o.weight", "proj.weight")) else 0.02
+                std = (
+                    0.02 / math.sqrt(2 * layers)
+                    if name.endswith(("o.weight", "proj.weight"))
+                    else 0.02
+                )
                 nn.init.normal_(p, 0.0, std)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)

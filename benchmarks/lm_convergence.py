@@ -61,12 +61,45 @@ BASELINE = "AdamW"
 
 # The three settings. full: the protocol; quick: README's first command; smoke: the test's.
 SETTINGS: Dict[str, Dict[str, object]] = {
-    "full": dict(corpus="stdlib", layers=4, d=128, heads=4, context=128, batch=16, steps=1000,
-                 eval_every=50, eval_windows=256, seeds=3, lrs=[1e-3, 3e-3, 1e-2]),
-    "quick": dict(corpus="topics", layers=2, d=64, heads=4, context=64, batch=16, steps=300,
-                  eval_every=25, eval_windows=128, seeds=1, lrs=[3e-3]),
-    "smoke": dict(corpus="topics", layers=1, d=32, heads=2, context=32, batch=8, steps=40,
-                  eval_every=10, eval_windows=32, seeds=1, lrs=[3e-3]),
+    "full": dict(
+        corpus="stdlib",
+        layers=4,
+        d=128,
+        heads=4,
+        context=128,
+        batch=16,
+        steps=1000,
+        eval_every=50,
+        eval_windows=256,
+        seeds=3,
+        lrs=[1e-3, 3e-3, 1e-2],
+    ),
+    "quick": dict(
+        corpus="topics",
+        layers=2,
+        d=64,
+        heads=4,
+        context=64,
+        batch=16,
+        steps=300,
+        eval_every=25,
+        eval_windows=128,
+        seeds=1,
+        lrs=[3e-3],
+    ),
+    "smoke": dict(
+        corpus="topics",
+        layers=1,
+        d=32,
+        heads=2,
+        context=32,
+        batch=8,
+        steps=40,
+        eval_every=10,
+        eval_windows=32,
+        seeds=1,
+        lrs=[3e-3],
+    ),
 }
 
 
@@ -143,16 +176,22 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def validation_bpb(model: nn.Module, val: torch.Tensor, starts: torch.Tensor, context: int, device) -> float:
+def validation_bpb(
+    model: nn.Module, val: torch.Tensor, starts: torch.Tensor, context: int, device
+) -> float:
     total = 0.0
     for chunk in starts.split(64):
         x, y = windows(val, chunk, context)
         logits = model(x.to(device))
-        total += nn.functional.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+        total += nn.functional.cross_entropy(
+            logits.flatten(0, 1), y.to(device).flatten(), reduction="sum"
+        ).item()
     return total / (starts.numel() * context) / math.log(2)
 
 
-def train(name: str, lr: float, seed: int, cfg: Dict[str, object], corpus, device, progress: Progress) -> Dict:
+def train(
+    name: str, lr: float, seed: int, cfg: Dict[str, object], corpus, device, progress: Progress
+) -> Dict:
     """One run. Returns the validation curve [(step, training seconds, bpb)] and timings."""
     steps, context = int(cfg["steps"]), int(cfg["context"])
     torch.manual_seed(seed)
@@ -160,11 +199,20 @@ def train(name: str, lr: float, seed: int, cfg: Dict[str, object], corpus, devic
     optimizer = OPTIMIZERS[name](param_groups(model, WEIGHT_DECAY), lr, steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(steps))
     data_order = torch.Generator().manual_seed(1000 + seed)  # batches depend on the seed only
-    val_starts = batch_starts(len(corpus["val"]), context, int(cfg["eval_windows"]), torch.Generator().manual_seed(VALIDATION_SEED))
+    val_starts = batch_starts(
+        len(corpus["val"]),
+        context,
+        int(cfg["eval_windows"]),
+        torch.Generator().manual_seed(VALIDATION_SEED),
+    )
     val = lambda: validation_bpb(model, corpus["val"], val_starts, context, device)  # noqa: E731
     curve, forward_backward, optimizer_step, diverged = [(0, 0.0, val())], 0.0, 0.0, False
     for step in range(1, steps + 1):
-        x, y = windows(corpus["train"], batch_starts(len(corpus["train"]), context, int(cfg["batch"]), data_order), context)
+        x, y = windows(
+            corpus["train"],
+            batch_starts(len(corpus["train"]), context, int(cfg["batch"]), data_order),
+            context,
+        )
         x, y = x.to(device), y.to(device)
         sync(device)
         began = time.perf_counter()
@@ -178,7 +226,10 @@ def train(name: str, lr: float, seed: int, cfg: Dict[str, object], corpus, devic
         sync(device)
         forward_backward += middle - began
         optimizer_step += time.perf_counter() - middle
-        progress.advance(f"{name}, lr {lr:g}, seed {seed}: step {step}/{steps}, train {loss.item() / math.log(2):.3f} bpb")
+        progress.advance(
+            f"{name}, lr {lr:g}, seed {seed}: step {step}/{steps}, "
+            f"train {loss.item() / math.log(2):.3f} bpb"
+        )
         if not math.isfinite(loss.item()):
             diverged = True
             curve.append((step, forward_backward + optimizer_step, math.inf))
@@ -188,8 +239,13 @@ def train(name: str, lr: float, seed: int, cfg: Dict[str, object], corpus, devic
             curve.append((step, forward_backward + optimizer_step, val()))
     done = curve[-1][0]
     return {
-        "optimizer": name, "lr": lr, "seed": seed, "curve": curve, "diverged": diverged,
-        "forward_backward_ms": 1000 * forward_backward / done, "optimizer_ms": 1000 * optimizer_step / done,
+        "optimizer": name,
+        "lr": lr,
+        "seed": seed,
+        "curve": curve,
+        "diverged": diverged,
+        "forward_backward_ms": 1000 * forward_backward / done,
+        "optimizer_ms": 1000 * optimizer_step / done,
     }
 
 
@@ -226,7 +282,9 @@ def mean_std(values: Sequence[float], digits: int = 3) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def report(results: Dict[str, List[Dict]], chosen: Dict[str, float], cfg: Dict[str, object]) -> Dict[str, Dict]:
+def report(
+    results: Dict[str, List[Dict]], chosen: Dict[str, float], cfg: Dict[str, object]
+) -> Dict[str, Dict]:
     curves = {name: mean_curve(runs) for name, runs in results.items() if runs}
     target = curves[BASELINE]["mean"][-1] if BASELINE in curves else math.nan
     rows, summary = [], {}
@@ -237,23 +295,34 @@ def report(results: Dict[str, List[Dict]], chosen: Dict[str, float], cfg: Dict[s
         hit = next((i for i, v in enumerate(c["mean"]) if v <= target), None)
         reach = c["steps"][hit] if hit is not None else None
         summary[name] = {"steps_to_target": reach, "final": [r["curve"][-1][2] for r in runs]}
-        rows.append([
-            name,
-            f"{chosen[name]:g}",
-            str(reach) if reach is not None else f"> {c['steps'][-1]}",
-            f"{reach / int(cfg['steps']):.2f}x" if reach is not None else "-",
-            f"{c['seconds'][hit]:.0f}" if hit is not None else "-",
-            mean_std(summary[name]["final"]),
-            mean_std([r["forward_backward_ms"] for r in runs], 1),
-            mean_std([r["optimizer_ms"] for r in runs], 1),
-        ])
+        rows.append(
+            [
+                name,
+                f"{chosen[name]:g}",
+                str(reach) if reach is not None else f"> {c['steps'][-1]}",
+                f"{reach / int(cfg['steps']):.2f}x" if reach is not None else "-",
+                f"{c['seconds'][hit]:.0f}" if hit is not None else "-",
+                mean_std(summary[name]["final"]),
+                mean_std([r["forward_backward_ms"] for r in runs], 1),
+                mean_std([r["optimizer_ms"] for r in runs], 1),
+            ]
+        )
     seeds = min(len(r) for r in results.values() if r) if rows else 0
     print_table(
-        ["optimizer", "lr", f"steps to AdamW's final ({target:.3f} bpb)", "x budget",
-         "train s to it", "final val bpb", "fwd+bwd ms/step", "opt ms/step"],
+        [
+            "optimizer",
+            "lr",
+            f"steps to AdamW's final ({target:.3f} bpb)",
+            "x budget",
+            "train s to it",
+            "final val bpb",
+            "fwd+bwd ms/step",
+            "opt ms/step",
+        ],
         rows,
         title=f"{cfg['steps']} steps; validation bits per byte, mean ± std over {seeds} seed(s), "
-        f"checked every {cfg['eval_every']} steps (steps/time to reach: first check at or below, mean curve)",
+        f"checked every {cfg['eval_every']} steps (steps/time to reach: first check at or below, "
+        "mean curve)",
     )
     return curves
 
@@ -271,7 +340,9 @@ def plot(curves: Dict[str, Dict[str, List[float]]], path: Path, title: str) -> N
     for name, c in curves.items():
         for ax, x in zip(axes, (c["steps"], c["seconds"])):
             (line,) = ax.plot(x[1:], c["mean"][1:], label=name, linewidth=1.6)
-            ax.fill_between(x[1:], c["low"][1:], c["high"][1:], color=line.get_color(), alpha=0.15, linewidth=0)
+            ax.fill_between(
+                x[1:], c["low"][1:], c["high"][1:], color=line.get_color(), alpha=0.15, linewidth=0
+            )
     if BASELINE in curves:
         for ax in axes:
             ax.axhline(curves[BASELINE]["mean"][-1], color="grey", linestyle=":", linewidth=1)
@@ -289,26 +360,42 @@ def plot(curves: Dict[str, Dict[str, List[float]]], path: Path, title: str) -> N
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="small model on pydoc_data.topics, one seed, one lr")
-    mode.add_argument("--smoke", action="store_true", help="tiny model, 40 steps (the test's setting)")
+    mode.add_argument(
+        "--quick", action="store_true", help="small model on pydoc_data.topics, one seed, one lr"
+    )
+    mode.add_argument(
+        "--smoke", action="store_true", help="tiny model, 40 steps (the test's setting)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--steps", type=int, help="override the setting's step budget")
     parser.add_argument("--seeds", type=int, help="override the number of reported seeds")
     parser.add_argument("--lrs", type=float, nargs="+", help="override the learning-rate sweep")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch CPU threads (default 1: on a busy 2-core machine 2 threads ran 70x slower)",
     )
-    parser.add_argument("--out-dir", type=Path, help="runs.json and the plot (default ./lm_convergence_<mode>)")
+    parser.add_argument(
+        "--out-dir", type=Path, help="runs.json and the plot (default ./lm_convergence_<mode>)"
+    )
     parser.add_argument("--plot", type=Path, help="PNG path (default OUT_DIR/lm_convergence.png)")
     parser.add_argument("--report-only", action="store_true", help="only tabulate the cached runs")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     setting = "quick" if args.quick else "smoke" if args.smoke else "full"
     cfg = dict(SETTINGS[setting])
-    cfg.update({k: v for k, v in (("steps", args.steps), ("seeds", args.seeds), ("lrs", args.lrs)) if v is not None})
+    cfg.update(
+        {
+            k: v
+            for k, v in (("steps", args.steps), ("seeds", args.seeds), ("lrs", args.lrs))
+            if v is not None
+        }
+    )
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
@@ -320,9 +407,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     corpus = CORPORA[str(cfg["corpus"])]()
     print(
         f"{setting}: {corpus['name']}, {corpus['units']} -> {len(corpus['train']) / 1e6:.2f} / "
-        f"{len(corpus['val']) / 1e6:.2f} MB train / validation; model {cfg['layers']} layers, d={cfg['d']}, "
-        f"{cfg['heads']} heads, context {cfg['context']}, batch {cfg['batch']}; {cfg['steps']} steps; "
-        f"lrs {cfg['lrs']}; seeds 0..{int(cfg['seeds']) - 1}; {device}, torch threads {torch.get_num_threads()}",
+        f"{len(corpus['val']) / 1e6:.2f} MB train / validation; model {cfg['layers']} layers, "
+        f"d={cfg['d']}, {cfg['heads']} heads, context {cfg['context']}, batch {cfg['batch']}; "
+        f"{cfg['steps']} steps; lrs {cfg['lrs']}; seeds 0..{int(cfg['seeds']) - 1}; {device}, "
+        f"torch threads {torch.get_num_threads()}",
         flush=True,
     )
 
@@ -330,7 +418,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sweep = len(cfg["lrs"]) > 1
     plan = [(n, lr, SWEEP_SEED) for n in OPTIMIZERS for lr in cfg["lrs"]] if sweep else []
     missing = [p for p in plan if run_key(*p, cfg, device) not in cache]
-    progress = Progress(int(cfg["steps"]) * (len(missing) + (0 if args.report_only else len(OPTIMIZERS) * int(cfg["seeds"]))), not args.no_progress)
+    progress = Progress(
+        int(cfg["steps"])
+        * (len(missing) + (0 if args.report_only else len(OPTIMIZERS) * int(cfg["seeds"]))),
+        not args.no_progress,
+    )
 
     def run(name: str, lr: float, seed: int) -> Optional[Dict]:
         key = run_key(name, lr, seed, cfg, device)
@@ -352,9 +444,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if sweep:
         print_table(
             ["optimizer"] + [f"lr {lr:g}" for lr in cfg["lrs"]] + ["chosen"],
-            [[n] + [f"{cache[run_key(n, lr, SWEEP_SEED, cfg, device)]['curve'][-1][2]:.3f}"
-                    if run_key(n, lr, SWEEP_SEED, cfg, device) in cache else "-" for lr in cfg["lrs"]]
-             + [f"{chosen[n]:g}" if n in chosen else "-"] for n in OPTIMIZERS],
+            [
+                [n]
+                + [
+                    f"{cache[run_key(n, lr, SWEEP_SEED, cfg, device)]['curve'][-1][2]:.3f}"
+                    if run_key(n, lr, SWEEP_SEED, cfg, device) in cache
+                    else "-"
+                    for lr in cfg["lrs"]
+                ]
+                + [f"{chosen[n]:g}" if n in chosen else "-"]
+                for n in OPTIMIZERS
+            ],
             title=f"\nlearning-rate sweep (seed {SWEEP_SEED}; final validation bits per byte)",
         )
     results: Dict[str, List[Dict]] = {n: [] for n in OPTIMIZERS}
@@ -365,8 +465,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not any(results.values()):
         print("no finished runs to report yet")
         return 1
-    title = (f"{corpus['name'].split(' (')[0]}: {cfg['layers']}-layer d={cfg['d']} byte transformer, "
-             f"{cfg['steps']} steps, mean of {min(len(r) for r in results.values() if r)} seed(s) (band: min-max)")
+    title = (
+        f"{corpus['name'].split(' (')[0]}: {cfg['layers']}-layer d={cfg['d']} byte transformer, "
+        f"{cfg['steps']} steps, mean of {min(len(r) for r in results.values() if r)} seed(s) "
+        "(band: min-max)"
+    )
     curves = report(results, chosen, cfg)
     plot(curves, plot_path, title)
     return 0

@@ -49,7 +49,9 @@ def test_validation_bpb_of_a_uniform_model_is_8_bits() -> None:
 
     val = torch.randint(0, 256, (5000,), dtype=torch.uint8)
     starts = torch.arange(0, 4000, 37)
-    assert bench.validation_bpb(Uniform(), val, starts, 16, "cpu") == pytest.approx(8.0, abs=1e-5)  # float32 logits
+    assert bench.validation_bpb(Uniform(), val, starts, 16, "cpu") == pytest.approx(
+        8.0, abs=1e-5
+    )  # float32 logits
 
 
 def test_schedule_warms_up_then_decays_to_a_tenth() -> None:
@@ -62,8 +64,12 @@ def test_schedule_warms_up_then_decays_to_a_tenth() -> None:
 def test_model_groups_decay_matrices_only() -> None:
     model = lm.ByteLM(layers=1, d=16, heads=2, context=8)
     decay, no_decay = lm.param_groups(model, 0.1)
-    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == sum(p.numel() for p in model.parameters())
-    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == sum(
+        p.numel() for p in model.parameters()
+    )
+    assert all(p.dim() == 2 for p in decay["params"]) and all(
+        p.dim() == 1 for p in no_decay["params"]
+    )
     assert no_decay["weight_decay"] == 0.0
     assert model(torch.zeros(3, 8, dtype=torch.long)).shape == (3, 8, 256)
 
@@ -72,10 +78,15 @@ def test_smoke_protocol_end_to_end_and_resume(tmp_path, capsys) -> None:
     out = tmp_path / "out"
     assert bench.main(["--smoke", "--no-progress", "--out-dir", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "AdamW" in printed and "Shampoo (Adam grafting)" in printed and "final val bpb" in printed
+    assert (
+        "AdamW" in printed and "Shampoo (Adam grafting)" in printed and "final val bpb" in printed
+    )
     runs = json.loads((out / "runs.json").read_text())
     assert sorted(r["optimizer"] for r in runs.values()) == ["AdamW", "Shampoo (Adam grafting)"]
-    a, s = (next(r for r in runs.values() if r["optimizer"] == n) for n in ("AdamW", "Shampoo (Adam grafting)"))
+    a, s = (
+        next(r for r in runs.values() if r["optimizer"] == n)
+        for n in ("AdamW", "Shampoo (Adam grafting)")
+    )
     # same seed: the same initial model for both optimizers, so the same step-0 validation loss
     assert a["curve"][0][2] == s["curve"][0][2]
     assert a["curve"][0][2] == pytest.approx(8.0, abs=0.1)  # an untrained model is near uniform
