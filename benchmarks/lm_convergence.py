@@ -36,10 +36,12 @@ step. Finished runs are cached in OUT_DIR/runs.json, so an interrupted protocol 
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -149,8 +151,8 @@ class Progress:
         self.total, self.done, self.enabled = total, 0, enabled
         self.tty, self.began, self.last_tenth = sys.stderr.isatty(), time.perf_counter(), -1
 
-    def advance(self, label: str) -> None:
-        self.done += 1
+    def advance(self, label: str, count: int = 1) -> None:
+        self.done += count
         if not self.enabled:
             return
         fraction = self.done / max(1, self.total)
@@ -247,6 +249,19 @@ def train(
         "forward_backward_ms": 1000 * forward_backward / done,
         "optimizer_ms": 1000 * optimizer_step / done,
     }
+
+
+_WORKER_CORPUS: Dict[str, Dict] = {}
+
+
+def _worker(job: tuple) -> Dict:
+    """One run in a --jobs process (loads the corpus once per process)."""
+    name, lr, seed, cfg, device, threads = job
+    torch.set_num_threads(threads)
+    if cfg["corpus"] not in _WORKER_CORPUS:
+        _WORKER_CORPUS[cfg["corpus"]] = CORPORA[str(cfg["corpus"])]()
+    corpus = _WORKER_CORPUS[cfg["corpus"]]
+    return train(name, lr, seed, cfg, corpus, torch.device(device), Progress(0, False))
 
 
 def run_key(name: str, lr: float, seed: int, cfg: Dict[str, object], device) -> str:
@@ -383,6 +398,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--out-dir", type=Path, help="runs.json and the plot (default ./lm_convergence_<mode>)"
     )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at once, one process each (default 1)"
+    )
     parser.add_argument("--plot", type=Path, help="PNG path (default OUT_DIR/lm_convergence.png)")
     parser.add_argument("--report-only", action="store_true", help="only tabulate the cached runs")
     parser.add_argument("--no-progress", action="store_true")
@@ -415,31 +433,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
 
     cache = load_cache(cache_path)
+    steps = int(cfg["steps"])
     sweep = len(cfg["lrs"]) > 1
-    plan = [(n, lr, SWEEP_SEED) for n in OPTIMIZERS for lr in cfg["lrs"]] if sweep else []
-    missing = [p for p in plan if run_key(*p, cfg, device) not in cache]
+    sweep_plan = [(n, lr, SWEEP_SEED) for n in OPTIMIZERS for lr in cfg["lrs"]] if sweep else []
+    missing = [p for p in sweep_plan if run_key(*p, cfg, device) not in cache]
     progress = Progress(
-        int(cfg["steps"])
-        * (len(missing) + (0 if args.report_only else len(OPTIMIZERS) * int(cfg["seeds"]))),
+        0 if args.report_only else steps * (len(missing) + len(OPTIMIZERS) * int(cfg["seeds"])),
         not args.no_progress,
     )
 
-    def run(name: str, lr: float, seed: int) -> Optional[Dict]:
-        key = run_key(name, lr, seed, cfg, device)
-        if key not in cache and not args.report_only:
-            cache[key] = train(name, lr, seed, cfg, corpus, device, progress)
-            save_cache(cache_path, cache)
-        elif key in cache:
-            progress.skip(int(cfg["steps"]))
-        return cache.get(key)
+    def ensure(plan: List[tuple]) -> None:
+        """Train the runs of plan that are not cached: here, or over --jobs processes."""
+        todo = [p for p in plan if run_key(*p, cfg, device) not in cache]
+        if args.report_only or not todo:
+            return
+        if args.jobs <= 1:
+            for p in todo:
+                cache[run_key(*p, cfg, device)] = train(*p, cfg, corpus, device, progress)
+                save_cache(cache_path, cache)
+            return
+        # spawn, not fork: a forked child inherits torch's thread pools in an unknown state
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(args.jobs, len(todo)), mp_context=context) as pool:
+            futures = {pool.submit(_worker, (*p, cfg, str(device), args.threads)): p for p in todo}
+            for future in as_completed(futures):
+                name, lr, seed = futures[future]
+                cache[run_key(name, lr, seed, cfg, device)] = result = future.result()
+                save_cache(cache_path, cache)
+                final = result["curve"][-1][2]
+                progress.advance(f"done: {name}, lr {lr:g}, seed {seed}: {final:.3f} bpb", steps)
 
+    ensure(sweep_plan)
     chosen: Dict[str, float] = {}
     for name in OPTIMIZERS:
         if not sweep:
             chosen[name] = cfg["lrs"][0]
             continue
-        finals = {lr: r["curve"][-1][2] for lr in cfg["lrs"] if (r := run(name, lr, SWEEP_SEED))}
-        if len(finals) == len(cfg["lrs"]):
+        keys = [run_key(name, lr, SWEEP_SEED, cfg, device) for lr in cfg["lrs"]]
+        if all(k in cache for k in keys):
+            finals = {lr: cache[k]["curve"][-1][2] for lr, k in zip(cfg["lrs"], keys)}
             chosen[name] = min(finals, key=lambda lr: finals[lr])
     if sweep:
         print_table(
@@ -457,11 +489,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ],
             title=f"\nlearning-rate sweep (seed {SWEEP_SEED}; final validation bits per byte)",
         )
+    # seed by seed, so that a protocol cut short still compares like with like
+    seed_plan = [
+        (n, chosen[n], s) for s in range(int(cfg["seeds"])) for n in OPTIMIZERS if n in chosen
+    ]
+    progress.skip(steps * sum(run_key(*p, cfg, device) in cache for p in seed_plan))
+    ensure(seed_plan)
     results: Dict[str, List[Dict]] = {n: [] for n in OPTIMIZERS}
-    for seed in range(int(cfg["seeds"])):  # seed by seed, so a cut-short protocol still compares
-        for name in OPTIMIZERS:
-            if name in chosen and (r := run(name, chosen[name], seed)):
-                results[name].append(r)
+    for name, lr, seed in seed_plan:
+        if run_key(name, lr, seed, cfg, device) in cache:
+            results[name].append(cache[run_key(name, lr, seed, cfg, device)])
     if not any(results.values()):
         print("no finished runs to report yet")
         return 1
