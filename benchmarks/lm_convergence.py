@@ -29,7 +29,7 @@ loss (mean ± std over seeds), and the time per step split into forward+backward
 step. Finished runs are cached in OUT_DIR/runs.json, so an interrupted protocol resumes.
 
     python benchmarks/lm_convergence.py --quick          # about a minute or two on a laptop CPU
-    python benchmarks/lm_convergence.py                  # full protocol (~90 min on 2 cores)
+    python benchmarks/lm_convergence.py --jobs 2         # full protocol: 12 runs, 2 at a time
     python benchmarks/lm_convergence.py --device cuda    # the same on a GPU
 """
 
