@@ -310,6 +310,12 @@ def report(
         hit = next((i for i, v in enumerate(c["mean"]) if v <= target), None)
         reach = c["steps"][hit] if hit is not None else None
         summary[name] = {"steps_to_target": reach, "final": [r["curve"][-1][2] for r in runs]}
+        # the same, seed by seed: each run against AdamW's run of the same seed
+        per_seed = []
+        for r in runs:
+            base = next((b for b in results.get(BASELINE, []) if b["seed"] == r["seed"]), None)
+            step = base and next((p[0] for p in r["curve"] if p[2] <= base["curve"][-1][2]), None)
+            per_seed.append(str(step) if step is not None else "-")
         rows.append(
             [
                 name,
@@ -317,6 +323,7 @@ def report(
                 str(reach) if reach is not None else f"> {c['steps'][-1]}",
                 f"{reach / int(cfg['steps']):.2f}x" if reach is not None else "-",
                 f"{c['seconds'][hit]:.0f}" if hit is not None else "-",
+                " / ".join(per_seed),
                 mean_std(summary[name]["final"]),
                 mean_std([r["forward_backward_ms"] for r in runs], 1),
                 mean_std([r["optimizer_ms"] for r in runs], 1),
@@ -330,6 +337,7 @@ def report(
             f"steps to AdamW's final ({target:.3f} bpb)",
             "x budget",
             "train s to it",
+            "per seed",
             "final val bpb",
             "fwd+bwd ms/step",
             "opt ms/step",
@@ -337,7 +345,7 @@ def report(
         rows,
         title=f"{cfg['steps']} steps; validation bits per byte, mean ± std over {seeds} seed(s), "
         f"checked every {cfg['eval_every']} steps (steps/time to reach: first check at or below, "
-        "mean curve)",
+        "on the mean curve; per seed: steps to that seed's AdamW final)",
     )
     return curves
 
