@@ -2,7 +2,8 @@
 # The one prepared GPU check, for a machine lent for minutes: torch with CUDA preinstalled
 # (Python 3.12, torch 2.11+cu130, nvcc 13.0, NVIDIA's cuBLAS/cuSOLVER wheels), no internet.
 # Builds the package from this working tree (offline: no build isolation, no dependencies),
-# runs the CUDA kernel tests, the CUDA optimizer tests and benchmarks/bench_cuda.py, each
+# runs the CUDA kernel tests, the CUDA optimizer tests and benchmarks/bench_cuda.py (then an
+# optional part: benchmarks/lm_convergence.py --quick --device cuda), each
 # under its own timeout, and writes ONE report file: device, versions, commands, pass/fail
 # counts, the benchmark tables, and the tail of any failure. Whole run: under 8 minutes on an
 # H100/H200: the part timeouts add up to 7 minutes, and a whole-run deadline (TOTAL) cuts
@@ -108,6 +109,17 @@ done
 part bench_cuda "$BENCH_TIMEOUT" "$PYTHON" benchmarks/bench_cuda.py --repeats 5 --warmup 2 \
     --root-repeats 2 --root-counts 1 16 256
 cat "$LOGDIR/bench_cuda.log" >>"$REPORT"
+
+# ---- Optional part (GPU_CHECK_LM=0 skips it): the language-model benchmark's quick setting on
+# the GPU (benchmarks/lm_convergence.py --quick --device cuda); table and plot beside the report.
+# Its outcome is reported but does not change RESULT: it checks training quality, not kernels.
+if [ "${GPU_CHECK_LM:-1}" != 0 ]; then
+    KEPT=$FAILED
+    part lm_convergence "${GPU_CHECK_LM_TIMEOUT:-90}" "$PYTHON" benchmarks/lm_convergence.py --quick \
+        --device cuda --no-progress --out-dir "$(dirname "$REPORT")/lm_convergence_cuda"
+    cat "$LOGDIR/lm_convergence.log" >>"$REPORT" 2>/dev/null
+    FAILED=$KEPT
+fi
 
 say ""
 say "RESULT: $([ $FAILED -eq 0 ] && echo PASS || echo FAIL)"
