@@ -162,71 +162,73 @@ static inline shampoo_status shampoo_blas_bind(const shampoo_cuda_env *env)
     return SHAMPOO_OK;
 }
 
-/* One batched GEMM C_i = op(A_i) op(B_i) (alpha 1, beta 0) through the loaded cuBLAS, in
- * chunks of at most SHAMPOO_CUDA_MAX_BATCH matrices. */
-static inline shampoo_status shampoo_gemm_batched(const shampoo_cuda_libs *libs, void *handle,
-                                                  int ta, int tb, int m, int n, int k,
-                                                  const float *const *a, int lda,
-                                                  const float *const *b, int ldb,
-                                                  float *const *c, int ldc, int batch)
-{
-    const float one = 1.0f, zero = 0.0f;
-    for (int at = 0; at < batch; at += SHAMPOO_CUDA_MAX_BATCH) {
-        const int count = batch - at < SHAMPOO_CUDA_MAX_BATCH ? batch - at : SHAMPOO_CUDA_MAX_BATCH;
-        SHAMPOO_TRY(SHAMPOO_BLAS_CHECK(
-            "cublasSgemmBatched", libs->sgemm_batched(handle, ta, tb, m, n, k, &one, a + at, lda,
-                                                      b + at, ldb, &zero, c + at, ldc, count)));
+/* The cuBLAS GEMM routines of each precision, so that one template body serves both. */
+template <typename real> struct shampoo_gemm_of;
+template <> struct shampoo_gemm_of<float> {
+    static constexpr const char *batched_name = "cublasSgemmBatched";
+    static constexpr const char *strided_name = "cublasSgemmStridedBatched";
+    static decltype(shampoo_cuda_libs::sgemm_batched) batched(const shampoo_cuda_libs *libs)
+    {
+        return libs->sgemm_batched;
     }
-    return SHAMPOO_OK;
+    static decltype(shampoo_cuda_libs::sgemm_strided) strided(const shampoo_cuda_libs *libs)
+    {
+        return libs->sgemm_strided;
+    }
+};
+template <> struct shampoo_gemm_of<double> {
+    static constexpr const char *batched_name = "cublasDgemmBatched";
+    static constexpr const char *strided_name = "cublasDgemmStridedBatched";
+    static decltype(shampoo_cuda_libs::dgemm_batched) batched(const shampoo_cuda_libs *libs)
+    {
+        return libs->dgemm_batched;
+    }
+    static decltype(shampoo_cuda_libs::dgemm_strided) strided(const shampoo_cuda_libs *libs)
+    {
+        return libs->dgemm_strided;
+    }
+};
+
+/* Matrices in the library call that starts at matrix `at` of `batch`. */
+static inline int shampoo_batch_chunk(int batch, int at)
+{
+    return batch - at < SHAMPOO_CUDA_MAX_BATCH ? batch - at : SHAMPOO_CUDA_MAX_BATCH;
 }
 
+/* One batched GEMM C_i = op(A_i) op(B_i) (alpha 1, beta 0) through the loaded cuBLAS, in
+ * chunks of at most SHAMPOO_CUDA_MAX_BATCH matrices. */
+template <typename real>
 static inline shampoo_status shampoo_gemm_batched(const shampoo_cuda_libs *libs, void *handle,
                                                   int ta, int tb, int m, int n, int k,
-                                                  const double *const *a, int lda,
-                                                  const double *const *b, int ldb,
-                                                  double *const *c, int ldc, int batch)
+                                                  const real *const *a, int lda,
+                                                  const real *const *b, int ldb,
+                                                  real *const *c, int ldc, int batch)
 {
-    const double one = 1.0, zero = 0.0;
-    for (int at = 0; at < batch; at += SHAMPOO_CUDA_MAX_BATCH) {
-        const int count = batch - at < SHAMPOO_CUDA_MAX_BATCH ? batch - at : SHAMPOO_CUDA_MAX_BATCH;
+    const real one = 1, zero = 0;
+    const auto gemm = shampoo_gemm_of<real>::batched(libs);
+    for (int at = 0; at < batch; at += SHAMPOO_CUDA_MAX_BATCH)
         SHAMPOO_TRY(SHAMPOO_BLAS_CHECK(
-            "cublasDgemmBatched", libs->dgemm_batched(handle, ta, tb, m, n, k, &one, a + at, lda,
-                                                      b + at, ldb, &zero, c + at, ldc, count)));
-    }
+            shampoo_gemm_of<real>::batched_name,
+            gemm(handle, ta, tb, m, n, k, &one, a + at, lda, b + at, ldb, &zero, c + at, ldc,
+                 shampoo_batch_chunk(batch, at))));
     return SHAMPOO_OK;
 }
 
 /* Strided batched GEMM over contiguous n x n matrices (alpha 1, beta 0), chunked as above. */
+template <typename real>
 static inline shampoo_status shampoo_gemm_strided(const shampoo_cuda_libs *libs, void *handle,
-                                                  int ta, int tb, int n, const float *a,
-                                                  const float *b, float *c, int batch)
+                                                  int ta, int tb, int n, const real *a,
+                                                  const real *b, real *c, int batch)
 {
-    const float one = 1.0f, zero = 0.0f;
+    const real one = 1, zero = 0;
     const long long nn = (long long)n * n;
+    const auto gemm = shampoo_gemm_of<real>::strided(libs);
     for (int at = 0; at < batch; at += SHAMPOO_CUDA_MAX_BATCH) {
-        const int count = batch - at < SHAMPOO_CUDA_MAX_BATCH ? batch - at : SHAMPOO_CUDA_MAX_BATCH;
         const long long off = (long long)at * nn;
         SHAMPOO_TRY(SHAMPOO_BLAS_CHECK(
-            "cublasSgemmStridedBatched",
-            libs->sgemm_strided(handle, ta, tb, n, n, n, &one, a + off, n, nn, b + off, n, nn,
-                                &zero, c + off, n, nn, count)));
-    }
-    return SHAMPOO_OK;
-}
-
-static inline shampoo_status shampoo_gemm_strided(const shampoo_cuda_libs *libs, void *handle,
-                                                  int ta, int tb, int n, const double *a,
-                                                  const double *b, double *c, int batch)
-{
-    const double one = 1.0, zero = 0.0;
-    const long long nn = (long long)n * n;
-    for (int at = 0; at < batch; at += SHAMPOO_CUDA_MAX_BATCH) {
-        const int count = batch - at < SHAMPOO_CUDA_MAX_BATCH ? batch - at : SHAMPOO_CUDA_MAX_BATCH;
-        const long long off = (long long)at * nn;
-        SHAMPOO_TRY(SHAMPOO_BLAS_CHECK(
-            "cublasDgemmStridedBatched",
-            libs->dgemm_strided(handle, ta, tb, n, n, n, &one, a + off, n, nn, b + off, n, nn,
-                                &zero, c + off, n, nn, count)));
+            shampoo_gemm_of<real>::strided_name,
+            gemm(handle, ta, tb, n, n, n, &one, a + off, n, nn, b + off, n, nn, &zero, c + off,
+                 n, nn, shampoo_batch_chunk(batch, at))));
     }
     return SHAMPOO_OK;
 }
