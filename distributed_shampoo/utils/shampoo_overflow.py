@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from distributed_shampoo import _backend
+from distributed_shampoo.utils.shampoo_packed_chunks import packed_offsets
 
 
 def _max_finite(dtype: torch.dtype) -> float:
@@ -35,7 +36,7 @@ class FactorOverflowGuard:
         owners: list[np.ndarray] = []
         widen = np.zeros(layout.factor_count, dtype=np.float64)
         eps = float(torch.finfo(shampoo_dtype).eps)
-        packed_at = 0
+        starts = packed_offsets(layout)
         for b, shape in enumerate(layout.block_shapes):
             row = rows[b]
             first = int(row[_backend.BF_FACTOR_INDEX])
@@ -44,12 +45,11 @@ class FactorOverflowGuard:
                 # diagonal of packed storage (upper triangle by rows): row i starts at
                 # i*d - i*(i-1)/2 and holds its diagonal entry first
                 i = np.arange(d, dtype=np.int64)
-                positions.append(packed_at + i * d - i * (i - 1) // 2)
+                positions.append(starts[first + k] + i * d - i * (i - 1) // 2)
                 owners.append(np.full(d, first + k, dtype=np.int64))
                 # a float sum of m products errs by at most m*eps relative to sum |terms|;
                 # the few extra ulps cover beta2*F, (1-beta2)*C and their sum.
                 widen[first + k] = 1.0 + (numel + 8) * eps
-                packed_at += d * (d + 1) // 2
         def joined(parts: list[np.ndarray]) -> torch.Tensor:
             return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.int64)).to(device)
 
@@ -61,6 +61,8 @@ class FactorOverflowGuard:
         self.limit = min(_max_finite(storage_dtype), _max_finite(shampoo_dtype))
         self.sq_norms = torch.zeros(layout.num_blocks, dtype=torch.float64, device=device)
         self.factor_count = layout.factor_count
+        # made once: every step ranks the factors that fail the bound
+        self.factor_index = torch.arange(self.factor_count, device=device)
 
     def traces(self, factors: torch.Tensor) -> torch.Tensor:
         """trace of every factor (float64), from the stored diagonal."""
@@ -87,6 +89,5 @@ class FactorOverflowGuard:
         bad = ~(bound <= self.limit) & finite & active[self.factor_block].bool()
         if self.factor_count == 0:
             return torch.full((), -1, dtype=torch.int64, device=factors.device)
-        index = torch.arange(self.factor_count, device=factors.device)
-        first = torch.where(bad, index, self.factor_count).min()
+        first = torch.where(bad, self.factor_index, self.factor_count).min()
         return torch.where(first == self.factor_count, -1, first)
