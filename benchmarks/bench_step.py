@@ -33,7 +33,6 @@ PHASES = {
     "scatter": "elementwise",
     "factor_update": "factor update",
     "root_inverse": "root inverse",
-    "root_commit": "root inverse",
     "precondition": "preconditioning",
     # packed factors and roots (issue 11): unpacked around the kernels that need full matrices
     "factor_update_packed": "factor update",

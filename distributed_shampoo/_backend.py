@@ -93,7 +93,7 @@ _DTYPE_NAMES: dict[Any, str] = {
 # (op, dtype, device) -> entry point. CUDA kernels (distributed_shampoo._C_cuda) are added
 # here as (op, dtype, "cuda") entries when that extension is built; nothing else changes.
 _OPS = ("gather", "scatter", "factor_update", "precondition", "moments", "finish",
-        "root_inverse", "root_commit", "sym_unpack", "sym_pack", "packed_commit")
+        "root_inverse", "sym_unpack", "sym_pack", "packed_commit")
 _ENTRY: dict[tuple[str, str, str], Callable[..., Any]] = {
     (op, dtype, device): getattr(module, f"{op}_{suffix}")
     for device, module in (("cpu", _C), ("cuda", _C_cuda))
@@ -484,18 +484,6 @@ def root_inverse(
     kernel(_stream(out.device), kt.workspace("root_inverse", 8 * out.element_size()),
            _blas_workspace(out.device), out, factors, kt.device_table, kt.host, active,
            is_diagonal, status_out, *scalars)
-
-
-def root_commit(dst: Any, src: Any, table: Any, commit: Any) -> None:
-    """Per factor: commit[f] ? dst[f] <- src[f] : src[f] <- dst[f] (factor layout)."""
-    args = (dst, src, _host_table(table), commit)
-    _checked("root_commit", ("dst", "src", "table", "commit"), args)
-    kernel = _entry("root_commit", "dst", dst)
-    if not _is_cuda(dst):
-        kernel(*args)
-        return
-    kt = _cuda_table("root_commit", table, dst)
-    kernel(_stream(dst.device), dst, src, kt.device_table, kt.host, commit)
 
 
 def packed_numel(table: Any) -> int:

@@ -114,9 +114,8 @@ def _psd_factors(bits: int, rng: np.random.Generator) -> torch.Tensor:
 
 # Each base: (entry stem, builder(bits, rng) -> (args, kinds)). kinds[i] says what argument
 # i is: "buf" (a float buffer), "table", "mask", "i32", "int", "float", "bool", "shape".
-BASE_STEMS = ["factor_update", "finish", "gather", "moments", "precondition", "root_commit",
-              "root_inverse", "scatter", "sym_unpack", "sym_pack", "packed_commit",
-              "factor_update_packed"]
+BASE_STEMS = ["factor_update", "finish", "gather", "moments", "precondition", "root_inverse",
+              "scatter", "sym_unpack", "sym_pack", "packed_commit", "factor_update_packed"]
 
 
 def _packed(full: torch.Tensor) -> torch.Tensor:
@@ -158,8 +157,6 @@ def _base_calls(bits: int, rng: np.random.Generator, stem: str) -> tuple[list[An
                                   1e-6, 1.0, 1.0, True, True, 20, 1e-6, 0.0, 3, 2],
                                  "buf buf table mask mask i32 int float float float bool bool "
                                  "int float float int int"),
-        "root_commit": lambda: ([fac(), fac(), t, torch.ones(nf, dtype=torch.uint8)],
-                                "buf buf table mask"),
         "sym_unpack": lambda: ([torch.zeros_like(fac()), _packed(fac()), t, act()],
                                "buf buf table mask"),
         "sym_pack": lambda: ([_packed(fac()), fac(), t, torch.ones(nf, dtype=torch.uint8), True],

@@ -29,8 +29,8 @@ def test_cuda_extension_is_built_and_imports_without_a_gpu() -> None:
     assert _backend._C_cuda is _C_cuda
     info = _C_cuda.library_info()
     assert set(info) == {"loaded", "batched_syev"}
-    for op in ("gather", "scatter", "moments", "finish", "root_commit", "factor_update",
-               "precondition", "root_inverse"):
+    for op in ("gather", "scatter", "moments", "finish", "packed_commit", "factor_update",
+               "precondition", "root_inverse", "sym_pack", "sym_unpack"):
         for dtype in ("float32", "float64"):
             assert (op, dtype, "cuda") in _backend._ENTRY
 

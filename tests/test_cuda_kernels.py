@@ -8,7 +8,7 @@ Inputs are random block tables from tests/block_tables.py with odd sizes (1, 3, 
 is) and once at 32 (many equal blocks: batched cuBLAS/cuSOLVER groups with count > 1).
 
 Tolerances, CUDA against CPU (both float32 and float64):
-  * gather, scatter, root_commit: copies, bitwise equal.
+  * gather, scatter, packed_commit: copies, bitwise equal.
   * moments, finish: a handful of roundings per element; the GPU may contract a*b+c into
     one FMA where the CPU build rounds twice, so results agree to a few ulps of the buffer's
     scale: rtol 1e-6 (float32) / 1e-12 (float64). finish with norm grafting also divides by
@@ -510,20 +510,35 @@ def test_precondition(dtype, layout):
 
 
 # --------------------------------------------------------------------------------------------
-# root_commit.
+# packed_commit.
 # --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_root_commit(dtype, layout):
+def test_packed_commit(dtype, layout):
+    """Per factor, packed layout (n(n+1)/2 entries each, blocks in table order): committed
+    factors copy src into dst, the others restore src from dst. Against that rule, and
+    bitwise the CPU kernel."""
     p = Problem(layout, dtype, 11)
-    dst0, src0 = p.randn(p.lay.factor_numel), p.randn(p.lay.factor_numel)
+    n = B.packed_numel(p.table)
+    dst0, src0 = p.randn(n), p.randn(n)
     commit = torch.from_numpy((p.rng.random(p.lay.factor_count) < 0.5).astype(np.uint8))
+    assert 0 < int(commit.sum()) < len(commit)
+    want, at = torch.empty(n, dtype=dtype), 0
+    for b, blk in enumerate(p.lay.blocks):
+        for k, d in enumerate(blk.shape):
+            span = slice(at, at + d * (d + 1) // 2)
+            take = commit[int(p.lay.table[b, B.BF_FACTOR_INDEX]) + k]
+            want[span] = src0[span] if take else dst0[span]
+            at = span.stop
+    assert at == n
     cpu = [dst0.clone(), src0.clone()]
-    B.root_commit(cpu[0], cpu[1], p.table, commit)
+    B.packed_commit(cpu[0], cpu[1], p.table, commit)
+    assert_bitwise(cpu[0], want, "cpu dst")
+    assert_bitwise(cpu[1], want, "cpu src")
     gpu = list(dev(dst0, src0))
-    B.root_commit(gpu[0], gpu[1], p.kt, dev(commit))
+    B.packed_commit(gpu[0], gpu[1], p.kt, dev(commit))
     assert_bitwise(gpu[0], cpu[0], "dst")
     assert_bitwise(gpu[1], cpu[1], "src")
 

@@ -1,6 +1,6 @@
 """The inverse-root kernels (csrc/core/matrix_root.*) driven with NumPy arrays through
-`_backend.root_inverse` / `_backend.root_commit`, against a float64 NumPy oracle written here
-from SPEC B §4.6 and §5 (it never calls the extension)."""
+`_backend.root_inverse`, against a float64 NumPy oracle written here from SPEC B §4.6 and §5
+(it never calls the extension)."""
 
 from __future__ import annotations
 
@@ -648,24 +648,8 @@ def test_root_below_one_fails():
 
 
 # ------------------------------------------------------------------------------------------
-# Commit step and argument errors.
+# Argument errors.
 # ------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_root_commit(dtype):
-    table, offsets = make_table([([2, 3], 2), ([], 2), ([1], 2), ([4], 2)])
-    size = 4 + 9 + 1 + 16
-    dst0 = np.arange(size, dtype=dtype)
-    src0 = -np.arange(size, dtype=dtype) - 1
-    commit = np.array([1, 0, 0, 1], np.uint8)
-    dst, src = dst0.copy(), src0.copy()
-    _backend.root_commit(dst, src, table, commit)
-    spans = [(o, o + n * n) for o, n in zip(offsets, [2, 3, 1, 4])]
-    for (lo, hi), c in zip(spans, commit):
-        expected = src0[lo:hi] if c else dst0[lo:hi]
-        np.testing.assert_array_equal(dst[lo:hi], expected)
-        np.testing.assert_array_equal(src[lo:hi], expected)
 
 
 def test_invalid_higher_order_order_is_rejected():

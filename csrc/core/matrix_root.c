@@ -1,5 +1,5 @@
-/* Inverse p-th roots of every factor of every active block (SPEC B §4.6, §5) and the commit
- * step. The BLAS/LAPACK adaptors and table checks live here; the numerics are written once in
+/* Inverse p-th roots of every factor of every active block (SPEC B §4.6, §5). The BLAS/LAPACK
+ * adaptors and table checks live here; the numerics are written once in
  * matrix_root_methods.inc and matrix_root.inc, instantiated for double then float. */
 #include "matrix_root.h"
 

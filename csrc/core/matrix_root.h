@@ -65,12 +65,4 @@ shampoo_status shampoo_root_inverse_f64(const shampoo_linalg *la, double *out,
                                         const shampoo_root_config *cfg, uint8_t *is_diagonal,
                                         int32_t *status_out, int num_threads);
 
-/* Commit step: for every factor f of every block, if commit[f] is nonzero copy
- * src[f] -> dst[f], else copy dst[f] -> src[f] (so src ends holding the working inverse roots
- * for this step either way). factor layout both; commit: uint8[factor_count]. */
-shampoo_status shampoo_root_commit_f32(float *dst, float *src, const int64_t *table,
-                                       int64_t nblocks, const uint8_t *commit);
-shampoo_status shampoo_root_commit_f64(double *dst, double *src, const int64_t *table,
-                                       int64_t nblocks, const uint8_t *commit);
-
 #endif

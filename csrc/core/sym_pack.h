@@ -31,8 +31,8 @@ shampoo_status shampoo_sym_pack_f32(float *packed, const float *full, const int6
 shampoo_status shampoo_sym_pack_f64(double *packed, const double *full, const int64_t *table,
                                     int64_t nblocks, const uint8_t *mask, int average);
 
-/* Per factor, both packed: commit[f] ? dst[f] <- src[f] : src[f] <- dst[f] (the packed
- * counterpart of shampoo_root_commit_*). */
+/* The commit step after root_inverse, per factor, both packed: commit[f] ? dst[f] <- src[f] :
+ * src[f] <- dst[f] (so src ends holding the working inverse roots for this step either way). */
 shampoo_status shampoo_packed_commit_f32(float *dst, float *src, const int64_t *table,
                                          int64_t nblocks, const uint8_t *commit);
 shampoo_status shampoo_packed_commit_f64(double *dst, double *src, const int64_t *table,

@@ -1,8 +1,8 @@
-/* The elementwise passes (elementwise.h) and the root commit (matrix_root.h) on the device:
- * gather, scatter, moments, root_commit (shampoo_cuda.h; finish is in finish_cuda.cu). Each
+/* The elementwise passes (elementwise.h) on the device: gather, scatter, moments
+ * (shampoo_cuda.h; finish is in finish_cuda.cu). Each
  * op is one launch over the whole table: grid.x = table block, grid.y = chunks of
  * SHAMPOO_CUDA_THREADS elements, each thread striding along y over the rest of its block.
- * The arithmetic repeats the CPU bodies (elementwise.inc, matrix_root.inc) op for op in
+ * The arithmetic repeats the CPU bodies (elementwise.inc) op for op in
  * `real`; the build passes -fmad=false so no product is fused into an add, as on the CPU. */
 #include "elementwise_cuda.cuh"
 
@@ -173,51 +173,6 @@ static shampoo_status moments(const shampoo_cuda_env *env, real *grads, real *gr
     return SHAMPOO_LAUNCHED("moments_kernel");
 }
 
-/* ---- root commit ----------------------------------------------------------------------- */
-
-/* Every factor of every block (no active mask, as the CPU): committed factors copy the new
- * root src into dst, the others restore src from dst. Elementwise, so dst == src is safe. */
-template <typename real>
-__global__ static void root_commit_kernel(real *dst, real *src, const int64_t *table,
-                                          const uint8_t *commit)
-{
-    const int64_t *row = shampoo_table_row(table, blockIdx.x);
-    const int64_t base = row[SHAMPOO_BF_FACTOR_OFFSET];
-    for (int64_t k = 0; k < row[SHAMPOO_BF_ORDER]; k++) {
-        const int64_t n = row[SHAMPOO_BF_DIMS + k];
-        const int64_t at = base + shampoo_factor_elem_offset(row, k);
-        const bool take = commit[row[SHAMPOO_BF_FACTOR_INDEX] + k] != 0;
-        real *to = take ? dst + at : src + at;
-        const real *from = take ? src + at : dst + at;
-        for (int64_t i = first_elem(); i < n * n; i += elem_stride())
-            to[i] = from[i];
-    }
-}
-
-template <typename real>
-static shampoo_status root_commit(const shampoo_cuda_env *env, real *dst, real *src,
-                                  const int64_t *table, const int64_t *table_host,
-                                  int64_t nblocks, const uint8_t *commit)
-{
-    if (env == nullptr || nblocks < 0 ||
-        (nblocks > 0 && (table == nullptr || table_host == nullptr)))
-        return SHAMPOO_ERR_INVALID_ARG;
-    /* the binding has validated table_host (every row well formed, within the buffers) */
-    int64_t nfactors = 0;
-    for (int64_t b = 0; b < nblocks; b++)
-        nfactors += shampoo_table_row(table_host, b)[SHAMPOO_BF_ORDER];
-    if (nfactors > 0 && (dst == nullptr || src == nullptr || commit == nullptr))
-        return SHAMPOO_ERR_INVALID_ARG;
-    if (nfactors == 0) /* includes nblocks == 0: nothing to copy */
-        return SHAMPOO_OK;
-    if (!grid_fits(nblocks))
-        return SHAMPOO_ERR_UNSUPPORTED;
-    const dim3 grid((unsigned)nblocks, shampoo_chunks_for(table_host, nblocks, true));
-    root_commit_kernel<real><<<grid, SHAMPOO_CUDA_THREADS, 0,
-                               shampoo_stream(env)>>>(dst, src, table, commit);
-    return SHAMPOO_LAUNCHED("root_commit_kernel");
-}
-
 /* ---- C entry points -------------------------------------------------------------------- */
 
 #define SHAMPOO_CUDA_ELEMENTWISE_ENTRIES(real, sfx)                                            \
@@ -244,12 +199,6 @@ static shampoo_status root_commit(const shampoo_cuda_env *env, real *dst, real *
     {                                                                                          \
         return moments<real>(env, grads, grafting_state, filtered_grad, table, table_host,     \
                              nblocks, active, p, fail);                                        \
-    }                                                                                          \
-    extern "C" shampoo_status shampoo_cuda_root_commit_##sfx(                                  \
-        const shampoo_cuda_env *env, real *dst, real *src, const int64_t *table,               \
-        const int64_t *table_host, int64_t nblocks, const uint8_t *commit)                     \
-    {                                                                                          \
-        return root_commit<real>(env, dst, src, table, table_host, nblocks, commit);           \
     }
 
 SHAMPOO_CUDA_ELEMENTWISE_ENTRIES(float, f32)

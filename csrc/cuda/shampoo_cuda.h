@@ -106,15 +106,6 @@ shampoo_status shampoo_cuda_finish_f64(const shampoo_cuda_env *env, double *upda
                                        int64_t nblocks, const uint8_t *active,
                                        const shampoo_finish_params *p, const int64_t *fail);
 
-/* commit: device uint8[factor_count]. */
-shampoo_status shampoo_cuda_root_commit_f32(const shampoo_cuda_env *env, float *dst, float *src,
-                                            const int64_t *table, const int64_t *table_host,
-                                            int64_t nblocks, const uint8_t *commit);
-shampoo_status shampoo_cuda_root_commit_f64(const shampoo_cuda_env *env, double *dst,
-                                            double *src, const int64_t *table,
-                                            const int64_t *table_host, int64_t nblocks,
-                                            const uint8_t *commit);
-
 /* ---- packed symmetric storage (core/sym_pack.h semantics; sym_pack_cuda.cu) ---------- */
 
 /* packed_offsets: device int64[nblocks], each block's offset in the packed layout (the prefix

@@ -219,32 +219,6 @@ static PyObject *finish(PyObject *m, PyObject *args, int bits, const char *fn)
     return done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
-static PyObject *root_commit(PyObject *m, PyObject *args, int bits, const char *fn)
-{
-    static const shampoo_arg_spec specs[] = {
-        {"dst", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, SHAMPOO_ARG_OUT},
-        {"src", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, SHAMPOO_ARG_OUT},
-        TABLE_ARGS,
-        {"commit", SHAMPOO_ARG_MASK, SHAMPOO_LAYOUT_PER_FACTOR, 0},
-    };
-    PyObject *o[5];
-    unsigned long long stream;
-    shampoo_call call = {0};
-    shampoo_cuda_env env;
-    shampoo_cuda_scope scope = {0};
-    if (!PyArg_ParseTuple(args, "KOOOOO", &stream, &o[0], &o[1], &o[2], &o[3], &o[4]))
-        return NULL;
-    if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 5, bits) < 0 ||
-        shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env, &scope) < 0)
-        return failed(m, &scope, &call);
-    shampoo_status st = bits == 32
-        ? shampoo_cuda_root_commit_f32(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
-                                       ptr(&call, 3), call.nblocks, ptr(&call, 4))
-        : shampoo_cuda_root_commit_f64(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
-                                       ptr(&call, 3), call.nblocks, ptr(&call, 4));
-    return done(m, &scope, &call, st, Py_NewRef(Py_None));
-}
-
 static PyObject *factor_update(PyObject *m, PyObject *args, int bits, const char *fn)
 {
     static const shampoo_arg_spec specs[] = {
@@ -414,7 +388,6 @@ SHAMPOO_TWINS(gather)
 SHAMPOO_TWINS(scatter)
 SHAMPOO_TWINS(moments)
 SHAMPOO_TWINS(finish)
-SHAMPOO_TWINS(root_commit)
 SHAMPOO_TWINS(factor_update)
 SHAMPOO_TWINS(precondition)
 SHAMPOO_TWINS(root_inverse)
@@ -424,7 +397,6 @@ PyMethodDef shampoo_cuda_kernel_methods[] = {
     SHAMPOO_TWIN_ENTRIES(scatter, "scatter (CUDA)"),
     SHAMPOO_TWIN_ENTRIES(moments, "moments (CUDA)"),
     SHAMPOO_TWIN_ENTRIES(finish, "finish (CUDA)"),
-    SHAMPOO_TWIN_ENTRIES(root_commit, "inverse-root commit (CUDA)"),
     SHAMPOO_TWIN_ENTRIES(factor_update, "factor update (CUDA)"),
     SHAMPOO_TWIN_ENTRIES(precondition, "preconditioning (CUDA)"),
     SHAMPOO_TWIN_ENTRIES(root_inverse, "inverse roots (CUDA)"),

@@ -324,32 +324,6 @@ static PyObject *root_inverse(PyObject *m, PyObject *args, int bits, const char 
     return finish_call(&call, st, Py_NewRef(Py_None));
 }
 
-static PyObject *root_commit(PyObject *m, PyObject *args, int bits, const char *fn)
-{
-    static const shampoo_arg_spec specs[] = {
-        {"dst", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, SHAMPOO_ARG_OUT},
-        {"src", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, SHAMPOO_ARG_OUT},
-        TABLE_ARG,
-        {"commit", SHAMPOO_ARG_MASK, SHAMPOO_LAYOUT_PER_FACTOR, 0},
-    };
-    PyObject *o[4];
-    shampoo_call call = {0};
-    if (!PyArg_ParseTuple(args, "OOOO", &o[0], &o[1], &o[2], &o[3]))
-        return NULL;
-    if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 4, bits) < 0)
-        return shampoo_call_failed(&call);
-    shampoo_status st;
-    Py_BEGIN_ALLOW_THREADS
-    if (bits == 32)
-        st = shampoo_root_commit_f32(ptr(&call, 0), ptr(&call, 1), ptr(&call, 2), call.nblocks,
-                                     ptr(&call, 3));
-    else
-        st = shampoo_root_commit_f64(ptr(&call, 0), ptr(&call, 1), ptr(&call, 2), call.nblocks,
-                                     ptr(&call, 3));
-    Py_END_ALLOW_THREADS
-    return finish_call(&call, st, Py_NewRef(Py_None));
-}
-
 SHAMPOO_TWINS(gather)
 SHAMPOO_TWINS(scatter)
 SHAMPOO_TWINS(factor_update)
@@ -357,7 +331,6 @@ SHAMPOO_TWINS(precondition)
 SHAMPOO_TWINS(moments)
 SHAMPOO_TWINS(finish)
 SHAMPOO_TWINS(root_inverse)
-SHAMPOO_TWINS(root_commit)
 
 PyMethodDef shampoo_kernel_methods[] = {
     SHAMPOO_TWIN_ENTRIES(gather, "gather (elementwise.h)"),
@@ -367,6 +340,5 @@ PyMethodDef shampoo_kernel_methods[] = {
     SHAMPOO_TWIN_ENTRIES(moments, "moments (elementwise.h)"),
     SHAMPOO_TWIN_ENTRIES(finish, "finish (elementwise.h)"),
     SHAMPOO_TWIN_ENTRIES(root_inverse, "inverse roots"),
-    SHAMPOO_TWIN_ENTRIES(root_commit, "inverse-root commit"),
     {NULL, NULL, 0, NULL}
 };
