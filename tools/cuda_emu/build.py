@@ -1,8 +1,9 @@
 """Builds the CUDA emulation tier (tools/cuda_emu/README.md) into a build directory:
 
-  libshampoo_emu_cudart.so   the emulated CUDA runtime (runtime.cpp)
+  libshampoo_emu_cudart.so   the emulated CUDA runtime (runtime_*.cpp)
   libcublas.so.13, .so.12    reference cuBLAS (ref_blas.cpp) of CUDA 13 and CUDA 12
-  libcusolver.so.12          reference cuSOLVER with XsyevBatched (ref_solver.cpp)
+  libcusolver.so.12          reference cuSOLVER with XsyevBatched (ref_solver.cpp,
+                             ref_eigh.cpp, ref_xsyev.cpp)
   libcusolver.so.11          the same without XsyevBatched (CUDA 12's cuSOLVER)
   _C_cuda<EXT_SUFFIX>        distributed_shampoo._C_cuda from the UNMODIFIED csrc sources:
                              csrc/cuda/*.cu compiled as host C++ after one mechanical rewrite
@@ -178,6 +179,11 @@ def apply_overrides(text: str, overrides: dict[str, str], hit: set[str]) -> str:
 # ------------------------------------------------------------------------------ building
 
 
+def _sources(pattern: str) -> list[str]:
+    """The emulator's own source files matching pattern, in a fixed order."""
+    return [str(p) for p in sorted(HERE.glob(pattern))]
+
+
 def _run(cmd: list[str]) -> None:
     print(" ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=True)
@@ -231,7 +237,7 @@ def build(asan: bool = False, small_caps: bool = False, out_root: Path | None = 
     inc = ["-I", str(HERE / "include")]
     rpath = ["-Wl,-rpath,$ORIGIN"]
 
-    _run([cxx, "-std=c++17", *flags, *inc, "-shared", str(HERE / "runtime.cpp"),
+    _run([cxx, "-std=c++17", *flags, *inc, "-shared", *_sources("runtime_*.cpp"),
           "-o", str(tmp / "libshampoo_emu_cudart.so")])
     rt = ["-L", str(tmp), "-lshampoo_emu_cudart", *rpath]
     # cuBLAS of CUDA 13 and of CUDA 12, so that each reference cuSOLVER has its release's
@@ -240,10 +246,11 @@ def build(asan: bool = False, small_caps: bool = False, out_root: Path | None = 
         _run([cxx, "-std=c++17", *flags, *inc, "-I", str(HERE), "-shared",
               str(HERE / "ref_blas.cpp"), f"-Wl,-soname,{soname}", "-o", str(tmp / soname),
               *rt])
-    for soname, extra in (("libcusolver.so.12", []), ("libcusolver.so.11", ["-DEMU_NO_XSYEV"])):
-        _run([cxx, "-std=c++17", *flags, *extra, *inc, "-I", str(HERE), "-shared",
-              str(HERE / "ref_solver.cpp"), f"-Wl,-soname,{soname}", "-o", str(tmp / soname),
-              *rt])
+    solver = [str(HERE / "ref_solver.cpp"), str(HERE / "ref_eigh.cpp")]
+    for soname, extra in (("libcusolver.so.12", [str(HERE / "ref_xsyev.cpp")]),
+                          ("libcusolver.so.11", [])):
+        _run([cxx, "-std=c++17", *flags, *inc, "-I", str(HERE), "-shared", *solver, *extra,
+              f"-Wl,-soname,{soname}", "-o", str(tmp / soname), *rt])
 
     objs = []
     for p in sorted(cuda_dir.glob("*.cu")):

@@ -1,64 +1,32 @@
 /* Reference cuSOLVER (dense) for the CUDA emulator (tools/cuda_emu/README.md), built as
- * libcusolver.so.12 (with XsyevBatched) and libcusolver.so.11 (without, -DEMU_NO_XSYEV).
- * Eigendecompositions by cyclic Jacobi in double, reading only the `uplo` triangle; every
- * argument is checked as NVIDIA documents it (n <= 32 for syevjBatched, lda >= n, lwork at
- * least what the buffer-size query returned), the work buffers are overwritten with NaN (so a
- * short buffer or data kept in one shows), and any routine can be told to fail, or to report
- * non-convergence for chosen matrices (emu_solver_*). */
-#include "ref_common.h"
+ * libcusolver.so.12 (with XsyevBatched, ref_xsyev.cpp) and libcusolver.so.11 (without).
+ * Eigendecompositions by cyclic Jacobi in double (ref_eigh.cpp), reading only the `uplo`
+ * triangle; every argument is checked as NVIDIA documents it (n <= 32 for syevjBatched,
+ * lda >= n, lwork at least what the buffer-size query returned), the work buffers are
+ * overwritten with NaN (so a short buffer or data kept in one shows), and any routine can be
+ * told to fail, or to report non-convergence for chosen matrices (emu_solver_*). */
+#include "ref_solver.h"
 
-#include <atomic>
 #include <climits>
-#include <cmath>
-#include <cstdint>
+#include <mutex>
 #include <vector>
 
-#define API extern "C" __attribute__((visibility("default")))
+namespace solver {
+
+std::atomic<long> g_calls_xsyev{0};
 
 namespace {
-
-enum {
-    ST_SUCCESS = 0,
-    ST_NOT_INITIALIZED = 1,
-    ST_ALLOC_FAILED = 2,
-    ST_INVALID_VALUE = 3,
-    ST_EXECUTION_FAILED = 6,
-    ST_INTERNAL_ERROR = 7,
-    ST_NOT_SUPPORTED = 9
-};
-
-const unsigned MAGIC = 0x501fe501u;
-const long PER_MATRIX = 512; /* syevjBatched's per-matrix workspace constant (elements) */
-
-struct handle {
-    unsigned magic = MAGIC;
-    int device = 0;
-    void *stream = nullptr;
-    unsigned long bound_by = 0;
-    std::atomic<int> busy{0};
-};
 
 ref::injector g_inject;
 std::mutex g_mu;
 /* Matrices whose (0,0) entry equals a marker (per precision) report non-convergence. */
 std::vector<double> g_markers32, g_markers64;
 std::atomic<int> g_fail_all32{0};
-std::atomic<long> g_calls_syevd{0}, g_calls_syevj{0}, g_calls_xsyev{0};
+std::atomic<long> g_calls_syevd{0}, g_calls_syevj{0};
+
+} // namespace
 
 int injected(const char *routine) { return g_inject.take("cusolver", routine); }
-
-bool valid(handle *h) { return h != nullptr && h->magic == MAGIC; }
-
-struct use {
-    handle *h;
-    use(handle *hh, const char *routine) : h(hh)
-    {
-        if (h->busy.fetch_add(1) != 0)
-            emu_rt_violation("%s: cuSOLVER handle %p used by two host threads at once",
-                             routine, (void *)h);
-    }
-    ~use() { h->busy.fetch_sub(1); }
-};
 
 int check_handle(handle *h, const char *routine)
 {
@@ -94,98 +62,7 @@ bool marked(double a00, int bits)
     return false;
 }
 
-/* Eigen-decomposition of the symmetric matrix whose `uplo` triangle (column-major, lda) is
- * in a: ascending eigenvalues into w, eigenvectors (columns) over a when vectors. Returns
- * the info value: 0, or `fail_info` when the matrix is marked or Jacobi did not converge. */
-template <typename T>
-int eigh(int n, T *a, long lda, T *w, int uplo, bool vectors, int bits, int fail_info)
-{
-    if (n == 0)
-        return 0;
-    std::vector<double> m((size_t)n * n), v((size_t)n * n, 0.0);
-    for (int j = 0; j < n; j++)
-        for (int i = 0; i < n; i++) {
-            /* only the uplo triangle is read: (i, j) with i <= j for upper (1) */
-            const bool in = uplo == 1 ? i <= j : i >= j;
-            const double x = in ? (double)a[i + j * lda] : (double)a[j + i * lda];
-            m[i + (size_t)j * n] = x;
-        }
-    const double a00 = (double)a[0];
-    for (int i = 0; i < n; i++)
-        v[i + (size_t)i * n] = 1.0;
-    bool converged = false;
-    for (int sweep = 0; sweep < 100 && !converged; sweep++) {
-        double off = 0.0, total = 0.0;
-        for (int j = 0; j < n; j++)
-            for (int i = 0; i < n; i++) {
-                const double x = m[i + (size_t)j * n] * m[i + (size_t)j * n];
-                total += x;
-                if (i != j)
-                    off += x;
-            }
-        if (off <= 1e-28 * total || off == 0.0) { /* off-diagonal norm <= 1e-14 of the whole */
-            converged = true;
-            break;
-        }
-        for (int p = 0; p < n - 1; p++)
-            for (int q = p + 1; q < n; q++) {
-                const double apq = m[p + (size_t)q * n];
-                if (apq == 0.0)
-                    continue;
-                const double app = m[p + (size_t)p * n], aqq = m[q + (size_t)q * n];
-                const double theta = (aqq - app) / (2.0 * apq);
-                const double t = (theta >= 0 ? 1.0 : -1.0) /
-                                 (fabs(theta) + sqrt(theta * theta + 1.0));
-                const double c = 1.0 / sqrt(t * t + 1.0), s = t * c;
-                for (int k = 0; k < n; k++) { /* columns p, q */
-                    const double mkp = m[k + (size_t)p * n], mkq = m[k + (size_t)q * n];
-                    m[k + (size_t)p * n] = c * mkp - s * mkq;
-                    m[k + (size_t)q * n] = s * mkp + c * mkq;
-                }
-                for (int k = 0; k < n; k++) { /* rows p, q */
-                    const double mpk = m[p + (size_t)k * n], mqk = m[q + (size_t)k * n];
-                    m[p + (size_t)k * n] = c * mpk - s * mqk;
-                    m[q + (size_t)k * n] = s * mpk + c * mqk;
-                }
-                for (int k = 0; k < n; k++) {
-                    const double vkp = v[k + (size_t)p * n], vkq = v[k + (size_t)q * n];
-                    v[k + (size_t)p * n] = c * vkp - s * vkq;
-                    v[k + (size_t)q * n] = s * vkp + c * vkq;
-                }
-            }
-    }
-    if (!converged || marked(a00, bits)) {
-        /* outputs are undefined on failure: make any use of them show */
-        for (int j = 0; j < n; j++) {
-            w[j] = (T)NAN;
-            if (vectors)
-                for (int i = 0; i < n; i++)
-                    a[i + j * lda] = (T)NAN;
-        }
-        return fail_info;
-    }
-    std::vector<int> order(n);
-    for (int i = 0; i < n; i++)
-        order[i] = i;
-    for (int i = 1; i < n; i++) /* ascending eigenvalues, stable */
-        for (int j = i; j > 0 && m[order[j - 1] * ((size_t)n + 1)] > m[order[j] * ((size_t)n + 1)]; j--)
-            std::swap(order[j], order[j - 1]);
-    for (int j = 0; j < n; j++) {
-        w[j] = (T)m[order[j] * ((size_t)n + 1)];
-        if (vectors)
-            for (int i = 0; i < n; i++)
-                a[i + j * lda] = (T)v[i + (size_t)order[j] * n];
-    }
-    return 0;
-}
-
-template <typename T> void poison(T *work, long lwork)
-{
-    for (long i = 0; i < lwork; i++)
-        work[i] = (T)NAN;
-}
-
-long syevd_lwork(int n) { return 1 + 6L * n + 2L * n * n; }
+static long syevd_lwork(int n) { return 1 + 6L * n + 2L * n * n; }
 long syevj_lwork(int n, long batch) { return batch * ((long)n * n + 2L * n + PER_MATRIX); }
 
 int check_eig_args(const char *routine, int jobz, int uplo, int n, long lda, long batch)
@@ -201,6 +78,8 @@ int check_eig_args(const char *routine, int jobz, int uplo, int n, long lda, lon
         return bad(routine, "lda < max(1, n)", n, lda, batch);
     return 0;
 }
+
+namespace {
 
 template <typename T>
 int syevd_buffer(const char *routine, handle *h, int jobz, int uplo, int n, const T *a,
@@ -308,6 +187,10 @@ int syevj(const char *routine, handle *h, int jobz, int uplo, int n, T *a, int l
 }
 
 } // namespace
+
+} // namespace solver
+
+using namespace solver;
 
 API int cusolverDnCreate(void **out)
 {
@@ -439,114 +322,6 @@ API int cusolverDnDsyevjBatched(void *h, int jobz, int uplo, int n, double *a, i
     return syevj<double>("cusolverDnDsyevjBatched", (handle *)h, jobz, uplo, n, a, lda, w, work,
                          lwork, info, params, batch, 64);
 }
-
-#ifndef EMU_NO_XSYEV
-namespace {
-struct params {
-    unsigned magic = 0x9a9a9a9au;
-};
-bool valid_params(void *p) { return p != nullptr && ((params *)p)->magic == 0x9a9a9a9au; }
-size_t xsyev_device_bytes(int64_t n, int64_t batch, int type)
-{
-    return (size_t)syevj_lwork((int)n, (long)batch) * (type == 1 ? 8 : 4);
-}
-size_t xsyev_host_bytes(int64_t batch) { return (size_t)(16 * batch); }
-int check_types(const char *routine, int ta, int tw, int tc, int64_t n, int64_t lda,
-                int64_t batch)
-{
-    if ((ta != 0 && ta != 1) || tw != ta || tc != ta)
-        return bad(routine, "data types of A, W and the computation differ or are unsupported",
-                   (int)n, (long)lda, (long)batch);
-    return 0;
-}
-} // namespace
-
-API int cusolverDnCreateParams(void **p)
-{
-    if (int s = injected("cusolverDnCreateParams"))
-        return s;
-    if (p == nullptr)
-        return ST_INVALID_VALUE;
-    *p = new params();
-    return 0;
-}
-API int cusolverDnDestroyParams(void *p)
-{
-    if (!valid_params(p))
-        return ST_INVALID_VALUE;
-    ((params *)p)->magic = 0;
-    delete (params *)p;
-    return 0;
-}
-API int cusolverDnXsyevBatched_bufferSize(void *hv, void *p, int jobz, int uplo, int64_t n,
-                                          int ta, const void *a, int64_t lda, int tw,
-                                          const void *w, int tc, size_t *device_bytes,
-                                          size_t *host_bytes, int64_t batch)
-{
-    (void)a;
-    (void)w;
-    const char *routine = "cusolverDnXsyevBatched_bufferSize";
-    if (int s = injected(routine))
-        return s;
-    handle *h = (handle *)hv;
-    if (!valid(h))
-        return ST_NOT_INITIALIZED;
-    if (!valid_params(p) || device_bytes == nullptr || host_bytes == nullptr)
-        return ST_INVALID_VALUE;
-    if (n > INT_MAX)
-        return bad(routine, "n too large", -1, (long)lda, (long)batch);
-    if (int s = check_eig_args(routine, jobz, uplo, (int)n, (long)lda, (long)batch))
-        return s;
-    if (int s = check_types(routine, ta, tw, tc, n, lda, batch))
-        return s;
-    *device_bytes = xsyev_device_bytes(n, batch, ta);
-    *host_bytes = xsyev_host_bytes(batch);
-    return 0;
-}
-API int cusolverDnXsyevBatched(void *hv, void *p, int jobz, int uplo, int64_t n, int ta,
-                               void *a, int64_t lda, int tw, void *w, int tc, void *device_buf,
-                               size_t device_bytes, void *host_buf, size_t host_bytes,
-                               int *info, int64_t batch)
-{
-    const char *routine = "cusolverDnXsyevBatched";
-    if (int s = injected(routine))
-        return s;
-    handle *h = (handle *)hv;
-    if (!valid(h))
-        return ST_NOT_INITIALIZED;
-    use u(h, routine);
-    if (int s = check_handle(h, routine))
-        return s;
-    if (!valid_params(p))
-        return ST_INVALID_VALUE;
-    if (n > INT_MAX)
-        return bad(routine, "n too large", -1, (long)lda, (long)batch);
-    if (int s = check_eig_args(routine, jobz, uplo, (int)n, (long)lda, (long)batch))
-        return s;
-    if (int s = check_types(routine, ta, tw, tc, n, lda, batch))
-        return s;
-    if (device_bytes < xsyev_device_bytes(n, batch, ta) || host_bytes < xsyev_host_bytes(batch))
-        return bad(routine, "workspace below the sizes XsyevBatched_bufferSize returns", (int)n,
-                   (long)lda, (long)batch);
-    if (batch > 0 && (info == nullptr || a == nullptr || w == nullptr || device_buf == nullptr ||
-                      (host_bytes > 0 && host_buf == nullptr)))
-        return ST_INVALID_VALUE;
-    g_calls_xsyev++;
-    memset(host_buf, 0xff, host_bytes);
-    for (int64_t i = 0; i < batch; i++) {
-        if (ta == 1) {
-            poison((double *)device_buf, (long)(device_bytes / 8));
-            info[i] = eigh<double>((int)n, (double *)a + i * lda * n, (long)lda,
-                                   (double *)w + i * n, uplo, jobz == 1, 64, 1);
-        } else {
-            poison((float *)device_buf, (long)(device_bytes / 4));
-            info[i] = eigh<float>((int)n, (float *)a + i * lda * n, (long)lda,
-                                  (float *)w + i * n, uplo, jobz == 1, 32, 1);
-        }
-    }
-    return 0;
-}
-#endif
 
 /* ---- control (ctypes) ---- */
 API void emu_solver_fail(const char *routine, long nth, int status)

@@ -7,7 +7,8 @@ CUDA tests run unchanged against the emulated _C_cuda.
   kDLCUDA, so the binding's device/host argument checks run as on a GPU.
 * A TorchFunctionMode turns factories and .to/.cuda with a cuda device into EmuCudaTensors
   (per host thread: call enter_thread() in threads you start).
-* torch.cuda's device, stream and event API, backed by the emulated runtime's streams.
+* torch.cuda's device, stream and event API, backed by the emulated runtime's streams
+  (torch_emu_cuda.py).
 * install() points _backend at the emulated module, wrapping every entry point so that each
   call is checked for launches, copies and library calls off the caller's stream or device
   (EmuViolation).
@@ -21,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import json
-import threading
 import types
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
+from torch_emu_cuda import cuda_device, current_device, patch_torch_cuda
 
 _KDL_CUDA = 2
 
@@ -39,18 +40,6 @@ class EmuViolation(AssertionError):
 
 
 # ------------------------------------------------------------------------------ tensors
-
-
-def _cuda_device(device: Any) -> torch.device | None:
-    """The indexed cuda device `device` names, or None for any other device."""
-    if device is None:
-        return None
-    if isinstance(device, int):
-        return torch.device("cuda", device)
-    d = torch.device(device)
-    if d.type != "cuda":
-        return None
-    return d if d.index is not None else torch.device("cuda", current_device())
 
 
 class EmuCudaTensor(torch.Tensor):
@@ -91,7 +80,7 @@ class EmuCudaTensor(torch.Tensor):
         target = devices[0] if devices else None
         if "device" in kwargs and kwargs["device"] is not None:
             want = torch.device(kwargs["device"])
-            target = _cuda_device(want)
+            target = cuda_device(want)
             kwargs["device"] = torch.device("cpu")
         if len({(d.type, d.index) for d in devices}) > 1 and func not in _CROSS_DEVICE_OK:
             raise RuntimeError(
@@ -200,12 +189,12 @@ class EmuFunctionMode(TorchFunctionMode):
         if func is torch.Tensor.to and not isinstance(args[0], EmuCudaTensor):
             parse = {k: v for k, v in kwargs.items() if k != "copy"}
             device, dtype, _non_blocking, _fmt = torch._C._nn._parse_to(*args[1:], **parse)
-            target = _cuda_device(device)
+            target = cuda_device(device)
             if target is not None:
                 return to_emu(args[0], target, dtype)
         elif func is torch.Tensor.cuda:
             dev = args[1] if len(args) > 1 else kwargs.get("device")
-            target = _cuda_device(dev if dev is not None else "cuda")
+            target = cuda_device(dev if dev is not None else "cuda")
             if isinstance(args[0], EmuCudaTensor) and args[0].device == target:
                 return args[0]
             return to_emu(args[0], target)
@@ -245,7 +234,7 @@ class EmuFunctionMode(TorchFunctionMode):
             # run them on the CPU tensors and wrap what comes back.
             return _on_inner(func, args, kwargs, dev)
         if "device" in kwargs:
-            target = _cuda_device(kwargs["device"])
+            target = cuda_device(kwargs["device"])
             if target is not None:
                 kwargs = dict(kwargs, device="cpu")
                 out = func(*args, **kwargs)
@@ -274,186 +263,6 @@ def _on_inner(func, args, kwargs, dev: torch.device):
 
     return tree_map(wrap, out)
 
-
-# ------------------------------------------------------------------------------ torch.cuda
-
-_state = threading.local()
-_rt: ctypes.CDLL | None = None
-_device_count = 1
-
-
-def current_device() -> int:
-    return getattr(_state, "device", 0)
-
-
-class FakeStream:
-    """torch.cuda.Stream on the emulated runtime (cuda_stream: the runtime's handle)."""
-
-    def __init__(self, device: Any = None, priority: int = 0, *, _handle: int | None = None):
-        d = _cuda_device(device if device is not None else "cuda")
-        self.device = d
-        self.device_index = d.index
-        self.priority = priority
-        if _handle is None:
-            _handle = _rt.emu_rt_stream_create(d.index)
-            if _handle == 0:
-                raise RuntimeError("cuda_emu: stream creation failed")
-        self.cuda_stream = _handle
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-    def wait_stream(self, other: Any) -> None:
-        pass
-
-    def wait_event(self, event: Any) -> None:
-        pass
-
-    def record_event(self, event: Any = None) -> FakeEvent:
-        event = event or FakeEvent()
-        event.record(self)
-        return event
-
-    def __eq__(self, other: Any) -> bool:
-        return isinstance(other, FakeStream) and other.cuda_stream == self.cuda_stream and (
-            other.device == self.device)
-
-    def __hash__(self) -> int:
-        return hash((self.cuda_stream, self.device.index))
-
-    def __repr__(self) -> str:
-        return f"<FakeStream device={self.device} cuda_stream={self.cuda_stream:#x}>"
-
-
-_default_streams: dict[int, FakeStream] = {}
-
-
-def default_stream(device: Any = None) -> FakeStream:
-    d = _cuda_device(device if device is not None else "cuda")
-    if d.index not in _default_streams:
-        _default_streams[d.index] = FakeStream(d, _handle=0)
-    return _default_streams[d.index]
-
-
-def current_stream(device: Any = None) -> FakeStream:
-    d = _cuda_device(device if device is not None else "cuda")
-    streams = getattr(_state, "streams", None) or {}
-    return streams.get(d.index) or default_stream(d)
-
-
-class stream_context:
-    """torch.cuda.stream(s): s is the current stream of its device inside the block."""
-
-    def __init__(self, stream: FakeStream | None):
-        self.stream = stream
-
-    def __enter__(self):
-        if self.stream is None:
-            return None
-        if not hasattr(_state, "streams"):
-            _state.streams = {}
-        idx = self.stream.device.index
-        self.saved = _state.streams.get(idx)
-        _state.streams[idx] = self.stream
-        return self.stream
-
-    def __exit__(self, *exc):
-        if self.stream is not None:
-            _state.streams[self.stream.device.index] = self.saved
-        return False
-
-
-class FakeEvent:
-    def __init__(self, enable_timing: bool = False, blocking: bool = False,
-                 interprocess: bool = False):
-        self.enable_timing = enable_timing
-        self.recorded = False
-        self.time = 0.0
-
-    def record(self, stream: FakeStream | None = None) -> None:
-        import time
-
-        self.recorded = True
-        self.time = time.perf_counter()
-
-    def query(self) -> bool:
-        return True
-
-    def synchronize(self) -> None:
-        pass
-
-    def wait(self, stream: Any = None) -> None:
-        pass
-
-    def elapsed_time(self, end: FakeEvent) -> float:
-        if not (self.enable_timing and end.enable_timing and self.recorded and end.recorded):
-            raise RuntimeError("cuda_emu: elapsed_time needs two recorded timing events")
-        return (end.time - self.time) * 1e3
-
-
-def _set_device(device: Any) -> None:
-    d = _cuda_device(device)
-    if d is None or not 0 <= d.index < _device_count:
-        raise RuntimeError("CUDA error: invalid device ordinal")
-    _state.device = d.index
-
-
-class _device_ctx:
-    def __init__(self, device: Any):
-        self.device = device
-
-    def __enter__(self):
-        self.saved = current_device()
-        if self.device is not None:
-            _set_device(self.device)
-
-    def __exit__(self, *exc):
-        _state.device = self.saved
-        return False
-
-
-_Generator = torch.Generator
-
-
-class _EmuGenerator(_Generator):
-    """torch.Generator(device="cuda"): a CPU generator (random numbers differ from a GPU's)."""
-
-    def __new__(cls, device: Any = "cpu"):
-        return _Generator.__new__(cls, "cpu" if _cuda_device(device) is not None else device)
-
-    def __init__(self, device: Any = "cpu"):
-        pass
-
-
-def _patch_torch_cuda() -> None:
-    torch.Generator = _EmuGenerator
-    c = torch.cuda
-    c.is_available = lambda: True
-    c.is_initialized = lambda: True
-    c.init = lambda: None
-    c._lazy_init = lambda: None
-    c.device_count = lambda: _device_count
-    c.current_device = current_device
-    c.set_device = _set_device
-    c.device = _device_ctx
-    c.current_stream = current_stream
-    c.default_stream = default_stream
-    c.Stream = FakeStream
-    c.stream = stream_context
-    c.Event = FakeEvent
-    c.synchronize = lambda device=None: None
-    c.set_sync_debug_mode = lambda mode: None
-    c.get_sync_debug_mode = lambda: 0
-    c._sleep = lambda cycles: None
-    c.empty_cache = lambda: None
-    c.manual_seed = lambda seed: None
-    c.manual_seed_all = lambda seed: None
-    c.get_device_name = lambda device=None: "CUDA emulator (tools/cuda_emu)"
-    c.get_device_capability = lambda device=None: (9, 0)
-    c.memory_allocated = lambda device=None: 0
 
 
 # ------------------------------------------------------------------------------ the module
@@ -581,14 +390,12 @@ def enter_thread() -> None:
 def install(build_dir: Path | str, cusolver: str = "libcusolver.so.12",
             device_count: int = 1) -> Emulator:
     """Loads the build, patches torch.cuda and distributed_shampoo._backend (process-wide)."""
-    global _installed, _rt, _device_count, _mode
+    global _installed, _mode
     if _installed is not None:
         return _installed
     emu = Emulator(Path(build_dir), cusolver)
-    _rt = emu.rt
-    _device_count = device_count
     emu.rt.emu_rt_set_device_count(device_count)
-    _patch_torch_cuda()
+    patch_torch_cuda(emu.rt, device_count)
     _mode = EmuFunctionMode()
     _mode.__enter__()
     use_module(emu)
@@ -608,3 +415,4 @@ def use_module(emu: Emulator) -> None:
     B._ensure_cuda_libraries = lambda: None
     B._cuda_ready = True
     B._BLAS_WORKSPACES.clear()
+

@@ -1,7 +1,8 @@
 /* CUDA emulator (tools/cuda_emu/README.md): the CUDA runtime API and kernel language that
  * csrc/cuda uses, for compiling the unmodified .cu sources as host C++. Kernels run on the
- * emulator's thread pool (runtime.cpp); launches reach it through emu::cfg(...).run(...),
- * which build.py writes in place of every <<<...>>>. Host memory stands in for device memory.
+ * emulator's thread pool (runtime_launch.cpp); launches reach it through
+ * emu::cfg(...).run(...), which build.py writes in place of every <<<...>>>. Host memory
+ * stands in for device memory.
  * Enum values are NVIDIA's (driver_types.h), so status codes read as on a GPU. */
 #ifndef SHAMPOO_CUDA_EMU_RUNTIME_H
 #define SHAMPOO_CUDA_EMU_RUNTIME_H
