@@ -22,17 +22,19 @@ enum {
     ST_NOT_SUPPORTED = 15
 };
 
-const unsigned MAGIC = 0xb1a5b1a5u;
-
-struct handle {
-    unsigned magic = MAGIC;
-    int device = 0;
-    void *stream = nullptr;
+struct handle : ref::handle_base {
+    static constexpr const char *LIBRARY = "cuBLAS";
+    static constexpr unsigned MAGIC = 0xb1a5b1a5u;
+    static constexpr int NOT_INITIALIZED = ST_NOT_INITIALIZED, INVALID_VALUE = ST_INVALID_VALUE;
     void *workspace = nullptr;
     size_t workspace_bytes = 0;
     int math_mode = 0;
-    unsigned long bound_by = 0;
-    std::atomic<int> busy{0};
+    /* as documented: setting the stream resets the workspace to the default pool */
+    void on_set_stream()
+    {
+        workspace = nullptr;
+        workspace_bytes = 0;
+    }
 };
 
 ref::injector g_inject;
@@ -42,34 +44,14 @@ std::atomic<long> g_gemm_calls{0}, g_largest_batch{0};
 
 int injected(const char *routine) { return g_inject.take("cublas", routine); }
 
-bool valid(handle *h) { return h != nullptr && h->magic == MAGIC; }
-
-/* Marks the handle in use by this thread for the duration of a routine. */
-struct use {
-    handle *h;
-    explicit use(handle *hh, const char *routine) : h(hh)
-    {
-        if (h->busy.fetch_add(1) != 0)
-            emu_rt_violation("%s: cuBLAS handle %p used by two host threads at once", routine,
-                             (void *)h);
-    }
-    ~use() { h->busy.fetch_sub(1); }
-};
+bool valid(handle *h) { return ref::live(h); }
 
 /* What every computing routine checks about its handle; 0 or a status. */
 int check_handle(handle *h, const char *routine)
 {
     if (!valid(h))
         return ST_NOT_INITIALIZED;
-    int dev = -1;
-    cudaGetDevice(&dev);
-    if (dev != h->device)
-        emu_rt_violation("%s: handle created on device %d used with device %d current", routine,
-                         h->device, dev);
-    if (h->bound_by != ref::self_id())
-        emu_rt_violation("%s: handle %p was bound to its stream by another host thread",
-                         routine, (void *)h);
-    if (emu_rt_check_stream(routine, h->stream) != 0)
+    if (!ref::bound_here(h, routine))
         return ST_EXECUTION_FAILED;
     if (g_require_workspace.load() && h->workspace == nullptr)
         emu_rt_violation("%s: no workspace bound (cublasSetWorkspace after cublasSetStream, "
@@ -107,9 +89,10 @@ void gemm_one(int ta, int tb, int m, int n, int k, T alpha, const T *a, int lda,
         }
 }
 
-/* The documented argument checks of cublas<t>gemm{,Batched,StridedBatched}. */
+/* The documented argument checks of cublas<t>gemm{Batched,StridedBatched} (counted in
+ * emu_blas_gemm_calls when they pass), then alpha and beta; 0 or a status. */
 int check_gemm(const char *routine, int ta, int tb, int m, int n, int k, int lda, int ldb,
-               int ldc, long batch)
+               int ldc, long batch, const void *alpha, const void *beta)
 {
     auto bad = [&](const char *why) {
         emu_rt_violation("%s: %s (transa %d transb %d m %d n %d k %d lda %d ldb %d ldc %d "
@@ -133,7 +116,15 @@ int check_gemm(const char *routine, int ta, int tb, int m, int n, int k, int lda
     long prev = g_largest_batch.load();
     while (batch > prev && !g_largest_batch.compare_exchange_weak(prev, batch))
         ;
+    if (alpha == nullptr || beta == nullptr)
+        return ST_INVALID_VALUE;
     return 0;
+}
+
+/* TF32 math mode (CUBLAS_TF32_TENSOR_OP_MATH) rounds float inputs only. */
+template <typename T> bool rounds_tf32(const handle *h)
+{
+    return sizeof(T) == 4 && (h->math_mode & 0xf) == 3;
 }
 
 template <typename T>
@@ -141,17 +132,11 @@ int gemm_batched(const char *routine, handle *h, int ta, int tb, int m, int n, i
                  const T *alpha, const T *const a[], int lda, const T *const b[], int ldb,
                  const T *beta, T *const c[], int ldc, int batch)
 {
-    if (int s = injected(routine))
+    ref::call<handle> entry(injected(routine), h, routine);
+    if (entry.status != 0)
+        return entry.status;
+    if (int s = check_gemm(routine, ta, tb, m, n, k, lda, ldb, ldc, batch, alpha, beta))
         return s;
-    if (!valid(h))
-        return ST_NOT_INITIALIZED;
-    use u(h, routine);
-    if (int s = check_handle(h, routine))
-        return s;
-    if (int s = check_gemm(routine, ta, tb, m, n, k, lda, ldb, ldc, batch))
-        return s;
-    if (alpha == nullptr || beta == nullptr)
-        return ST_INVALID_VALUE;
     if (batch > 0 && m > 0 && n > 0 && (a == nullptr || b == nullptr || c == nullptr)) {
         emu_rt_violation("%s: NULL pointer array", routine);
         emu_rt_set_sticky(cudaErrorIllegalAddress);
@@ -166,7 +151,7 @@ int gemm_batched(const char *routine, handle *h, int ta, int tb, int m, int n, i
             return 0; /* on a GPU the kernel faults after the call returned */
         }
         gemm_one<T>(ta, tb, m, n, k, *alpha, a[i], lda, b[i], ldb, *beta, c[i], ldc,
-                    sizeof(T) == 4 && (h->math_mode & 0xf) == 3);
+                    rounds_tf32<T>(h));
     }
     return 0;
 }
@@ -176,20 +161,14 @@ int gemm_strided(const char *routine, handle *h, int ta, int tb, int m, int n, i
                  const T *alpha, const T *a, int lda, long long sa, const T *b, int ldb,
                  long long sb, const T *beta, T *c, int ldc, long long sc, int batch)
 {
-    if (int s = injected(routine))
+    ref::call<handle> entry(injected(routine), h, routine);
+    if (entry.status != 0)
+        return entry.status;
+    if (int s = check_gemm(routine, ta, tb, m, n, k, lda, ldb, ldc, batch, alpha, beta))
         return s;
-    if (!valid(h))
-        return ST_NOT_INITIALIZED;
-    use u(h, routine);
-    if (int s = check_handle(h, routine))
-        return s;
-    if (int s = check_gemm(routine, ta, tb, m, n, k, lda, ldb, ldc, batch))
-        return s;
-    if (alpha == nullptr || beta == nullptr)
-        return ST_INVALID_VALUE;
     for (int i = 0; i < batch; i++)
         gemm_one<T>(ta, tb, m, n, k, *alpha, a + i * sa, lda, b + i * sb, ldb, *beta,
-                    c + i * sc, ldc, sizeof(T) == 4 && (h->math_mode & 0xf) == 3);
+                    c + i * sc, ldc, rounds_tf32<T>(h));
     return 0;
 }
 
@@ -199,49 +178,21 @@ API int cublasCreate_v2(void **out)
 {
     if (int s = injected("cublasCreate_v2"))
         return s;
-    if (out == nullptr)
-        return ST_INVALID_VALUE;
-    handle *h = new handle();
-    cudaGetDevice(&h->device);
-    h->bound_by = ref::self_id();
-    *out = h;
-    return 0;
+    return ref::create_handle<handle>(out);
 }
 
-API int cublasDestroy_v2(void *hv)
-{
-    handle *h = (handle *)hv;
-    if (!valid(h))
-        return ST_NOT_INITIALIZED;
-    h->magic = 0;
-    delete h;
-    return 0;
-}
+API int cublasDestroy_v2(void *hv) { return ref::destroy_handle<handle>(hv); }
 
 API int cublasSetStream_v2(void *hv, void *stream)
 {
     if (int s = injected("cublasSetStream_v2"))
         return s;
-    handle *h = (handle *)hv;
-    if (!valid(h))
-        return ST_NOT_INITIALIZED;
-    h->stream = stream;
-    /* as documented: setting the stream resets the workspace to the default pool */
-    h->workspace = nullptr;
-    h->workspace_bytes = 0;
-    h->bound_by = ref::self_id();
-    return 0;
+    return ref::set_handle_stream<handle>(hv, stream);
 }
 
 API int cublasGetStream_v2(void *hv, void **stream)
 {
-    handle *h = (handle *)hv;
-    if (!valid(h))
-        return ST_NOT_INITIALIZED;
-    if (stream == nullptr)
-        return ST_INVALID_VALUE;
-    *stream = h->stream;
-    return 0;
+    return ref::handle_stream<handle>(hv, stream);
 }
 
 API int cublasSetWorkspace_v2(void *hv, void *workspace, size_t bytes)

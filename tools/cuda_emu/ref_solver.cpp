@@ -32,17 +32,7 @@ int check_handle(handle *h, const char *routine)
 {
     if (!valid(h))
         return ST_NOT_INITIALIZED;
-    int dev = -1;
-    cudaGetDevice(&dev);
-    if (dev != h->device)
-        emu_rt_violation("%s: handle created on device %d used with device %d current", routine,
-                         h->device, dev);
-    if (h->bound_by != ref::self_id())
-        emu_rt_violation("%s: handle %p was bound to its stream by another host thread",
-                         routine, (void *)h);
-    if (emu_rt_check_stream(routine, h->stream) != 0)
-        return ST_EXECUTION_FAILED;
-    return 0;
+    return ref::bound_here(h, routine) ? 0 : ST_EXECUTION_FAILED;
 }
 
 int bad(const char *routine, const char *why, int n, long lda, long batch)
@@ -106,13 +96,9 @@ template <typename T>
 int syevd(const char *routine, handle *h, int jobz, int uplo, int n, T *a, int lda, T *w,
           T *work, int lwork, int *info, int bits)
 {
-    if (int s = injected(routine))
-        return s;
-    if (!valid(h))
-        return ST_NOT_INITIALIZED;
-    use u(h, routine);
-    if (int s = check_handle(h, routine))
-        return s;
+    ref::call<handle> entry(injected(routine), h, routine);
+    if (entry.status != 0)
+        return entry.status;
     if (int s = check_eig_args(routine, jobz, uplo, n, lda, 1))
         return s;
     if (lwork < syevd_lwork(n))
@@ -133,6 +119,16 @@ struct syevj_info {
 
 bool valid_info(void *p) { return p != nullptr && ((syevj_info *)p)->magic == 0x5e7e5e7eu; }
 
+/* check_eig_args and syevjBatched's size limit. */
+int check_syevj_args(const char *routine, int jobz, int uplo, int n, long lda, long batch)
+{
+    if (int s = check_eig_args(routine, jobz, uplo, n, lda, batch))
+        return s;
+    if (n > 32)
+        return bad(routine, "n > 32 (syevjBatched's limit)", n, lda, batch);
+    return 0;
+}
+
 template <typename T>
 int syevj_buffer(const char *routine, handle *h, int jobz, int uplo, int n, const T *a,
                  int lda, const T *w, int *lwork, void *params, int batch)
@@ -145,10 +141,8 @@ int syevj_buffer(const char *routine, handle *h, int jobz, int uplo, int n, cons
         return ST_NOT_INITIALIZED;
     if (lwork == nullptr || !valid_info(params))
         return ST_INVALID_VALUE;
-    if (int s = check_eig_args(routine, jobz, uplo, n, lda, batch))
+    if (int s = check_syevj_args(routine, jobz, uplo, n, lda, batch))
         return s;
-    if (n > 32)
-        return bad(routine, "n > 32 (syevjBatched's limit)", n, lda, batch);
     const long need = syevj_lwork(n, batch);
     if (need > INT_MAX)
         return bad(routine, "workspace size overflows int", n, lda, batch);
@@ -160,19 +154,13 @@ template <typename T>
 int syevj(const char *routine, handle *h, int jobz, int uplo, int n, T *a, int lda, T *w,
           T *work, int lwork, int *info, void *params, int batch, int bits)
 {
-    if (int s = injected(routine))
-        return s;
-    if (!valid(h))
-        return ST_NOT_INITIALIZED;
-    use u(h, routine);
-    if (int s = check_handle(h, routine))
-        return s;
+    ref::call<handle> entry(injected(routine), h, routine);
+    if (entry.status != 0)
+        return entry.status;
     if (!valid_info(params))
         return ST_INVALID_VALUE;
-    if (int s = check_eig_args(routine, jobz, uplo, n, lda, batch))
+    if (int s = check_syevj_args(routine, jobz, uplo, n, lda, batch))
         return s;
-    if (n > 32)
-        return bad(routine, "n > 32 (syevjBatched's limit)", n, lda, batch);
     if ((long)lwork < syevj_lwork(n, batch))
         return bad(routine, "lwork below the size syevjBatched_bufferSize returns", n, lda,
                    batch);
@@ -196,46 +184,21 @@ API int cusolverDnCreate(void **out)
 {
     if (int s = injected("cusolverDnCreate"))
         return s;
-    if (out == nullptr)
-        return ST_INVALID_VALUE;
-    handle *h = new handle();
-    cudaGetDevice(&h->device);
-    h->bound_by = ref::self_id();
-    *out = h;
-    return 0;
+    return ref::create_handle<handle>(out);
 }
 
-API int cusolverDnDestroy(void *hv)
-{
-    handle *h = (handle *)hv;
-    if (!valid(h))
-        return ST_NOT_INITIALIZED;
-    h->magic = 0;
-    delete h;
-    return 0;
-}
+API int cusolverDnDestroy(void *hv) { return ref::destroy_handle<handle>(hv); }
 
 API int cusolverDnSetStream(void *hv, void *stream)
 {
     if (int s = injected("cusolverDnSetStream"))
         return s;
-    handle *h = (handle *)hv;
-    if (!valid(h))
-        return ST_NOT_INITIALIZED;
-    h->stream = stream;
-    h->bound_by = ref::self_id();
-    return 0;
+    return ref::set_handle_stream<handle>(hv, stream);
 }
 
 API int cusolverDnGetStream(void *hv, void **stream)
 {
-    handle *h = (handle *)hv;
-    if (!valid(h))
-        return ST_NOT_INITIALIZED;
-    if (stream == nullptr)
-        return ST_INVALID_VALUE;
-    *stream = h->stream;
-    return 0;
+    return ref::handle_stream<handle>(hv, stream);
 }
 
 API int cusolverDnSsyevd_bufferSize(void *h, int jobz, int uplo, int n, const float *a, int lda,

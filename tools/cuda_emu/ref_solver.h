@@ -24,15 +24,13 @@ enum {
     ST_NOT_SUPPORTED = 9
 };
 
-const unsigned MAGIC = 0x501fe501u;
 const long PER_MATRIX = 512; /* syevjBatched's per-matrix workspace constant (elements) */
 
-struct handle {
-    unsigned magic = MAGIC;
-    int device = 0;
-    void *stream = nullptr;
-    unsigned long bound_by = 0;
-    std::atomic<int> busy{0};
+struct handle : ref::handle_base {
+    static constexpr const char *LIBRARY = "cuSOLVER";
+    static constexpr unsigned MAGIC = 0x501fe501u;
+    static constexpr int NOT_INITIALIZED = ST_NOT_INITIALIZED, INVALID_VALUE = ST_INVALID_VALUE;
+    void on_set_stream() {}
 };
 
 extern std::atomic<long> g_calls_xsyev;
@@ -40,19 +38,7 @@ extern std::atomic<long> g_calls_xsyev;
 /* An injected status for this call of `routine` (emu_solver_fail), or 0. */
 int injected(const char *routine);
 
-inline bool valid(handle *h) { return h != nullptr && h->magic == MAGIC; }
-
-/* Marks h in use for one routine: two host threads inside one handle at once is a violation. */
-struct use {
-    handle *h;
-    use(handle *hh, const char *routine) : h(hh)
-    {
-        if (h->busy.fetch_add(1) != 0)
-            emu_rt_violation("%s: cuSOLVER handle %p used by two host threads at once",
-                             routine, (void *)h);
-    }
-    ~use() { h->busy.fetch_sub(1); }
-};
+inline bool valid(handle *h) { return ref::live(h); }
 
 /* 0, or the status for a bad handle, device, binding thread or stream. */
 int check_handle(handle *h, const char *routine);

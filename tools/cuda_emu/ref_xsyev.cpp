@@ -17,9 +17,15 @@ size_t xsyev_device_bytes(int64_t n, int64_t batch, int type)
     return (size_t)syevj_lwork((int)n, (long)batch) * (type == 1 ? 8 : 4);
 }
 size_t xsyev_host_bytes(int64_t batch) { return (size_t)(16 * batch); }
-int check_types(const char *routine, int ta, int tw, int tc, int64_t n, int64_t lda,
-                int64_t batch)
+/* The arguments both XsyevBatched routines check (after their handle and params): 0 or
+ * bad(...). */
+int check_xsyev_args(const char *routine, int jobz, int uplo, int64_t n, int ta, int64_t lda,
+                     int tw, int tc, int64_t batch)
 {
+    if (n > INT_MAX)
+        return bad(routine, "n too large", -1, (long)lda, (long)batch);
+    if (int s = check_eig_args(routine, jobz, uplo, (int)n, (long)lda, (long)batch))
+        return s;
     if ((ta != 0 && ta != 1) || tw != ta || tc != ta)
         return bad(routine, "data types of A, W and the computation differ or are unsupported",
                    (int)n, (long)lda, (long)batch);
@@ -59,11 +65,7 @@ API int cusolverDnXsyevBatched_bufferSize(void *hv, void *p, int jobz, int uplo,
         return ST_NOT_INITIALIZED;
     if (!valid_params(p) || device_bytes == nullptr || host_bytes == nullptr)
         return ST_INVALID_VALUE;
-    if (n > INT_MAX)
-        return bad(routine, "n too large", -1, (long)lda, (long)batch);
-    if (int s = check_eig_args(routine, jobz, uplo, (int)n, (long)lda, (long)batch))
-        return s;
-    if (int s = check_types(routine, ta, tw, tc, n, lda, batch))
+    if (int s = check_xsyev_args(routine, jobz, uplo, n, ta, lda, tw, tc, batch))
         return s;
     *device_bytes = xsyev_device_bytes(n, batch, ta);
     *host_bytes = xsyev_host_bytes(batch);
@@ -75,21 +77,12 @@ API int cusolverDnXsyevBatched(void *hv, void *p, int jobz, int uplo, int64_t n,
                                int *info, int64_t batch)
 {
     const char *routine = "cusolverDnXsyevBatched";
-    if (int s = injected(routine))
-        return s;
-    handle *h = (handle *)hv;
-    if (!valid(h))
-        return ST_NOT_INITIALIZED;
-    use u(h, routine);
-    if (int s = check_handle(h, routine))
-        return s;
+    ref::call<handle> entry(injected(routine), (handle *)hv, routine);
+    if (entry.status != 0)
+        return entry.status;
     if (!valid_params(p))
         return ST_INVALID_VALUE;
-    if (n > INT_MAX)
-        return bad(routine, "n too large", -1, (long)lda, (long)batch);
-    if (int s = check_eig_args(routine, jobz, uplo, (int)n, (long)lda, (long)batch))
-        return s;
-    if (int s = check_types(routine, ta, tw, tc, n, lda, batch))
+    if (int s = check_xsyev_args(routine, jobz, uplo, n, ta, lda, tw, tc, batch))
         return s;
     if (device_bytes < xsyev_device_bytes(n, batch, ta) || host_bytes < xsyev_host_bytes(batch))
         return bad(routine, "workspace below the sizes XsyevBatched_bufferSize returns", (int)n,

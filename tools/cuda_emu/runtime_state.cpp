@@ -36,6 +36,19 @@ cudaError_t g_sticky = cudaSuccess;
 std::vector<std::string> g_violations; /* outside any begin/end call */
 thread_local std::vector<std::string> t_violations;
 
+/* Empties `list` into buf (its texts joined by newlines, cut to len) and returns its size. */
+int take_violations(std::vector<std::string> &list, char *buf, size_t len)
+{
+    std::string all;
+    for (auto &v : list)
+        all += v + "\n";
+    int n = (int)list.size();
+    list.clear();
+    if (buf != nullptr && len > 0)
+        snprintf(buf, len, "%s", all.c_str());
+    return n;
+}
+
 bool is_special_stream(void *s)
 {
     return s == nullptr || s == (void *)cudaStreamLegacy || s == (void *)cudaStreamPerThread;
@@ -161,28 +174,14 @@ API void emu_rt_begin_call(uint64_t stream, int device)
 API int emu_rt_end_call(char *buf, size_t len)
 {
     t_in_call = false;
-    std::string all;
-    for (auto &v : t_violations)
-        all += v + "\n";
-    int n = (int)t_violations.size();
-    t_violations.clear();
-    if (buf != nullptr && len > 0)
-        snprintf(buf, len, "%s", all.c_str());
-    return n;
+    return take_violations(t_violations, buf, len);
 }
 
 /* Violations seen outside any call (and clears them). */
 API int emu_rt_take_violations(char *buf, size_t len)
 {
     std::lock_guard<std::mutex> lock(g_mu);
-    std::string all;
-    for (auto &v : g_violations)
-        all += v + "\n";
-    int n = (int)g_violations.size();
-    g_violations.clear();
-    if (buf != nullptr && len > 0)
-        snprintf(buf, len, "%s", all.c_str());
-    return n;
+    return take_violations(g_violations, buf, len);
 }
 
 /* The nth next call of `api` ("launch", "cudaMemcpyAsync", ...) fails with `error`. */
