@@ -12,12 +12,15 @@ and a resumed or resharded run derives them again. Balancing: largest estimated 
 onto the least-loaded phase, ties to the lowest phase and the lowest factor index.
 
 A scheduled root step keeps the guarantees of the default one (SPEC A.3.12) with staging
-bounded by the phase: prepare() updates, in chunk scratch, only the blocks that hold a due
-factor, stages those blocks' new factors and the due factors' new roots packed and compact
-(the staging's size is that of the phase, never of the model), and computes the roots through
-a table of the due factors alone (one order-1 row per factor: a skipped factor costs nothing,
-no eigendecomposition and no copy). apply() then updates the other blocks' factors in place,
-as a step without roots does, and writes the staged values over the live ones.
+bounded by the phase, never by the model: prepare() computes, chunk by chunk, the new factors
+of only the blocks that hold a due factor, and the due factors' roots through a table of the
+due factors alone (one order-1 row per factor: a skipped factor costs nothing, no
+eigendecomposition and no copy); the roots are staged packed and compact (the phase's size).
+On CPU with factors stored in the kernels' dtype the new factors come from the packed factor
+update into a chunk-sized buffer, the kernel apply() then runs in place on every block as a
+step without roots does (same kernel, same inputs: the same bits), so no factor is staged;
+otherwise the phase blocks' new factors are staged compact too and apply() updates only the
+other blocks in place. apply() then writes the committed roots over the live ones.
 """
 
 from dataclasses import dataclass
@@ -209,28 +212,49 @@ class RootSchedule:
         )
 
     # ------------------------------------------------------------------ the root step
-    def stage(self, engine: Any, plan: PhasePlan, bias_correction: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """prepare()'s half: the phase blocks' new factors and the due factors' new roots
-        into packed compact staging (returned); statuses in root_status (INACTIVE for the
-        factors not due) and diagonal flags in diagonal_work. Live state is not touched."""
+    def stage(
+        self, engine: Any, plan: PhasePlan, bias_correction: float
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """prepare()'s half: the due factors' new roots into packed compact staging, and,
+        where factors are not updated packed, the phase blocks' new factors too (returned,
+        else None); statuses in root_status (INACTIVE for the factors not due) and diagonal
+        flags in diagonal_work. Live state is not touched."""
         packing = self.packing
         dtype = engine.shampoo_dtype
-        factor_stage = torch.empty(plan.factor_numel, dtype=dtype, device=self.device)
         root_stage = torch.empty(plan.root_numel, dtype=dtype, device=self.device)
         engine.root_status.fill_(_backend.ROOT_INACTIVE)
         grads = engine._working("grad_s", engine.grad_blocks, dtype)
         blocks = engine.active & plan.block_mask
         scratch, roots = packing.scratch(), packing.scratch()
+        # CPU, factors stored in the kernels' dtype: the phase blocks' new factors are
+        # computed packed into a chunk-sized buffer (the same kernel, and so the same bits,
+        # as apply()'s in-place update of every block; half the flops of the full update)
+        # and need no staging: apply() recomputes them in place.
+        packed = not engine.on_cuda and engine.factors.dtype == dtype
+        factor_stage = None if packed else torch.empty(plan.factor_numel, dtype=dtype, device=self.device)
+        chunk_packed = (
+            torch.empty(max(c.packed_stop - c.packed_start for c in packing.chunks), dtype=dtype)
+            if packed else None
+        )
         for w in plan.work:
             c = w.chunk
             active = blocks[c.block_start : c.block_stop]
-            full = packing.unpack(scratch, engine.factors, c, blocks)
-            _backend.factor_update(
-                full, full, grads, c.table, active, engine.beta2,
-                num_threads=engine.num_threads, fail=engine.fail,
-            )
-            # the phase blocks' factors, compact (the blocks table's own packed layout)
-            _backend.sym_pack(factor_stage[w.factor_range[0] : w.factor_range[1]], full, w.blocks_table)
+            full = scratch[: c.full_numel]
+            if chunk_packed is not None:
+                new = chunk_packed[: c.packed_stop - c.packed_start]
+                _backend.factor_update_packed(
+                    new, engine.factors[c.packed_start : c.packed_stop], grads, c.table, active,
+                    engine.beta2, num_threads=engine.num_threads,
+                )
+                _backend.sym_unpack(full, new, c.table, active)
+            else:
+                packing.unpack(scratch, engine.factors, c, blocks)
+                _backend.factor_update(
+                    full, full, grads, c.table, active, engine.beta2,
+                    num_threads=engine.num_threads, fail=engine.fail,
+                )
+                # the phase blocks' factors, compact (the blocks table's own packed layout)
+                _backend.sym_pack(factor_stage[w.factor_range[0] : w.factor_range[1]], full, w.blocks_table)
             out = roots[: c.full_numel]
             _backend.root_inverse(
                 out, full, w.roots_table, engine.active[w.root_blocks],
@@ -244,11 +268,22 @@ class RootSchedule:
             _backend.sym_pack(root_stage[w.root_range[0] : w.root_range[1]], out, w.roots_table, average=True)
         return factor_stage, root_stage
 
-    def commit(self, engine: Any, plan: PhasePlan, factor_stage: torch.Tensor, root_stage: torch.Tensor) -> None:
-        """apply()'s half (nothing can fail): the other blocks' factors updated in place, the
-        staged factors and the committed roots (engine.root_commit) written over the live
-        ones."""
+    def commit(
+        self, engine: Any, plan: PhasePlan, factor_stage: torch.Tensor | None, root_stage: torch.Tensor
+    ) -> None:
+        """apply()'s half (nothing can fail): the factors updated in place (without staged
+        factors) or the other blocks' in place and the staged ones written over the live
+        ones; then the committed roots (engine.root_commit)."""
         packing = self.packing
+        if factor_stage is None:
+            engine._update_factors(engine.factors)
+            scratch = packing.scratch()
+            for w in plan.work:
+                full = scratch[: w.chunk.full_numel]
+                _backend.sym_unpack(full, root_stage[w.root_range[0] : w.root_range[1]], w.roots_table,
+                                    engine.active[w.root_blocks])
+                packing.pack(engine.inv_factors, full, w.chunk, engine.root_commit)
+            return
         rest = engine.active & (1 - plan.block_mask)
         if bool(rest.any()):
             engine._update_factors(engine.factors, rest, engine.factor_active & (1 - plan.factor_mask))
