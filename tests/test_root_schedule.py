@@ -145,21 +145,26 @@ def test_auto_balances_the_mlp_one_big_root_per_step() -> None:
 
 
 # ---------------------------------------------------------------------------------- numerics
+# factors stored in another dtype than the kernels': the staged-factor path of a root step
+STAGED = PrecisionConfig(factor_matrix_dtype=torch.float64)
+
+
 def test_frequency_one_is_the_default_schedule_bitwise() -> None:
-    for dtype in (torch.float32, torch.float64):
+    for dtype, extra in ((torch.float32, {}), (torch.float64, {}), (torch.float32, {"precision_config": STAGED})):
         runs = []
         for schedule in (None, True):
             params, optimizer, _ = make(schedule=schedule, dtype=dtype, precondition_frequency=1,
-                                        start_preconditioning_step=2)
+                                        start_preconditioning_step=2, **extra)
             train(params, optimizer, 6)
             runs.append(([p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())))
         assert_bitwise_equal(runs[0], runs[1], f"frequency 1 {dtype}")
 
 
-@pytest.mark.parametrize("start", [4, 6])
-def test_matches_oracle_over_three_periods(start: int) -> None:
+@pytest.mark.parametrize("start,staged", [(4, False), (6, False), (4, True)])
+def test_matches_oracle_over_three_periods(start: int, staged: bool) -> None:
     frequency, steps = 4, start + 3 * 4
-    params, optimizer, kwargs = make(precondition_frequency=frequency, start_preconditioning_step=start)
+    extra = dict(dtype=torch.float32, precision_config=STAGED) if staged else {}
+    params, optimizer, kwargs = make(precondition_frequency=frequency, start_preconditioning_step=start, **extra)
     labels = factor_labels(SHAPES, 5)
     oracle_kwargs = {k: v for k, v in kwargs.items() if k not in ("precision_config", "grafting_config")}
     oracle_kwargs["grafting_config"] = O.AdaGradGraftingConfig(epsilon=1e-8)
@@ -174,12 +179,13 @@ def test_matches_oracle_over_three_periods(start: int) -> None:
         engine = optimizer._engines[0]
         computed.append(set(np.flatnonzero(engine.root_status.numpy() != _backend.ROOT_INACTIVE).tolist()))
         for _, oracle in copies:
-            oracle.step(grads_for(SHAPES, t))
+            oracle.step(grads_for(SHAPES, t, params[0].dtype))
     staggered, default = copies
+    rtol, atol = (2e-4, 2e-6) if staged else (1e-9, 1e-11)
     for p, q in zip(params, staggered[0]):
-        torch.testing.assert_close(p.detach(), q, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(p.detach().double(), q.double(), rtol=rtol, atol=atol)
     # the test can fail: the default schedule's result is measurably different
-    assert max((p.detach() - q).abs().max().item() for p, q in zip(params, default[0])) > 1e-6
+    assert max((p.detach().double() - q.double()).abs().max().item() for p, q in zip(params, default[0])) > 1e-4
     # exactly the due factors were computed at each root step
     phases = expected_phases(labels, frequency)
     for t in range(start + 1, steps + 1):
