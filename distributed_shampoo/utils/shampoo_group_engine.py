@@ -413,7 +413,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         t = plan.step
         if plan.due is not None:
             # staggered: the other blocks' factors in place, then the staged ones
-            assert self.schedule is not None and plan.root_work is not None
+            assert self.schedule is not None and plan.factor_work is not None and plan.root_work is not None
             factor_work, root_work = plan.factor_work, plan.root_work
             plan.factor_work = plan.root_work = None
             self.schedule.commit(self, plan.due, factor_work, root_work)

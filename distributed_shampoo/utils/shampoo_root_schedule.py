@@ -16,11 +16,12 @@ bounded by the phase, never by the model: prepare() computes, chunk by chunk, th
 of only the blocks that hold a due factor, and the due factors' roots through a table of the
 due factors alone (one order-1 row per factor: a skipped factor costs nothing, no
 eigendecomposition and no copy); the roots are staged packed and compact (the phase's size).
-On CPU with factors stored in the kernels' dtype the new factors come from the packed factor
-update into a chunk-sized buffer, the kernel apply() then runs in place on every block as a
-step without roots does (same kernel, same inputs: the same bits), so no factor is staged;
-otherwise the phase blocks' new factors are staged compact too and apply() updates only the
-other blocks in place. apply() then writes the committed roots over the live ones.
+The phase blocks' new factors are staged compact too (on CPU from the packed update, the
+kernel of a step without roots, into a chunk-sized buffer: half the flops of the full one).
+apply() then updates the other blocks' factors in place, as a step without roots does, and
+writes the staged factors and the committed roots over the live ones. (Recomputing the phase
+blocks' factors in apply() instead would save their staging but cost a second update of
+them: measured slower on the benchmark models.)
 """
 
 from dataclasses import dataclass
@@ -212,13 +213,10 @@ class RootSchedule:
         )
 
     # ------------------------------------------------------------------ the root step
-    def stage(
-        self, engine: Any, plan: PhasePlan, bias_correction: float
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """prepare()'s half: the due factors' new roots into packed compact staging, and,
-        where factors are not updated packed, the phase blocks' new factors too (returned,
-        else None); statuses in root_status (INACTIVE for the factors not due) and diagonal
-        flags in diagonal_work. Live state is not touched."""
+    def stage(self, engine: Any, plan: PhasePlan, bias_correction: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """prepare()'s half: the phase blocks' new factors and the due factors' new roots
+        into packed compact staging (returned); statuses in root_status (INACTIVE for the
+        factors not due) and diagonal flags in diagonal_work. Live state is not touched."""
         packing = self.packing
         dtype = engine.shampoo_dtype
         root_stage = torch.empty(plan.root_numel, dtype=dtype, device=self.device)
@@ -226,12 +224,11 @@ class RootSchedule:
         grads = engine._working("grad_s", engine.grad_blocks, dtype)
         blocks = engine.active & plan.block_mask
         scratch, roots = packing.scratch(), packing.scratch()
-        # CPU, factors stored in the kernels' dtype: the phase blocks' new factors are
-        # computed packed into a chunk-sized buffer (the same kernel, and so the same bits,
-        # as apply()'s in-place update of every block; half the flops of the full update)
-        # and need no staging: apply() recomputes them in place.
+        # CPU, factors stored in the kernels' dtype: the phase blocks' new factors come from
+        # the packed update (the kernel of a step without roots: half the flops of the full
+        # update) into a chunk-sized buffer, then through the full scratch the roots need
         packed = not engine.on_cuda and engine.factors.dtype == dtype
-        factor_stage = None if packed else torch.empty(plan.factor_numel, dtype=dtype, device=self.device)
+        factor_stage = torch.empty(plan.factor_numel, dtype=dtype, device=self.device)
         chunk_packed = (
             torch.empty(max(c.packed_stop - c.packed_start for c in packing.chunks), dtype=dtype)
             if packed else None
@@ -253,8 +250,8 @@ class RootSchedule:
                     full, full, grads, c.table, active, engine.beta2,
                     num_threads=engine.num_threads, fail=engine.fail,
                 )
-                # the phase blocks' factors, compact (the blocks table's own packed layout)
-                _backend.sym_pack(factor_stage[w.factor_range[0] : w.factor_range[1]], full, w.blocks_table)
+            # the phase blocks' factors, compact (the blocks table's own packed layout)
+            _backend.sym_pack(factor_stage[w.factor_range[0] : w.factor_range[1]], full, w.blocks_table)
             out = roots[: c.full_numel]
             _backend.root_inverse(
                 out, full, w.roots_table, engine.active[w.root_blocks],
@@ -268,22 +265,11 @@ class RootSchedule:
             _backend.sym_pack(root_stage[w.root_range[0] : w.root_range[1]], out, w.roots_table, average=True)
         return factor_stage, root_stage
 
-    def commit(
-        self, engine: Any, plan: PhasePlan, factor_stage: torch.Tensor | None, root_stage: torch.Tensor
-    ) -> None:
-        """apply()'s half (nothing can fail): the factors updated in place (without staged
-        factors) or the other blocks' in place and the staged ones written over the live
-        ones; then the committed roots (engine.root_commit)."""
+    def commit(self, engine: Any, plan: PhasePlan, factor_stage: torch.Tensor, root_stage: torch.Tensor) -> None:
+        """apply()'s half (nothing can fail): the other blocks' factors updated in place, as
+        a step without roots does, the staged factors and the committed roots
+        (engine.root_commit) written over the live ones."""
         packing = self.packing
-        if factor_stage is None:
-            engine._update_factors(engine.factors)
-            scratch = packing.scratch()
-            for w in plan.work:
-                full = scratch[: w.chunk.full_numel]
-                _backend.sym_unpack(full, root_stage[w.root_range[0] : w.root_range[1]], w.roots_table,
-                                    engine.active[w.root_blocks])
-                packing.pack(engine.inv_factors, full, w.chunk, engine.root_commit)
-            return
         rest = engine.active & (1 - plan.block_mask)
         if bool(rest.any()):
             engine._update_factors(engine.factors, rest, engine.factor_active & (1 - plan.factor_mask))
