@@ -54,7 +54,7 @@ def make(model: nn.Module, staggered: bool) -> DistributedShampoo:
     )
 
 
-def largest_root_seconds(optimizer: DistributedShampoo, repeats: int = 3) -> float:
+def largest_root_seconds(optimizer: DistributedShampoo, repeats: int = 7) -> float:
     """One root_inverse call on the group's largest factor alone (after training, so the
     factor is dense)."""
     engine = optimizer._engines[0]
