@@ -319,6 +319,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
             log_non_diagonal(self.layout, self.diagonal, self.diagonal_work)
             self._check_roots()
         return StepPlan(t, root_step, bias_correction, param_blocks, scalars, factor_work, root_work, due)
+
     def _is_root_step(self, group: dict[str, Any]) -> bool:
         """Whether the coming step computes inverse roots (SPEC B §4.6). `group`: validated
         values."""
@@ -342,6 +343,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         frequency = group["precondition_frequency"]
         key = self.schedule.due(int(self.step_count) + 1, frequency, group["start_preconditioning_step"])
         return None if key is None else self.schedule.plan(frequency, key)
+
     def _update_factors(self, factors: torch.Tensor, active: torch.Tensor | None = None,
                         factor_active: torch.Tensor | None = None) -> None:
         """SPEC B §4.4 in place on packed `factors` (any dtype), chunk by chunk through the
