@@ -429,3 +429,18 @@ def _check_ddp_checkpoint_loads_serially(path: str, results: list) -> None:
         live = {l for l in labels if not l.startswith("6.") and not l.startswith("7.")}  # dead layer
         assert computed == {l for l in live if serial[l] == t % 3}, t
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_edited_frequency_rebalances_for_the_new_frequency() -> None:
+    """precondition_frequency is a group value the user may edit: the phases are those of
+    the frequency in force (derived again, deterministically)."""
+    params, optimizer, _ = make()
+    train(params, optimizer, 6)
+    optimizer.param_groups[0]["precondition_frequency"] = 2
+    engine = optimizer._engines[0]
+    labels = factor_labels(SHAPES, 5)
+    phases = expected_phases(labels, 2)
+    for t in (7, 8):
+        train(params, optimizer, 1, first=t)
+        computed = set(np.flatnonzero(engine.root_status.numpy() != _backend.ROOT_INACTIVE).tolist())
+        assert computed == {f for f, (label, _) in enumerate(labels) if phases[label] == t % 2}
