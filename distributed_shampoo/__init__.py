@@ -23,6 +23,7 @@ from distributed_shampoo.shampoo_types import (
     RMSpropGraftingConfig,
     SGDGraftingConfig,
     ShampooPT2CompileConfig,
+    StaggeredRootScheduleConfig,
 )
 from distributed_shampoo.utils.shampoo_safe_globals import register as _register_safe_globals
 
@@ -50,4 +51,5 @@ __all__: list[str] = [
     "RootInvConfig",
     "SGDGraftingConfig",
     "ShampooPT2CompileConfig",
+    "StaggeredRootScheduleConfig",
 ]

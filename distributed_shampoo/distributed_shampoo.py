@@ -22,6 +22,7 @@ from distributed_shampoo.shampoo_types import (
     HSDPShampooConfig,
     PrecisionConfig,
     ShampooPT2CompileConfig,
+    StaggeredRootScheduleConfig,
 )
 from distributed_shampoo.utils import shampoo_state_dict
 from distributed_shampoo.utils.shampoo_distributor import plan_distribution
@@ -70,6 +71,7 @@ class DistributedShampoo(torch.optim.Optimizer):
         use_protected_eigh: bool = True,
         track_root_inv_residuals: bool = False,
         root_inv_config: RootInvConfig = DefaultEigenConfig,
+        root_schedule_config: StaggeredRootScheduleConfig | None = None,
     ) -> None:
         defaults: dict[str, Any] = {
             "lr": lr,
@@ -117,6 +119,7 @@ class DistributedShampoo(torch.optim.Optimizer):
             raise NotImplementedError(f"self._distributed_config={distributed_config!r} not supported!")
         if distributed_config is not None and hasattr(distributed_config, "__post_init__"):
             distributed_config.__post_init__()  # a mutable config: fields may have changed
+        _check_root_schedule_config(root_schedule_config)
         super().__init__(params, defaults)
         check_constructor_params(self.param_groups)
         distribution = plan_distribution(distributed_config, self.param_groups)
@@ -135,6 +138,7 @@ class DistributedShampoo(torch.optim.Optimizer):
                 ddp=distribution.placement,
                 pieces=distribution.pieces_by_group[index] if distribution.pieces_by_group else None,
                 key_prefix=distribution.key_prefix,
+                root_schedule=root_schedule_config,
             )
             self._engines.append(engine)
             for param_index, blocks in engine.block_states().items():
@@ -196,6 +200,19 @@ class DistributedShampoo(torch.optim.Optimizer):
         shampoo_state_dict.load_distributed_state_dict(
             self, state_dict, key_to_param, save_param_groups, enable_missing_key_check
         )
+
+
+def _check_root_schedule_config(config: Any) -> None:
+    """None (every root at once, the default) or a StaggeredRootScheduleConfig (validated
+    again: a mutable dataclass)."""
+    if config is None:
+        return
+    if not isinstance(config, StaggeredRootScheduleConfig):
+        raise TypeError(
+            "root_schedule_config must be None (the default schedule) or a "
+            f"StaggeredRootScheduleConfig, got {type(config).__name__}."
+        )
+    config.__post_init__()
 
 
 def _resolve_pt2_config(

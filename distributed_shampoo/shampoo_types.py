@@ -269,3 +269,37 @@ __all__ = [
     "SGDGraftingConfig",
     "ShampooPT2CompileConfig",
 ]
+
+
+# Cost models of StaggeredRootScheduleConfig (see its doc).
+ROOT_SCHEDULE_COST_MODELS = ("auto", "dense", "count")
+
+
+@dataclass
+class StaggeredRootScheduleConfig:
+    """Opt-in staggered inverse-root schedule (README "Staggered root schedule").
+
+    Instead of recomputing every inverse root at every ``precondition_frequency``-th step,
+    each factor matrix gets a fixed phase in [0, precondition_frequency), chosen at
+    construction from the blocks this rank owns so that the estimated root work per step is
+    as even as possible; a factor's root is recomputed at the steps t > start_preconditioning_step
+    with t % precondition_frequency == its phase (phase 0: the default schedule's steps), and
+    every root is computed at start_preconditioning_step as by default.
+
+    cost_model: how a factor's root work is estimated for the balancing:
+      "auto"  - the kernels' own estimate for the device: on CPU the dense eigendecomposition
+                (~n^3, 1x1 factors free); on CUDA per batch group of equal sizes (a group's
+                launch plus n^3 per member), since CUDA computes equal sizes in one batch;
+      "dense" - n^3 per factor of size n > 1 (1x1 factors free), on every device;
+      "count" - one unit per factor of size n > 1 (spreads the number of roots).
+    A plain mutable dataclass: validated here and again when the optimizer reads it.
+    """
+
+    cost_model: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cost_model, str) or self.cost_model not in ROOT_SCHEDULE_COST_MODELS:
+            raise ValueError(
+                f"Invalid StaggeredRootScheduleConfig.cost_model: {self.cost_model!r}. "
+                f"Must be one of {ROOT_SCHEDULE_COST_MODELS}."
+            )

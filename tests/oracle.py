@@ -336,6 +336,10 @@ _DEFAULTS: dict[str, Any] = dict(
     use_merge_dims=True,
     use_protected_eigh=True,
     root_inv_config=None,
+    # Issue 13's staggered schedule: {factor label "param.block_key.k": phase} (None: every
+    # root at every root step). A factor's root is computed at t == start and at the steps
+    # t > start with t % precondition_frequency == its phase.
+    root_phases=None,
 )
 
 
@@ -510,6 +514,9 @@ class OracleShampoo:
         frequency = group["precondition_frequency"]
         start = group["start_preconditioning_step"]
         compute_root_inverse = (t % frequency == 0 and t > start) or t == start
+        phases = group["root_phases"]
+        if phases is not None:
+            compute_root_inverse = t >= start
         grafting: _Grafting | None = group["grafting"]
         use_grafting_method = t < start and grafting is not None
         beta1, beta2 = group["betas"]
@@ -548,7 +555,7 @@ class OracleShampoo:
         # §4.6: inverse roots.
         if compute_root_inverse:
             for param_index, block, G in active:
-                self._compute_inverse_roots(group, param_index, block, bc2)
+                self._compute_inverse_roots(group, param_index, block, bc2, t)
 
         # §4.7: filtered gradient.
         filtered = []
@@ -607,13 +614,20 @@ class OracleShampoo:
             W.copy_((W.to(self.dtype) + (-lr) * P).to(W.dtype))
 
     def _compute_inverse_roots(
-        self, group: dict[str, Any], param_index: int, block: _Block, bc2: float
+        self, group: dict[str, Any], param_index: int, block: _Block, bc2: float, t: int = 0
     ) -> None:
-        """§4.6 for every dimension of one block."""
+        """§4.6 for every dimension of one block (with root_phases: the due ones)."""
         order = len(block.factor_matrices)
         root = root_for_order(group["inv_root_override"], order)
+        phases = group["root_phases"]
         for k, F in enumerate(block.factor_matrices):
             label = f"{param_index}.{block.key}.{k}"
+            if (
+                phases is not None
+                and t != group["start_preconditioning_step"]
+                and t % group["precondition_frequency"] != phases[label]
+            ):
+                continue
             # §4.6.2: diagonality is tracked on the uncorrected factor, once False forever.
             if block.is_diagonal[k]:
                 off_diagonal = F - torch.diag(torch.diagonal(F))

@@ -76,6 +76,9 @@ class StepPlan:
     # a root step's new factors and inverse roots, staged until apply() commits them
     factor_work: torch.Tensor | None = None
     root_work: torch.Tensor | None = None
+    # the staggered schedule's plan of this root step (shampoo_root_schedule.PhasePlan), or
+    # None; then factor_work / root_work hold the compact staging of its blocks and factors
+    due: Any = None
 
 
 class GraftingSpec:

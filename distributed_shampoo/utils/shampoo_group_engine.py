@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from distributed_shampoo import _backend
-from distributed_shampoo.shampoo_types import PrecisionConfig
+from distributed_shampoo.shampoo_types import PrecisionConfig, StaggeredRootScheduleConfig
 from distributed_shampoo.utils.shampoo_block_layout import (
     BlockLayout,
     TensorPiece,
@@ -40,6 +40,7 @@ from distributed_shampoo.utils.shampoo_engine_state import GroupStateLayout
 from distributed_shampoo.utils.shampoo_overflow import FactorOverflowGuard
 from distributed_shampoo.utils.shampoo_packed_chunks import PackedFactors
 from distributed_shampoo.utils.shampoo_residuals import log_root_inverse_residuals
+from distributed_shampoo.utils.shampoo_root_schedule import RootSchedule
 from distributed_shampoo.utils.shampoo_root_status import log_non_diagonal, report_root_statuses
 from distributed_shampoo.utils.shampoo_scalars import float32_bias_correction
 from distributed_shampoo.utils.shampoo_step_checks import (
@@ -66,6 +67,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         ddp: DDPPlacement | None = None,
         pieces: Sequence[TensorPiece] | None = None,
         key_prefix: str = "block_",
+        root_schedule: StaggeredRootScheduleConfig | None = None,
     ) -> None:
         """`pieces` (default: every parameter whole) says how parameters are cut before
         blocking (FSDP); `ddp` spreads the blocks over a trainer group."""
@@ -172,6 +174,10 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         self._grad_views = self._param_shaped_views(self.grad_flat)
         self._active_params: tuple[bool, ...] | None = None
         self._live: list[int] = []
+        # opt-in staggered inverse roots (shampoo_root_schedule.py); None: all at once
+        self.schedule = (
+            None if root_schedule is None else RootSchedule(root_schedule, layout, self.packing, self.device)
+        )
         self._init_failure_flag()
 
     @staticmethod
@@ -223,7 +229,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
             self._set_active(active_params)
         if not self._live:
             return None
-        if self.exchange is None or (self.on_cuda and not self._is_root_step(values)):
+        if self.exchange is None or (self.on_cuda and not self._may_root_step(values)):
             # CUDA non-root steps agree through the device flag (agree_on_device_failure)
             return self._prepare_live(values, grads)
         # Under DDP every rank learns whether any rank failed, so that all raise together
@@ -293,7 +299,16 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
 
         bias_correction = 1.0
         factor_work = root_work = None
-        if root_step:
+        due = self._due_roots(group) if root_step and self.schedule is not None else None
+        if due is not None:
+            # staggered (shampoo_root_schedule.py): staging bounded by the phase's blocks
+            self.diagonal_work.copy_(self.diagonal)
+            if scalars.shampoo_bias_correction:
+                bias_correction = float32_bias_correction(self.beta2, t)
+            factor_work, root_work = self.schedule.stage(self, due, bias_correction)
+            log_non_diagonal(self.layout, self.diagonal, self.diagonal_work)
+            self._check_roots()
+        elif root_step:
             # transient (freed when the step ends): twice the packed factors, Shampoo dtype
             factor_work = torch.empty(self.packing.numel, dtype=self.shampoo_dtype, device=self.device)
             root_work = torch.empty_like(factor_work)
@@ -303,31 +318,54 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
             self._stage_root_step(factor_work, root_work, bias_correction)
             log_non_diagonal(self.layout, self.diagonal, self.diagonal_work)
             self._check_roots()
-        return StepPlan(t, root_step, bias_correction, param_blocks, scalars, factor_work, root_work)
+        return StepPlan(t, root_step, bias_correction, param_blocks, scalars, factor_work, root_work, due)
+
     def _is_root_step(self, group: dict[str, Any]) -> bool:
-        """`group`: validated values."""
-        """Whether the coming step computes inverse roots (SPEC B §4.6)."""
+        """Whether the coming step computes inverse roots (SPEC B §4.6). `group`: validated
+        values."""
+        if self.schedule is not None:
+            return self._due_roots(group) is not None
         t = int(self.step_count) + 1
         frequency, start = group["precondition_frequency"], group["start_preconditioning_step"]
         return self.layout.factor_numel > 0 and ((t % frequency == 0 and t > start) or t == start)
-    def _update_factors(self, factors: torch.Tensor) -> None:
+
+    def _may_root_step(self, group: dict[str, Any]) -> bool:
+        """Whether any rank may compute roots at the coming step: with the staggered schedule
+        every step from start on (a phase may be empty on one rank only), so that all ranks
+        take the same collective path in prepare()."""
+        if self.schedule is None:
+            return self._is_root_step(group)
+        return self.layout.factor_numel > 0 and int(self.step_count) + 1 >= group["start_preconditioning_step"]
+
+    def _due_roots(self, group: dict[str, Any]) -> Any:
+        """The staggered schedule's plan of the coming step (None: no root due here)."""
+        assert self.schedule is not None
+        frequency = group["precondition_frequency"]
+        key = self.schedule.due(int(self.step_count) + 1, frequency, group["start_preconditioning_step"])
+        return None if key is None else self.schedule.plan(frequency, key)
+
+    def _update_factors(self, factors: torch.Tensor, active: torch.Tensor | None = None,
+                        factor_active: torch.Tensor | None = None) -> None:
         """SPEC B §4.4 in place on packed `factors` (any dtype), chunk by chunk through the
-        full-matrix scratch."""
+        full-matrix scratch; of the blocks `active` (default: self.active) and their factors
+        `factor_active` (default: self.factor_active)."""
+        active = self.active if active is None else active
+        factor_active = self.factor_active if factor_active is None else factor_active
         grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
         if not self.on_cuda and factors.dtype == self.shampoo_dtype:
             # CPU: updated where they are stored, without unpacking
             _backend.factor_update_packed(
-                factors, factors, grads, self.table, self.active, self.beta2, num_threads=self.num_threads
+                factors, factors, grads, self.table, active, self.beta2, num_threads=self.num_threads
             )
             return
         scratch = self.packing.scratch()
         for c in self.packing.chunks:
-            full = self.packing.unpack(scratch, factors, c, self.active)
+            full = self.packing.unpack(scratch, factors, c, active)
             _backend.factor_update(
-                full, full, grads, c.table, self.active[c.block_start : c.block_stop], self.beta2,
+                full, full, grads, c.table, active[c.block_start : c.block_stop], self.beta2,
                 num_threads=self.num_threads, fail=self.fail,
             )
-            self.packing.pack(factors, full, c, self.factor_active)
+            self.packing.pack(factors, full, c, factor_active)
 
     def _stage_root_step(self, factor_work: torch.Tensor, root_work: torch.Tensor, bias_correction: float) -> None:
         """A root step's new factors and inverse roots into the packed staging buffers, each
@@ -375,7 +413,18 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         """The infallible half of a step (SPEC B §4.4-§4.11): commits factors and roots,
         then moments, preconditioning, grafting, momentum and the parameter update."""
         t = plan.step
-        if plan.root_step:
+        if plan.due is not None:
+            # staggered: the other blocks' factors in place, then the staged ones
+            assert self.schedule is not None and plan.factor_work is not None and plan.root_work is not None
+            factor_work, root_work = plan.factor_work, plan.root_work
+            plan.factor_work = plan.root_work = None
+            self.schedule.commit(self, plan.due, factor_work, root_work)
+            self.diagonal.copy_(self.diagonal_work)
+            del factor_work, root_work
+            inv_roots = self.inv_factors
+            if track_residuals:
+                log_root_inverse_residuals(self, plan.bias_correction, computed=plan.due.due)
+        elif plan.root_step:
             factor_work, root_work = plan.factor_work, plan.root_work
             assert factor_work is not None and root_work is not None
             plan.factor_work = plan.root_work = None  # freed once this step is done

@@ -41,7 +41,8 @@ def root_inverse_residuals(
     return float(error), float(residual)
 
 
-def log_root_inverse_residuals(engine: Any, bias_correction: float) -> None:
+def log_root_inverse_residuals(engine: Any, bias_correction: float, computed: np.ndarray | None = None) -> None:
+    """`computed`: bool per factor, the factors whose roots this step computed (None: all)."""
     expected = _EXPECTED_ERROR.get(engine.inv_factors.dtype)
     if expected is None:  # before "Group Index", as the reference skips the group
         logger.warning("Expected relative error/residual not supported for precision lower than float32.")
@@ -53,12 +54,13 @@ def log_root_inverse_residuals(engine: Any, bias_correction: float) -> None:
     factors = engine.factors.detach().cpu().double().numpy()
     inverses = engine.inv_factors.detach().cpu().double().numpy()
     errors, residuals = [], []
-    packed_at = 0
+    packed_at = index = 0
     for b, row in enumerate(table):
         for d in row[_backend.BF_DIMS : _backend.BF_DIMS + row[_backend.BF_ORDER]]:
             d, view = int(d), slice(packed_at, packed_at + int(d) * (int(d) + 1) // 2)
             packed_at = view.stop
-            if not active[b]:
+            index += 1
+            if not active[b] or (computed is not None and not computed[index - 1]):
                 continue
             factor = unpack_numpy(factors[view], d) / bias_correction
             inverse = unpack_numpy(inverses[view], d)
