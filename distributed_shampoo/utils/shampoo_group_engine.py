@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from distributed_shampoo import _backend
+from distributed_shampoo._backend_io import finish_io, gather_io, scatter_io
 from distributed_shampoo.shampoo_types import PrecisionConfig
 from distributed_shampoo.utils.shampoo_block_layout import (
     BlockLayout,
@@ -39,6 +40,7 @@ from distributed_shampoo.utils.shampoo_engine_setup import (  # noqa: F401 (re-e
 from distributed_shampoo.utils.shampoo_engine_state import GroupStateLayout
 from distributed_shampoo.utils.shampoo_overflow import FactorOverflowGuard
 from distributed_shampoo.utils.shampoo_packed_chunks import PackedFactors
+from distributed_shampoo.utils.shampoo_param_io import ParamIO
 from distributed_shampoo.utils.shampoo_residuals import log_root_inverse_residuals
 from distributed_shampoo.utils.shampoo_root_status import log_non_diagonal, report_root_statuses
 from distributed_shampoo.utils.shampoo_scalars import float32_bias_correction
@@ -53,7 +55,7 @@ logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
 _ROOT_OK = (_backend.ROOT_OK, _backend.ROOT_MAX_ITERS, _backend.ROOT_RETRIED_DOUBLE)
 
 
-class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
+class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO):
     """Flat state buffers, block table and step of one parameter group on one device."""
 
     def __init__(
@@ -150,15 +152,14 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
             if layout.factor_numel > 0
             else None
         )
-        # Scratch, in the kernels' dtypes.
-        self.grad_flat = zeros(layout.param_numel, self.working_dtype)  # gradients in, updates out
-        self.grad_blocks = zeros(n, self.working_dtype)     # G, then G_hat, then the updates
-        # The Shampoo direction lives in grad_flat's memory (block layout; n <= param_numel):
-        # grad_flat is dead from gather until the updates are scattered into it.
-        self.shampoo_dir = self.grad_flat[:n]
-        # finish() writes the updates over G_hat in place (block layout), then they are
-        # scattered into grad_flat (param layout) for the parameter update
+        # Scratch, in the kernels' dtypes. Gradients are read and parameters written where
+        # they are (shampoo_param_io.py): no param-layout copy of either.
+        self.grad_blocks = zeros(n, self.working_dtype)     # G, then G_hat (then the updates)
+        self.shampoo_dir = zeros(n, self.working_dtype)     # the Shampoo direction
+        # staged steps (CUDA, odd dtypes): finish() writes the updates over G_hat in place
+        # (block layout), then they are scattered into a transient param-layout buffer
         self.block_destination = _backend.KernelTable(contiguous_destination(layout), self.device)
+        self._init_param_io()
         # No persistent copy of the factors or roots: a root step stages its new factors and
         # roots in buffers allocated for that step only (StepPlan), so that a failure found
         # after computing them changes nothing; other steps update the factors in place.
@@ -166,10 +167,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         self.root_status = torch.zeros(layout.factor_count, dtype=torch.int32)
         self.root_commit = torch.zeros(layout.factor_count, dtype=torch.uint8, device=self.device)
         self.active = torch.zeros(layout.num_blocks, dtype=torch.uint8, device=self.device)
-        self.param_flat: torch.Tensor | None = None
-        self.param_blocks: torch.Tensor | None = None
         self._scratch: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-        self._grad_views = self._param_shaped_views(self.grad_flat)
         self._active_params: tuple[bool, ...] | None = None
         self._live: list[int] = []
         self._init_failure_flag()
@@ -203,8 +201,6 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
             self.full_active.copy_(torch.from_numpy(per_param[self.full_layout.block_param]))
         self._live = [i for i, a in enumerate(active_params) if a]
         self._live_params = [self.locals[i] for i in self._live]
-        self._live_grad_views = [self._grad_views[i] for i in self._live]
-        self._live_param_views: list[torch.Tensor] | None = None
 
     def prepare(self, group: dict[str, Any]) -> Optional["StepPlan"]:
         """The fallible half of a step (SPEC B §4.1-§4.6): gathers and checks the gradients
@@ -267,16 +263,36 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
             # (all ranks at the same step), so that no rank raises while others all-gather.
             self._raise_device_failure(wait=False)
         root_step = self._is_root_step(group)
-        torch._foreach_copy_(self._live_grad_views, live_grads)
-        param_flat = param_blocks = None
-        if weight_decay != 0.0 or (self.exchange is not None and self.exchange.communicate_params):
-            param_flat, param_blocks = self._ensure_param_buffers()
-            torch._foreach_copy_(self._live_param_targets(), self._live_params)
-        bad = _backend.gather(
-            self.grad_blocks, param_blocks, self.grad_flat, param_flat, self.table, self.active,
-            0.0 if decoupled else weight_decay, step=t, fail=self.fail,
-            sq_norms=None if self.overflow is None else self.overflow.sq_norms,
-        )
+        l2 = 0.0 if decoupled else weight_decay
+        sq_norms = None if self.overflow is None else self.overflow.sq_norms
+        communicate_params = self.exchange is not None and self.exchange.communicate_params
+        direct = self._direct_io(grads)
+        param_blocks = None
+        if direct:
+            live = self._live_mask()
+            # the parameters in block layout only where finish() cannot read them in place:
+            # DDP's payload (decoupled weight decay, or the parameters it all-gathers)
+            if communicate_params or (self.exchange is not None and decoupled and weight_decay != 0.0):
+                param_blocks = self._block_scratch()  # transient (this step), DDP only
+            params_io = self._io_list(self.locals, live) if (l2 != 0.0 or param_blocks is not None) else None
+            bad = gather_io(
+                self.grad_blocks, param_blocks, self._io_list(grads, live), params_io, self.locator,
+                self.table, self.active, l2, sq_norms=sq_norms,
+            )
+        else:
+            # staged (CUDA kernels, odd dtypes): param-layout copies for this step only
+            grad_flat, grad_views = self._staged_flat()
+            torch._foreach_copy_(grad_views, live_grads)
+            param_flat = None
+            if weight_decay != 0.0 or communicate_params:
+                param_flat, param_views = self._staged_flat()
+                param_blocks = self._block_scratch()
+                torch._foreach_copy_(param_views, self._live_params)
+            bad = _backend.gather(
+                self.grad_blocks, param_blocks, grad_flat, param_flat, self.table, self.active,
+                l2, step=t, fail=self.fail, sq_norms=sq_norms,
+            )
+            del grad_flat, grad_views, param_flat
         if bad >= 0:
             raise ValueError(
                 f"Encountered nan or inf values in the gradient of {self.describe_block(bad)}. "
@@ -303,7 +319,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
             self._stage_root_step(factor_work, root_work, bias_correction)
             log_non_diagonal(self.layout, self.diagonal, self.diagonal_work)
             self._check_roots()
-        return StepPlan(t, root_step, bias_correction, param_blocks, scalars, factor_work, root_work)
+        return StepPlan(t, root_step, bias_correction, param_blocks, scalars, factor_work, root_work, direct)
     def _is_root_step(self, group: dict[str, Any]) -> bool:
         """`group`: validated values."""
         """Whether the coming step computes inverse roots (SPEC B §4.6)."""
@@ -364,12 +380,6 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
                 out, grads, roots, c.table, self.active[c.block_start : c.block_stop],
                 num_threads=self.num_threads,
             )
-
-    def _live_param_targets(self) -> list[torch.Tensor]:
-        """Views of param_flat for the parameters with gradients (built once per pattern)."""
-        if self._live_param_views is None:
-            self._live_param_views = [self._param_views[i] for i in self._live]
-        return self._live_param_views
 
     def apply(self, group: dict[str, Any], plan: "StepPlan", track_residuals: bool = False) -> None:
         """The infallible half of a step (SPEC B §4.4-§4.11): commits factors and roots,
@@ -435,50 +445,67 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         # Grafting, decoupled weight decay, momentum, lr (SPEC B §4.8-§4.11); then parameters.
         momentum_state = self._working("momentum", self.momentum, working) if momentum != 0.0 else None
         graft_kind = self.grafting.kind if grafting_on else "none"
-        # Serially the updates overwrite G_hat (block layout; scattered into the parameters'
-        # layout below); under DDP they are packed block after block, the all-gather payload.
-        destination, destination_table = (
-            (self.grad_blocks, self.block_destination)
-            if self.exchange is None
-            else (self.payload, self.payload_table)
-        )
-        _backend.finish(
-            destination, self.grad_blocks, shampoo_dir,
-            grafting_state if graft_kind == "diagonal" else None,
-            plan.param_blocks if decoupled else None, momentum_state, destination_table, self.active,
+        finish_scalars = dict(
             graft=graft_kind, grafting_phase=grafting_phase,
             grafting_bias_correction=sc.grafting_bias_correction,
             grafting_epsilon=self.grafting.epsilon,
             decoupled_weight_decay=weight_decay if decoupled else 0.0,
-            momentum=momentum, dampening=sc.dampening, nesterov=sc.nesterov, lr=sc.lr, fail=self.fail,
+            momentum=momentum, dampening=sc.dampening, nesterov=sc.nesterov, lr=sc.lr,
         )
+        grafting_v = grafting_state if graft_kind == "diagonal" else None
+        if self.exchange is None and plan.direct:
+            # the parameters updated in place, block by block (decoupled decay reads them first)
+            finish_io(
+                self._io_list(self.locals, self._live_mask()), self.locator, self.grad_blocks,
+                shampoo_dir, grafting_v, momentum_state, self.table, self.active, **finish_scalars,
+            )
+        else:
+            # Staged, the updates overwrite G_hat (block layout; added to the parameters
+            # below); under DDP they are packed block after block, the all-gather payload.
+            destination, destination_table = (
+                (self.grad_blocks, self.block_destination)
+                if self.exchange is None
+                else (self.payload, self.payload_table)
+            )
+            _backend.finish(
+                destination, self.grad_blocks, shampoo_dir, grafting_v,
+                plan.param_blocks if decoupled else None, momentum_state, destination_table,
+                self.active, fail=self.fail, **finish_scalars,
+            )
         if momentum_state is not None and momentum_state is not self.momentum:
             self.momentum.copy_(momentum_state)  # type: ignore[union-attr]
         if update_grafting and grafting_state is not self.grafting_state:
             self.grafting_state.copy_(grafting_state)  # type: ignore[union-attr]
-        if self.exchange is None:
-            _backend.scatter(self.grad_flat, self.grad_blocks, self.table, self.active)
-            torch._foreach_add_(self._live_params, self._live_grad_views)
-        else:
+        if self.exchange is not None:
             self._apply_exchanged(plan)
+        elif not plan.direct:
+            update_flat, update_views = self._staged_flat()  # transient (this step)
+            _backend.scatter(update_flat, self.grad_blocks, self.table, self.active)
+            torch._foreach_add_(self._live_params, update_views)
 
     def _apply_exchanged(self, plan: "StepPlan") -> None:
         """DDP (SPEC B §7.2.5): all-gather every rank's updates (or, with communicate_params,
         its updated parameters) and apply all of them, each rank the same way."""
         assert self.exchange is not None
-        if self.exchange.communicate_params:
-            assert plan.param_blocks is not None and self.param_flat is not None
+        communicate_params = self.exchange.communicate_params
+        if communicate_params:
+            assert plan.param_blocks is not None
             self.payload.add_(plan.param_blocks)
-            self._unpack(self.exchange.exchange(self.payload), self.param_flat)
-            torch._foreach_copy_(self._live_params, self._live_param_targets())
+        plan.param_blocks = None
+        gathered = self.exchange.exchange(self.payload)
+        if plan.direct:
+            # every rank's blocks into the parameters in place (updates added, or parameters)
+            scatter_io(
+                self._io_list(self.locals, self._live_mask()), self.full_locator, gathered,
+                self.exchange.receive_table, self.full_active, accumulate=not communicate_params,
+            )
+            return
+        flat, views = self._staged_flat()  # transient (this step)
+        _backend.scatter(flat, gathered, self.exchange.receive_table, self.full_active)
+        if communicate_params:
+            torch._foreach_copy_(self._live_params, views)
         else:
-            self._unpack(self.exchange.exchange(self.payload), self.grad_flat)
-            torch._foreach_add_(self._live_params, self._live_grad_views)
-
-    def _unpack(self, gathered: torch.Tensor, destination_flat: torch.Tensor) -> None:
-        """Writes every active global block of `gathered` into the parameters' layout."""
-        assert self.exchange is not None
-        _backend.scatter(destination_flat, gathered, self.exchange.receive_table, self.full_active)
+            torch._foreach_add_(self._live_params, views)
 
     def _check_roots(self) -> None:
         """Raises for non-finite factors or roots; decides which roots to commit."""
