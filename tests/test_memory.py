@@ -1,6 +1,8 @@
 """Lean optimizer memory (issue 11): what the optimizer holds between steps is exactly the
 state the mathematics needs (packed factor matrices and inverse roots, grafting state, filtered
-gradient, momentum) plus two parameter-sized scratch buffers; and running the factor, root and
+gradient, momentum) plus two block-layout scratch buffers (G / G_hat and the Shampoo
+direction; gradients are read and parameters written in place, so weight decay adds none);
+and running the factor, root and
 preconditioning phases chunk by chunk (bounded scratch) gives the same numbers, bit for bit, as
 one chunk holding every block."""
 
@@ -67,10 +69,14 @@ def train(model: nn.Module, optimizer: DistributedShampoo, steps: range) -> None
         optimizer.step()
 
 
-def test_held_state_is_packed_factors_roots_moments_and_two_scratch_buffers() -> None:
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"weight_decay": 0.01}, {"weight_decay": 0.01, "use_decoupled_weight_decay": False}],
+    ids=["no decay", "decoupled decay", "L2 decay"],
+)
+def test_held_state_is_packed_factors_roots_moments_and_two_scratch_buffers(kwargs: dict) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(100, 64), nn.Linear(64, 10))
-    optimizer = make(model)
+    optimizer = make(model, **kwargs)
     train(model, optimizer, range(1, 5))  # two root steps
     params = list(model.parameters())
     numel = sum(p.numel() for p in params)
@@ -83,7 +89,7 @@ def test_held_state_is_packed_factors_roots_moments_and_two_scratch_buffers() ->
     expected = 4 * (
         2 * packed            # factor matrices and inverse roots (float32)
         + 3 * numel           # grafting state, filtered gradient, momentum
-        + 2 * numel           # gradients in param layout (holding the direction), G / updates
+        + 2 * numel           # G / G_hat and the Shampoo direction (block layout)
     )
     expected += factors * (1 + 1 + 4 + 1 + 1)  # diagonal flags (and work), status, commit, active
     held = held_bytes(optimizer, exclude)
@@ -112,3 +118,23 @@ def test_chunked_phases_equal_one_chunk_bitwise(monkeypatch: pytest.MonkeyPatch,
     assert one["chunks"] == 1 and many["chunks"] >= 3  # the largest block once per thread
     assert_bitwise_equal(many["params"], one["params"], "params")
     assert_bitwise_equal(many["state"], one["state"], "state")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gradients_read_and_parameters_written_in_place(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 and bfloat16 groups take the pointer-table path (no param-layout buffer is
+    allocated in the step); float16 takes transient param-layout copies."""
+    from distributed_shampoo.utils import shampoo_param_io
+
+    staged = []
+    original = shampoo_param_io.ParamIO._staged_flat
+
+    def spy(self):  # type: ignore[no-untyped-def]
+        staged.append(1)
+        return original(self)
+
+    monkeypatch.setattr(shampoo_param_io.ParamIO, "_staged_flat", spy)
+    model = nn.Sequential(nn.Linear(20, 8), nn.Linear(8, 3)).to(dtype)
+    optimizer = make(model, weight_decay=0.01)
+    train(model, optimizer, range(1, 4))
+    assert bool(staged) == (dtype == torch.float16)
