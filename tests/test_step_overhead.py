@@ -10,8 +10,11 @@ from torch import nn
 from distributed_shampoo import _backend
 from distributed_shampoo.distributed_shampoo import DistributedShampoo
 from distributed_shampoo.shampoo_types import AdamGraftingConfig
+from distributed_shampoo.utils import shampoo_group_engine
 
-PHASES = ("gather", "factor_update", "root_inverse", "packed_commit", "precondition", "moments", "finish")
+PHASES = ("gather_io", "factor_update", "root_inverse", "packed_commit", "precondition", "moments", "finish_io")
+# the pointer-table kernels (gradients read, parameters written in place), as the engine names them
+IO_OPS = ("gather_io", "finish_io")
 # packed factors and roots (README "Memory"), unpacked chunk by chunk: one chunk here
 PACKING = ("sym_unpack", "sym_pack")
 
@@ -27,13 +30,14 @@ def backend_calls_per_step(max_preconditioner_dim: int, monkeypatch: pytest.Monk
     calls: Counter = Counter()
     with monkeypatch.context() as patch:
         for name in PHASES + PACKING:
-            original = getattr(_backend, name)
+            module = shampoo_group_engine if name in IO_OPS else _backend
+            original = getattr(module, name)
 
             def counted(*args, _name=name, _original=original, **kwargs):
                 calls[_name] += 1
                 return _original(*args, **kwargs)
 
-            patch.setattr(_backend, name, counted)
+            patch.setattr(module, name, counted)
         optimizer.step()
     blocks = sum(engine.layout.num_blocks for engine in optimizer._engines)
     return blocks, calls
