@@ -102,12 +102,20 @@ def test_held_state_is_packed_factors_roots_moments_and_two_scratch_buffers(kwar
     [PrecisionConfig(), PrecisionConfig(factor_matrix_dtype=torch.bfloat16, inv_factor_matrix_dtype=torch.bfloat16)],
     ids=["float32", "bf16 factors and roots"],
 )
-def test_chunked_phases_equal_one_chunk_bitwise(monkeypatch: pytest.MonkeyPatch, precision: PrecisionConfig) -> None:
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"weight_decay": 0.01, "use_decoupled_weight_decay": False}, {"weight_decay": 0.01}],
+    ids=["no decay", "L2", "decoupled"],
+)
+def test_chunked_phases_equal_one_chunk_bitwise(
+    monkeypatch: pytest.MonkeyPatch, precision: PrecisionConfig, kwargs: dict
+) -> None:
+    """The whole per-block pipeline (gather, factor update, moments, direction, grafting,
+    momentum, parameter write) chunk by chunk gives one chunk's numbers, bit for bit."""
     def run(min_chunk: int) -> dict[str, Any]:
         monkeypatch.setattr(shampoo_packed_chunks, "MIN_CHUNK_ELEMENTS", min_chunk)
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(100, 64), nn.Linear(64, 10))
-        optimizer = make(model, precision_config=precision)
+        optimizer = make(model, precision_config=precision, **kwargs)
         chunks = sum(len(e.packing.chunks) for e in optimizer._engines)
         train(model, optimizer, range(1, 6))
         return {"chunks": chunks, "params": [p.detach().clone() for p in model.parameters()],
@@ -138,3 +146,28 @@ def test_gradients_read_and_parameters_written_in_place(dtype: torch.dtype, monk
     optimizer = make(model, weight_decay=0.01)
     train(model, optimizer, range(1, 4))
     assert bool(staged) == (dtype == torch.float16)
+
+
+def test_step_scratch_is_bounded_by_a_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With small chunks the step's block-layout scratch (G / G_hat, the direction) is the
+    largest chunk's, not the model's."""
+    monkeypatch.setattr(shampoo_packed_chunks, "MIN_CHUNK_ELEMENTS", 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(200, 96), nn.Linear(96, 10))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the chunk budget: the largest block once per thread
+    try:
+        optimizer = make(model, weight_decay=0.01)
+    finally:
+        torch.set_num_threads(threads)
+    train(model, optimizer, range(1, 5))
+    params = list(model.parameters())
+    numel = sum(p.numel() for p in params)
+    exclude = {p.untyped_storage().data_ptr() for p in params}
+    exclude |= {p.grad.untyped_storage().data_ptr() for p in params}
+    (engine,) = optimizer._engines
+    chunk = engine.max_chunk_numel
+    assert len(engine.pipe) >= 8 and chunk <= numel // 8
+    state = 4 * (2 * engine.packing.numel + 3 * numel)  # packed factors + roots, V, F, M
+    held = held_bytes(optimizer, exclude)
+    assert state + 4 * 2 * chunk <= held < state + 4 * 2 * chunk + 64 * 1024, (held, state, chunk)

@@ -76,8 +76,8 @@ class StepPlan:
     # a root step's new factors and inverse roots, staged until apply() commits them
     factor_work: torch.Tensor | None = None
     root_work: torch.Tensor | None = None
-    # gradients read and parameters written in place (shampoo_param_io.py), else staged
-    direct: bool = False
+    # how the step reads gradients and writes parameters (shampoo_param_io.StepIO)
+    io: Any = None
 
 
 class GraftingSpec:

@@ -18,13 +18,12 @@ import numpy as np
 import torch
 
 from distributed_shampoo import _backend
-from distributed_shampoo._backend_io import finish_io, gather_io, scatter_io
+from distributed_shampoo._backend_io import gather_io, scatter_io
 from distributed_shampoo.shampoo_types import PrecisionConfig
 from distributed_shampoo.utils.shampoo_block_layout import (
     BlockLayout,
     TensorPiece,
     build_block_layout,
-    contiguous_destination,
     select_blocks,
     whole_tensors,
 )
@@ -40,10 +39,11 @@ from distributed_shampoo.utils.shampoo_engine_setup import (  # noqa: F401 (re-e
 from distributed_shampoo.utils.shampoo_engine_state import GroupStateLayout
 from distributed_shampoo.utils.shampoo_overflow import FactorOverflowGuard
 from distributed_shampoo.utils.shampoo_packed_chunks import PackedFactors
-from distributed_shampoo.utils.shampoo_param_io import ParamIO
+from distributed_shampoo.utils.shampoo_param_io import ParamIO, StepIO
 from distributed_shampoo.utils.shampoo_residuals import log_root_inverse_residuals
 from distributed_shampoo.utils.shampoo_root_status import log_non_diagonal, report_root_statuses
 from distributed_shampoo.utils.shampoo_scalars import float32_bias_correction
+from distributed_shampoo.utils.shampoo_step_pipeline import StepPipeline
 from distributed_shampoo.utils.shampoo_step_checks import (
     GroupValues,
     check_grad,
@@ -55,7 +55,7 @@ logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
 _ROOT_OK = (_backend.ROOT_OK, _backend.ROOT_MAX_ITERS, _backend.ROOT_RETRIED_DOUBLE)
 
 
-class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO):
+class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipeline):
     """Flat state buffers, block table and step of one parameter group on one device."""
 
     def __init__(
@@ -129,7 +129,6 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO):
         if ddp is not None:
             self.exchange = DDPExchange(self.full_layout, owners, ddp, self.device, self.working_dtype)
             # finish() packs this rank's updates block after block: the all-gather payload.
-            self.payload_table = _backend.KernelTable(contiguous_destination(layout), self.device)
             self.payload = zeros(n, self.working_dtype)
             self.full_active = torch.zeros(self.full_layout.num_blocks, dtype=torch.uint8, device=self.device)
         # Live optimizer state (storage dtypes of SPEC B §3 / §6).
@@ -152,13 +151,9 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO):
             if layout.factor_numel > 0
             else None
         )
-        # Scratch, in the kernels' dtypes. Gradients are read and parameters written where
-        # they are (shampoo_param_io.py): no param-layout copy of either.
-        self.grad_blocks = zeros(n, self.working_dtype)     # G, then G_hat (then the updates)
-        self.shampoo_dir = zeros(n, self.working_dtype)     # the Shampoo direction
-        # staged steps (CUDA, odd dtypes): finish() writes the updates over G_hat in place
-        # (block layout), then they are scattered into a transient param-layout buffer
-        self.block_destination = _backend.KernelTable(contiguous_destination(layout), self.device)
+        # Scratch: gradients are read and parameters written where they are
+        # (shampoo_param_io.py), and the per-block pipeline runs chunk by chunk
+        # (shampoo_step_pipeline.py): its buffers are bounded by a chunk, not the model.
         self._init_param_io()
         # No persistent copy of the factors or roots: a root step stages its new factors and
         # roots in buffers allocated for that step only (StepPlan), so that a failure found
@@ -168,6 +163,8 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO):
         self.root_commit = torch.zeros(layout.factor_count, dtype=torch.uint8, device=self.device)
         self.active = torch.zeros(layout.num_blocks, dtype=torch.uint8, device=self.device)
         self._scratch: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._init_pipeline()
+        self._step_io: StepIO | None = None
         self._active_params: tuple[bool, ...] | None = None
         self._live: list[int] = []
         self._init_failure_flag()
@@ -266,30 +263,35 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO):
         l2 = 0.0 if decoupled else weight_decay
         sq_norms = None if self.overflow is None else self.overflow.sq_norms
         communicate_params = self.exchange is not None and self.exchange.communicate_params
-        direct = self._direct_io(grads)
-        param_blocks = None
-        if direct:
+        io = self._step_io = StepIO(l2=l2)
+        if self._direct_io(grads):
             live = self._live_mask()
+            io.grads = self._io_list(grads, live)
+            io.params_all = self._io_list(self.locals, live)
             # the parameters in block layout only where finish() cannot read them in place:
             # DDP's payload (decoupled weight decay, or the parameters it all-gathers)
-            if communicate_params or (self.exchange is not None and decoupled and weight_decay != 0.0):
-                param_blocks = self._block_scratch()  # transient (this step), DDP only
-            params_io = self._io_list(self.locals, live) if (l2 != 0.0 or param_blocks is not None) else None
+            io.param_blocks_wanted = self.exchange is not None and (
+                communicate_params or (decoupled and weight_decay != 0.0)
+            )
+            io.params = io.params_all if (l2 != 0.0 or io.param_blocks_wanted) else None
+            # read only: the gradients are read again, chunk by chunk, when they are used
             bad = gather_io(
-                self.grad_blocks, param_blocks, self._io_list(grads, live), params_io, self.locator,
-                self.table, self.active, l2, sq_norms=sq_norms,
+                None, None, io.grads, io.params, self.locator, self.table, self.active, l2,
+                sq_norms=sq_norms,
             )
         else:
-            # staged (CUDA kernels, odd dtypes): param-layout copies for this step only
+            # staged (CUDA kernels, odd dtypes): param-layout copies and G in block layout,
+            # for this step only
             grad_flat, grad_views = self._staged_flat()
             torch._foreach_copy_(grad_views, live_grads)
             param_flat = None
+            io.grad_blocks = self._block_scratch()
             if weight_decay != 0.0 or communicate_params:
                 param_flat, param_views = self._staged_flat()
-                param_blocks = self._block_scratch()
+                io.param_blocks = self._block_scratch()
                 torch._foreach_copy_(param_views, self._live_params)
             bad = _backend.gather(
-                self.grad_blocks, param_blocks, grad_flat, param_flat, self.table, self.active,
+                io.grad_blocks, io.param_blocks, grad_flat, param_flat, self.table, self.active,
                 l2, step=t, fail=self.fail, sq_norms=sq_norms,
             )
             del grad_flat, grad_views, param_flat
@@ -319,44 +321,26 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO):
             self._stage_root_step(factor_work, root_work, bias_correction)
             log_non_diagonal(self.layout, self.diagonal, self.diagonal_work)
             self._check_roots()
-        return StepPlan(t, root_step, bias_correction, param_blocks, scalars, factor_work, root_work, direct)
+        self._step_io = None
+        return StepPlan(t, root_step, bias_correction, None, scalars, factor_work, root_work, io)
     def _is_root_step(self, group: dict[str, Any]) -> bool:
         """`group`: validated values."""
         """Whether the coming step computes inverse roots (SPEC B §4.6)."""
         t = int(self.step_count) + 1
         frequency, start = group["precondition_frequency"], group["start_preconditioning_step"]
         return self.layout.factor_numel > 0 and ((t % frequency == 0 and t > start) or t == start)
-    def _update_factors(self, factors: torch.Tensor) -> None:
-        """SPEC B §4.4 in place on packed `factors` (any dtype), chunk by chunk through the
-        full-matrix scratch."""
-        grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
-        if not self.on_cuda and factors.dtype == self.shampoo_dtype:
-            # CPU: updated where they are stored, without unpacking
-            _backend.factor_update_packed(
-                factors, factors, grads, self.table, self.active, self.beta2, num_threads=self.num_threads
-            )
-            return
-        scratch = self.packing.scratch()
-        for c in self.packing.chunks:
-            full = self.packing.unpack(scratch, factors, c, self.active)
-            _backend.factor_update(
-                full, full, grads, c.table, self.active[c.block_start : c.block_stop], self.beta2,
-                num_threads=self.num_threads, fail=self.fail,
-            )
-            self.packing.pack(factors, full, c, self.factor_active)
-
     def _stage_root_step(self, factor_work: torch.Tensor, root_work: torch.Tensor, bias_correction: float) -> None:
         """A root step's new factors and inverse roots into the packed staging buffers, each
         chunk's roots computed while its new factors are in scratch; statuses and diagonal
         flags land in root_status and diagonal_work. Live state is not touched."""
         factor_work.copy_(self.factors)  # inactive factors keep their values
-        grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
         scratch, roots = self.packing.scratch(), self.packing.scratch()
         for c in self.packing.chunks:
             active = self.active[c.block_start : c.block_stop]
             full = self.packing.unpack(scratch, factor_work, c, self.active)
+            grads, grads_table = self._root_step_grads(c)  # G of the chunk (chunk scratch)
             _backend.factor_update(
-                full, full, grads, c.table, active, self.beta2, num_threads=self.num_threads, fail=self.fail
+                full, full, grads, grads_table, active, self.beta2, num_threads=self.num_threads, fail=self.fail
             )
             self.packing.pack(factor_work, full, c, self.factor_active)
             out = roots[: c.full_numel]
@@ -370,16 +354,6 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO):
             )
             # every factor: the uncommitted ones are restored by the commit (packed_commit)
             self.packing.pack(root_work, out, c, None, average=True)
-
-    def _precondition(self, out: torch.Tensor, grads: torch.Tensor, inv_roots: torch.Tensor) -> None:
-        """SPEC B §4.8 with packed inverse roots (any dtype), chunk by chunk."""
-        scratch = self.packing.scratch()
-        for c in self.packing.chunks:
-            roots = self.packing.unpack(scratch, inv_roots, c, self.active)
-            _backend.precondition(
-                out, grads, roots, c.table, self.active[c.block_start : c.block_stop],
-                num_threads=self.num_threads,
-            )
 
     def apply(self, group: dict[str, Any], plan: "StepPlan", track_residuals: bool = False) -> None:
         """The infallible half of a step (SPEC B §4.4-§4.11): commits factors and roots,
@@ -402,98 +376,40 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO):
             if track_residuals:
                 log_root_inverse_residuals(self, plan.bias_correction)
         else:
-            if self.layout.factor_numel > 0:
-                # Nothing can fail any more (the overflow proof held): update in place.
-                self._update_factors(self.factors)
             inv_roots = self.inv_factors
         self.step_count.fill_(t)
 
-        # every value was read and checked in prepare(): nothing below can fail
-        sc = plan.scalars
-        beta1, beta3, momentum = sc.beta1, sc.beta3, sc.momentum
-        weight_decay, decoupled, grafting_on = sc.weight_decay, sc.decoupled, sc.grafting_on
-
-        # Grafting accumulator and filtered gradient (state in place, SPEC B §4.5, §4.7).
-        working = self.working_dtype
-        grafting_state = self._working("grafting_state", self.grafting_state, working)
-        filtered_grad = self._working("filtered_grad", self.filtered_grad, working)
-        update_grafting = grafting_on and grafting_state is not None
-        _backend.moments(
-            self.grad_blocks, grafting_state if update_grafting else None,
-            filtered_grad if beta1 != 0.0 else None, self.table, self.active,
-            update_grafting_state=update_grafting, grafting_beta2=self.grafting.beta2,
-            beta1=beta1, beta3=beta3,
-            bias_correction1=sc.bias_correction1,
-            fail=self.fail,
+        # every value was read and checked in prepare(): nothing below can fail. Steps
+        # without roots update the factors in place here (the overflow proof held).
+        io: StepIO = plan.io
+        if self.exchange is None and io.grad_blocks is not None:
+            io.update_flat = torch.zeros(self.layout.param_numel, dtype=self.working_dtype, device=self.device)
+        self._run_pipeline(
+            plan, None if plan.scalars.grafting_phase else inv_roots,
+            update_factors=not plan.root_step and self.layout.factor_numel > 0,
         )
-        if beta1 != 0.0 and filtered_grad is not self.filtered_grad:
-            self.filtered_grad.copy_(filtered_grad)  # type: ignore[union-attr]
-
-        # Shampoo direction (SPEC B §4.8).
-        grafting_phase = sc.grafting_phase
-        shampoo_dir = None
-        if not grafting_phase:
-            if self.shampoo_dtype == working:
-                self._precondition(self.shampoo_dir, self.grad_blocks, inv_roots)
-            else:
-                grads_s = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
-                out_s = self._scratch_like("dir_s", self.grad_blocks, self.shampoo_dtype)
-                self._precondition(out_s, grads_s, inv_roots)
-                self.shampoo_dir.copy_(out_s)
-            shampoo_dir = self.shampoo_dir
-
-        # Grafting, decoupled weight decay, momentum, lr (SPEC B §4.8-§4.11); then parameters.
-        momentum_state = self._working("momentum", self.momentum, working) if momentum != 0.0 else None
-        graft_kind = self.grafting.kind if grafting_on else "none"
-        finish_scalars = dict(
-            graft=graft_kind, grafting_phase=grafting_phase,
-            grafting_bias_correction=sc.grafting_bias_correction,
-            grafting_epsilon=self.grafting.epsilon,
-            decoupled_weight_decay=weight_decay if decoupled else 0.0,
-            momentum=momentum, dampening=sc.dampening, nesterov=sc.nesterov, lr=sc.lr,
-        )
-        grafting_v = grafting_state if graft_kind == "diagonal" else None
-        if self.exchange is None and plan.direct:
-            # the parameters updated in place, block by block (decoupled decay reads them first)
-            finish_io(
-                self._io_list(self.locals, self._live_mask()), self.locator, self.grad_blocks,
-                shampoo_dir, grafting_v, momentum_state, self.table, self.active, **finish_scalars,
-            )
-        else:
-            # Staged, the updates overwrite G_hat (block layout; added to the parameters
-            # below); under DDP they are packed block after block, the all-gather payload.
-            destination, destination_table = (
-                (self.grad_blocks, self.block_destination)
-                if self.exchange is None
-                else (self.payload, self.payload_table)
-            )
-            _backend.finish(
-                destination, self.grad_blocks, shampoo_dir, grafting_v,
-                plan.param_blocks if decoupled else None, momentum_state, destination_table,
-                self.active, fail=self.fail, **finish_scalars,
-            )
-        if momentum_state is not None and momentum_state is not self.momentum:
-            self.momentum.copy_(momentum_state)  # type: ignore[union-attr]
-        if update_grafting and grafting_state is not self.grafting_state:
-            self.grafting_state.copy_(grafting_state)  # type: ignore[union-attr]
+        plan.factor_work = plan.root_work = None
         if self.exchange is not None:
             self._apply_exchanged(plan)
-        elif not plan.direct:
-            update_flat, update_views = self._staged_flat()  # transient (this step)
-            _backend.scatter(update_flat, self.grad_blocks, self.table, self.active)
-            torch._foreach_add_(self._live_params, update_views)
+        elif io.grad_blocks is not None:
+            # staged: the updates (param layout, this step only) added by torch
+            update_flat = io.update_flat
+            views = [
+                update_flat[self.layout.param_offsets[i] : self.layout.param_offsets[i] + self.locals[i].numel()].view(
+                    self.locals[i].shape
+                )
+                for i in self._live
+            ]
+            torch._foreach_add_(self._live_params, views)
+        plan.io = None
 
     def _apply_exchanged(self, plan: "StepPlan") -> None:
         """DDP (SPEC B §7.2.5): all-gather every rank's updates (or, with communicate_params,
         its updated parameters) and apply all of them, each rank the same way."""
         assert self.exchange is not None
         communicate_params = self.exchange.communicate_params
-        if communicate_params:
-            assert plan.param_blocks is not None
-            self.payload.add_(plan.param_blocks)
-        plan.param_blocks = None
         gathered = self.exchange.exchange(self.payload)
-        if plan.direct:
+        if plan.io.grad_blocks is None:
             # every rank's blocks into the parameters in place (updates added, or parameters)
             scatter_io(
                 self._io_list(self.locals, self._live_mask()), self.full_locator, gathered,

@@ -12,11 +12,30 @@ param-layout buffers allocated for that step only, and updates are added by torc
 transient: nothing param-sized is kept between steps. A mixin of ShampooGroupEngine.
 """
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from distributed_shampoo._backend_io import IOLocator, io_dtype_ok
+
+
+@dataclass
+class StepIO:
+    """What one step reads and writes, decided in prepare() and used by apply()."""
+
+    l2: float = 0.0
+    # direct: the gradients, the parameters read for L2 decay (or DDP's payload), and the
+    # parameters written in place; one entry per parameter, None where there is no gradient
+    grads: list[torch.Tensor | None] | None = None
+    params: list[torch.Tensor | None] | None = None
+    params_all: list[torch.Tensor | None] | None = None
+    param_blocks_wanted: bool = False  # DDP: the chunk's parameters in block layout too
+    chunk_params: torch.Tensor | None = None  # ... the current chunk's (chunk scratch)
+    # staged: this step's G (and W) in block layout, and the updates in param layout
+    grad_blocks: torch.Tensor | None = None
+    param_blocks: torch.Tensor | None = None
+    update_flat: torch.Tensor | None = None
 
 
 class ParamIO:
