@@ -178,12 +178,16 @@ static PyObject *scatter_io(PyObject *m, PyObject *args, int bits, const char *f
     };
     static const char *const names[1] = {"params"};
     static const int written[1] = {1};
-    PyObject *o[5], *seqs[1];
-    int accumulate;
+    PyObject *o[5], *seqs[1], *flag;
     shampoo_call call = {0};
     shampoo_tensor_list lists[1] = {{0}};
-    if (!PyArg_ParseTuple(args, "OOOOOOp", &seqs[0], &o[0], &o[1], &o[2], &o[3], &o[4],
-                          &accumulate))
+    if (!PyArg_ParseTuple(args, "OOOOOOO", &seqs[0], &o[0], &o[1], &o[2], &o[3], &o[4], &flag))
+        return NULL;
+    /* a bool or an int only: a tensor's truth value would raise its own error */
+    if (!PyBool_Check(flag) && !PyLong_Check(flag))
+        return PyErr_Format(PyExc_TypeError, "%s: argument 'accumulate' must be a bool", fn);
+    const int accumulate = PyObject_IsTrue(flag);
+    if (accumulate < 0)
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 5, bits) < 0)
         return shampoo_call_failed(&call);

@@ -33,8 +33,15 @@ class PipeChunk:
     offset: int           # block-layout offset of the chunk's first block
     numel: int            # block-layout elements of its blocks
     table: Any            # _backend.KernelTable
-    locator: IOLocator
+    locator: IOLocator    # over the tensors of parameters [first_param, stop_param)
     payload_table: Any    # DDP: writes updates at their place in the payload (else None)
+    first_param: int = 0
+    stop_param: int = 0
+
+    def tensors(self, per_param: list) -> list:
+        """The entries of a per-parameter list this chunk's blocks lie in (a call then
+        borrows only those tensors)."""
+        return per_param[self.first_param : self.stop_param]
 
     def rows(self, state: torch.Tensor) -> torch.Tensor:
         """The chunk's slice of a block-layout buffer."""
@@ -73,11 +80,14 @@ class StepPipeline:
                 payload[:, _backend.BF_FACTOR_OFFSET] = _rebased(sub)[:, _backend.BF_FACTOR_OFFSET]
                 payload[:, _backend.BF_FACTOR_INDEX] = _rebased(sub)[:, _backend.BF_FACTOR_INDEX]
                 payload_table = _backend.KernelTable(torch.from_numpy(payload), self.device)
+            owners = self.layout.block_param[c.block_start : c.block_stop]
+            first = int(owners.min()) if len(owners) else 0
+            stop = int(owners.max()) + 1 if len(owners) else 0
             self.pipe.append(PipeChunk(
                 c, offset, int(sub[:, _backend.BF_NUMEL].sum()),
                 _backend.KernelTable(torch.from_numpy(_rebased(sub)), self.device),
-                IOLocator(self.layout.param_offsets, self.layout.block_param[c.block_start : c.block_stop]),
-                payload_table,
+                IOLocator(self.layout.param_offsets[first:stop], owners - first),
+                payload_table, first, stop,
             ))
         self.max_chunk_numel = max((p.numel for p in self.pipe), default=0)
         self._pipe_by_start = {pc.chunk.block_start: pc for pc in self.pipe}
@@ -101,7 +111,8 @@ class StepPipeline:
         w = None
         if io.param_blocks_wanted:
             w = self._chunk_buffer("w", self.working_dtype)[: pc.numel]
-        gather_io(g, w, io.grads, io.params, pc.locator, pc.table,
+        gather_io(g, w, pc.tensors(io.grads), None if io.params is None else pc.tensors(io.params),
+                  pc.locator, pc.table,
                   self.active[pc.chunk.block_start : pc.chunk.block_stop], io.l2)  # type: ignore[attr-defined]
         io.chunk_params = w
         return g
@@ -191,7 +202,8 @@ class StepPipeline:
                     if self.exchange.communicate_params:
                         pc.rows(self.payload).add_(w)  # type: ignore[attr-defined]
                 elif io.grad_blocks is None:
-                    finish_io(io.params_all, pc.locator, g, d, v_diag, m, pc.table, active, **finish_scalars)
+                    finish_io(pc.tensors(io.params_all), pc.locator, g, d, v_diag, m, pc.table, active,
+                              **finish_scalars)
                 else:
                     _backend.finish(io.update_flat, g, d, v_diag, w if decoupled else None, m, pc.table,
                                     active, fail=fail, **finish_scalars)
