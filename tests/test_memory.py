@@ -171,3 +171,30 @@ def test_step_scratch_is_bounded_by_a_chunk(monkeypatch: pytest.MonkeyPatch) -> 
     state = 4 * (2 * engine.packing.numel + 3 * numel)  # packed factors + roots, V, F, M
     held = held_bytes(optimizer, exclude)
     assert state + 4 * 2 * chunk <= held < state + 4 * 2 * chunk + 64 * 1024, (held, state, chunk)
+
+
+def test_in_place_parameter_writes_bump_autograd_versions() -> None:
+    """The C kernels write the parameters behind autograd's back; the step bumps their
+    version counters as `add_` did, so autograd still sees the in-place change."""
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 2))
+    optimizer = make(model)
+    before = [p._version for p in model.parameters()]
+    train(model, optimizer, range(1, 2))
+    assert all(p._version > v for p, v in zip(model.parameters(), before))
+
+
+def test_non_contiguous_gradient_gives_the_contiguous_result_bitwise() -> None:
+    """A non-contiguous gradient is read through a transient contiguous copy: same bits."""
+    def run(transposed: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 8), nn.Linear(8, 3))
+        optimizer = make(model, weight_decay=0.01, use_decoupled_weight_decay=False)
+        for step in range(1, 4):
+            generator = torch.Generator().manual_seed(step)
+            for p in model.parameters():
+                g = torch.randn(p.shape, generator=generator)
+                p.grad = g.t().contiguous().t() if transposed and g.dim() == 2 else g
+            optimizer.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert_bitwise_equal(run(True), run(False), "params")

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from distributed_shampoo import _backend
 from distributed_shampoo._backend_io import gather_io, scatter_io
@@ -391,7 +392,11 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
         plan.factor_work = plan.root_work = None
         if self.exchange is not None:
             self._apply_exchanged(plan)
-        elif io.grad_blocks is not None:
+        elif io.grad_blocks is None:
+            # written by C behind autograd's back: bump their versions as add_ would, so a
+            # tensor saved for backward that was overwritten is still caught
+            increment_version(self._live_params)
+        else:
             # staged: the updates (param layout, this step only) added by torch
             update_flat = io.update_flat
             views = [
@@ -415,6 +420,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
                 self._io_list(self.locals, self._live_mask()), self.full_locator, gathered,
                 self.exchange.receive_table, self.full_active, accumulate=not communicate_params,
             )
+            increment_version(self._live_params)  # as add_ / copy_ would
             return
         flat, views = self._staged_flat()  # transient (this step)
         _backend.scatter(flat, gathered, self.exchange.receive_table, self.full_active)
