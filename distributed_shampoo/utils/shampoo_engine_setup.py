@@ -71,7 +71,6 @@ class StepPlan:
     step: int
     root_step: bool
     bias_correction: float
-    param_blocks: torch.Tensor | None
     scalars: StepScalars
     # a root step's new factors and inverse roots, staged until apply() commits them
     factor_work: torch.Tensor | None = None

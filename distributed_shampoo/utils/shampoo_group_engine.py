@@ -323,7 +323,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
             log_non_diagonal(self.layout, self.diagonal, self.diagonal_work)
             self._check_roots()
         self._step_io = None
-        return StepPlan(t, root_step, bias_correction, None, scalars, factor_work, root_work, io)
+        return StepPlan(t, root_step, bias_correction, scalars, factor_work, root_work, io)
     def _is_root_step(self, group: dict[str, Any]) -> bool:
         """`group`: validated values."""
         """Whether the coming step computes inverse roots (SPEC B §4.6)."""
