@@ -113,9 +113,11 @@ def _psd_factors(bits: int, rng: np.random.Generator) -> torch.Tensor:
 
 
 # Each base: (entry stem, builder(bits, rng) -> (args, kinds)). kinds[i] says what argument
-# i is: "buf" (a float buffer), "table", "mask", "i32", "int", "float", "bool", "shape".
+# i is: "buf" (a float buffer), "table", "mask", "i32", "int", "float", "bool", "shape",
+# "list" (the per-parameter tensors the pointer-table kernels read or write in place).
 BASE_STEMS = ["factor_update", "finish", "gather", "moments", "precondition", "root_inverse",
-              "scatter", "sym_unpack", "sym_pack", "packed_commit", "factor_update_packed"]
+              "scatter", "sym_unpack", "sym_pack", "packed_commit",
+              "factor_update_packed", "gather_io", "finish_io", "scatter_io"]
 
 
 def _packed(full: torch.Tensor) -> torch.Tensor:
@@ -138,7 +140,20 @@ def _base_calls(bits: int, rng: np.random.Generator, stem: str) -> tuple[list[An
     fac = lambda: _psd_factors(bits, rng)  # noqa: E731
     nf = LAYOUT.factor_count
     fu8 = lambda: torch.zeros(nf, dtype=torch.uint8)  # noqa: E731
+    tensors = lambda: [_real(int(np.prod(sh, dtype=np.int64)), rng, bits).reshape(sh)  # noqa: E731
+                       for sh in LAYOUT.shapes]
+    offs = lambda: torch.tensor(LAYOUT.param_offsets, dtype=torch.int64)  # noqa: E731
+    owner = lambda: torch.tensor([b.param for b in LAYOUT.blocks], dtype=torch.int64)  # noqa: E731
     calls = {
+        "gather_io": lambda: ([blk(), blk(), tensors(), tensors(), offs(), owner(), t, act(), 0.1,
+                               torch.zeros(NB, dtype=torch.float64)],
+                              "buf buf list list buf buf table mask float buf"),
+        "finish_io": lambda: ([tensors(), offs(), owner(), blk(), blk(), blk().abs(), blk(), t,
+                               act(), 2, False, 0.5, 1e-8, 0.01, 0.9, 0.0, True, 0.1],
+                              "list buf buf buf buf buf buf table mask int bool float float "
+                              "float float float bool float"),
+        "scatter_io": lambda: ([tensors(), offs(), owner(), blk(), t, act(), True],
+                               "list buf buf buf table mask bool"),
         "gather": lambda: ([blk(), blk(), par(), par(), t, act(), 0.1],
                            "buf buf buf buf table mask float"),
         "scatter": lambda: ([par(), blk(), t, act()], "buf buf table mask"),
@@ -247,6 +262,38 @@ def _mutate_buffer(x: Any, others: list[Any], r: random.Random) -> Any:
     return x.t() if x.dim() == 2 else x.as_strided((n,), (1,))
 
 
+def _mutate_list(x: Any, others: list[Any], r: random.Random) -> Any:
+    """A per-parameter tensor list made hostile: a wrong container or length, an entry
+    mutated like a buffer, None, a Parameter, an alias of another argument."""
+    if not isinstance(x, list) or not x:
+        return r.choice(WRONG_OBJECTS)
+    choice = r.randrange(8)
+    if choice == 0:
+        return r.choice(WRONG_OBJECTS)
+    if choice == 1:
+        return x[:-1] if r.random() < 0.5 else x + [x[-1]]
+    if choice == 2:
+        return tuple(x)
+    if choice == 3:
+        return type("Sub", (list,), {})(x)
+    out = list(x)
+    i = r.randrange(len(out))
+    if not isinstance(out[i], torch.Tensor):  # an earlier mutation's entry
+        out[i] = r.choice(WRONG_OBJECTS)
+    elif choice == 4:
+        out[i] = None
+    elif choice == 5:
+        out[i] = torch.nn.Parameter(out[i], requires_grad=False)
+    elif choice == 6:
+        same = [o for o in others if isinstance(o, torch.Tensor) and o.dtype == out[i].dtype
+                and o.numel() >= out[i].numel()]
+        if same:  # a view of another argument's memory
+            out[i] = r.choice(same).reshape(-1)[: out[i].numel()].reshape(out[i].shape)
+    else:  # (a 0-d entry as 1-d: the buffer mutations slice)
+        out[i] = _mutate_buffer(out[i] if out[i].dim() else out[i].reshape(1), others, r)
+    return out
+
+
 def _mutate_table(x: Any, r: random.Random) -> Any:
     base = x.numpy() if isinstance(x, torch.Tensor) else x
     if not (isinstance(base, np.ndarray) and base.dtype == np.int64 and base.ndim == 2):
@@ -308,6 +355,8 @@ def make_case(seed: int, index: int) -> tuple[str, Callable[..., Any], list[Any]
         try:
             if kinds[i] in ("buf", "mask", "i32"):
                 args[i] = _mutate_buffer(args[i], args, r)
+            elif kinds[i] == "list":
+                args[i] = _mutate_list(args[i], args, r)
             elif kinds[i] == "table":
                 args[i] = _mutate_table(args[i], r)
             else:
@@ -322,6 +371,10 @@ def make_case(seed: int, index: int) -> tuple[str, Callable[..., Any], list[Any]
 def _snapshot(args: list[Any]) -> list[bytes | None]:
     out: list[bytes | None] = []
     for a in args:
+        if isinstance(a, (list, tuple)):  # a tensor list: every entry's storage
+            parts = _snapshot(list(a))
+            out.append(b"|".join(p if p is not None else b"-" for p in parts))
+            continue
         inner = getattr(a, "t", None) if not isinstance(a, (torch.Tensor, np.ndarray)) else a
         if isinstance(inner, torch.Tensor):
             raw = torch.empty(0, dtype=torch.uint8).set_(inner.untyped_storage())

@@ -48,7 +48,10 @@ def test_only_backend_imports_the_extension():
     files = [p for d in ("distributed_shampoo", "tests", "benchmarks", "examples")
              for p in (ROOT / d).rglob("*.py") if p.exists()]
     offenders = [str(p.relative_to(ROOT)) for p in files
-                 if p.name != "test_layering.py" and p != ROOT / "distributed_shampoo" / "_backend.py"
+                 if p.name != "test_layering.py"
+                 # the one door, and its pointer-table half (kept apart for size)
+                 and p not in (ROOT / "distributed_shampoo" / "_backend.py",
+                               ROOT / "distributed_shampoo" / "_backend_io.py")
                  and pattern.search(p.read_text())]
     assert not offenders
 

@@ -264,6 +264,7 @@ static int shampoo_exec(PyObject *m)
     shampoo_module_state *st = shampoo_get_state(m);
     if (add_constants(m) < 0 || PyModule_AddFunctions(m, shampoo_kernel_methods) < 0 ||
         PyModule_AddFunctions(m, shampoo_packed_methods) < 0 ||
+        PyModule_AddFunctions(m, shampoo_param_io_methods) < 0 ||
         shampoo_linalg_load(st) < 0)
         return -1;
     return shampoo_dlpack_state_init(&st->dl, 1 /* CPU */);

@@ -48,7 +48,9 @@ typedef enum shampoo_arg_kind {
     SHAMPOO_ARG_INT32,  /* int32, one per factor */
     SHAMPOO_ARG_INT64,  /* int64, any length (a batch plan, a failure flag) */
     SHAMPOO_ARG_BYTES,  /* uint8 scratch of any length */
-    SHAMPOO_ARG_DOUBLE  /* float64 whatever the call's REAL width (sums kept in double) */
+    SHAMPOO_ARG_DOUBLE, /* float64 whatever the call's REAL width (sums kept in double) */
+    SHAMPOO_ARG_IO      /* a parameter or gradient read in place: REAL, or bfloat16 with
+                           float32 kernels (tensor_list.c) */
 } shampoo_arg_kind;
 
 /* Which block-table extent an argument's length must cover. */
@@ -125,6 +127,10 @@ int shampoo_check_sign_flags(const char *fn, const char *arg, PyObject *obj);
 int shampoo_view_table(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,
                        const char *arg, PyObject *obj, int writable);
 void shampoo_view_release(shampoo_view *v);
+/* Borrows one argument per spec (any kind); 0, or -1 with an exception set. Release it with
+ * shampoo_view_release either way. */
+int shampoo_view_get(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,
+                     const shampoo_arg_spec *spec, PyObject *obj, int real_bits);
 
 static inline shampoo_module_state *shampoo_get_state(PyObject *module)
 {
@@ -170,6 +176,8 @@ static inline PyObject *shampoo_call_failed(shampoo_call *call)
 extern PyMethodDef shampoo_kernel_methods[];
 /* The packed-storage kernels' entry points (packed_ops.c), likewise. */
 extern PyMethodDef shampoo_packed_methods[];
+/* The pointer-table kernels' entry points (param_io_ops.c), likewise. */
+extern PyMethodDef shampoo_param_io_methods[];
 
 /* Fills st->la from SciPy, checking each capsule's signature; ImportError on mismatch. */
 int shampoo_linalg_load(shampoo_module_state *st);

@@ -60,6 +60,11 @@ static int dtype_ok(shampoo_arg_kind kind, shampoo_dl_data_type t, int real_bits
     case SHAMPOO_ARG_DOUBLE:
         *expected = "float64";
         return t.code == SHAMPOO_DL_FLOAT && t.bits == 64;
+    case SHAMPOO_ARG_IO:
+        *expected = real_bits == 32 ? "float32 or bfloat16 (float32 kernels)"
+                                    : "float64 (float64 kernels)";
+        return (t.code == SHAMPOO_DL_FLOAT && t.bits == real_bits) ||
+               (real_bits == 32 && t.code == SHAMPOO_DL_BFLOAT && t.bits == 16);
     }
     return 0;
 }
@@ -218,6 +223,12 @@ static int view_get(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,
         return -1;
     }
     return 0;
+}
+
+int shampoo_view_get(shampoo_view *v, shampoo_dlpack_state *st, const char *fn,
+                     const shampoo_arg_spec *spec, PyObject *obj, int real_bits)
+{
+    return view_get(v, st, fn, spec, obj, real_bits);
 }
 
 void shampoo_view_release(shampoo_view *v)

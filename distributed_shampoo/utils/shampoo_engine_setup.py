@@ -71,7 +71,6 @@ class StepPlan:
     step: int
     root_step: bool
     bias_correction: float
-    param_blocks: torch.Tensor | None
     scalars: StepScalars
     # a root step's new factors and inverse roots, staged until apply() commits them
     factor_work: torch.Tensor | None = None
@@ -79,6 +78,8 @@ class StepPlan:
     # the staggered schedule's plan of this root step (shampoo_root_schedule.PhasePlan), or
     # None; then factor_work / root_work hold the compact staging of its blocks and factors
     due: Any = None
+    # how the step reads gradients and writes parameters (shampoo_param_io.StepIO)
+    io: Any = None
 
 
 class GraftingSpec:

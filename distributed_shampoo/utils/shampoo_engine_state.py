@@ -19,12 +19,6 @@ class GroupStateLayout:
     group_index: int
     device: torch.device
 
-    def _param_shaped_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [
-            flat[offset : offset + t.numel()].view(t.shape)
-            for offset, t in zip(self.layout.param_offsets, self.locals)
-        ]
-
     def _scratch_like(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A scratch buffer allocated on first use and kept (no allocation per step)."""
         key = (name, dtype)
@@ -38,13 +32,6 @@ class GroupStateLayout:
         if state is None or state.dtype == dtype:
             return state
         return self._scratch_like(name, state, dtype).copy_(state)
-
-    def _ensure_param_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.param_flat is None or self.param_blocks is None:
-            self.param_flat = torch.zeros_like(self.grad_flat)
-            self.param_blocks = torch.zeros_like(self.grad_blocks)
-            self._param_views = self._param_shaped_views(self.param_flat)
-        return self.param_flat, self.param_blocks
 
     # ---------------------------------------------------------------------- state access
     def block_states(self) -> dict[int, dict[str, dict[str, Any]]]:

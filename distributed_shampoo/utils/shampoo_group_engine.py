@@ -16,14 +16,15 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from distributed_shampoo import _backend
+from distributed_shampoo._backend_io import gather_io, scatter_io
 from distributed_shampoo.shampoo_types import PrecisionConfig, StaggeredRootScheduleConfig
 from distributed_shampoo.utils.shampoo_block_layout import (
     BlockLayout,
     TensorPiece,
     build_block_layout,
-    contiguous_destination,
     select_blocks,
     whole_tensors,
 )
@@ -39,10 +40,12 @@ from distributed_shampoo.utils.shampoo_engine_setup import (  # noqa: F401 (re-e
 from distributed_shampoo.utils.shampoo_engine_state import GroupStateLayout
 from distributed_shampoo.utils.shampoo_overflow import FactorOverflowGuard
 from distributed_shampoo.utils.shampoo_packed_chunks import PackedFactors
+from distributed_shampoo.utils.shampoo_param_io import ParamIO, StepIO
 from distributed_shampoo.utils.shampoo_residuals import log_root_inverse_residuals
 from distributed_shampoo.utils.shampoo_root_schedule import RootSchedule
 from distributed_shampoo.utils.shampoo_root_status import log_non_diagonal, report_root_statuses
 from distributed_shampoo.utils.shampoo_scalars import float32_bias_correction
+from distributed_shampoo.utils.shampoo_step_pipeline import StepPipeline
 from distributed_shampoo.utils.shampoo_step_checks import (
     GroupValues,
     check_grad,
@@ -54,7 +57,7 @@ logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
 _ROOT_OK = (_backend.ROOT_OK, _backend.ROOT_MAX_ITERS, _backend.ROOT_RETRIED_DOUBLE)
 
 
-class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
+class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipeline):
     """Flat state buffers, block table and step of one parameter group on one device."""
 
     def __init__(
@@ -129,7 +132,6 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         if ddp is not None:
             self.exchange = DDPExchange(self.full_layout, owners, ddp, self.device, self.working_dtype)
             # finish() packs this rank's updates block after block: the all-gather payload.
-            self.payload_table = _backend.KernelTable(contiguous_destination(layout), self.device)
             self.payload = zeros(n, self.working_dtype)
             self.full_active = torch.zeros(self.full_layout.num_blocks, dtype=torch.uint8, device=self.device)
         # Live optimizer state (storage dtypes of SPEC B §3 / §6).
@@ -152,15 +154,10 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
             if layout.factor_numel > 0
             else None
         )
-        # Scratch, in the kernels' dtypes.
-        self.grad_flat = zeros(layout.param_numel, self.working_dtype)  # gradients in, updates out
-        self.grad_blocks = zeros(n, self.working_dtype)     # G, then G_hat, then the updates
-        # The Shampoo direction lives in grad_flat's memory (block layout; n <= param_numel):
-        # grad_flat is dead from gather until the updates are scattered into it.
-        self.shampoo_dir = self.grad_flat[:n]
-        # finish() writes the updates over G_hat in place (block layout), then they are
-        # scattered into grad_flat (param layout) for the parameter update
-        self.block_destination = _backend.KernelTable(contiguous_destination(layout), self.device)
+        # Scratch: gradients are read and parameters written where they are
+        # (shampoo_param_io.py), and the per-block pipeline runs chunk by chunk
+        # (shampoo_step_pipeline.py): its buffers are bounded by a chunk, not the model.
+        self._init_param_io()
         # No persistent copy of the factors or roots: a root step stages its new factors and
         # roots in buffers allocated for that step only (StepPlan), so that a failure found
         # after computing them changes nothing; other steps update the factors in place.
@@ -168,10 +165,9 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         self.root_status = torch.zeros(layout.factor_count, dtype=torch.int32)
         self.root_commit = torch.zeros(layout.factor_count, dtype=torch.uint8, device=self.device)
         self.active = torch.zeros(layout.num_blocks, dtype=torch.uint8, device=self.device)
-        self.param_flat: torch.Tensor | None = None
-        self.param_blocks: torch.Tensor | None = None
         self._scratch: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-        self._grad_views = self._param_shaped_views(self.grad_flat)
+        self._init_pipeline()
+        self._step_io: StepIO | None = None
         self._active_params: tuple[bool, ...] | None = None
         self._live: list[int] = []
         # opt-in staggered inverse roots (shampoo_root_schedule.py); None: all at once
@@ -209,8 +205,6 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
             self.full_active.copy_(torch.from_numpy(per_param[self.full_layout.block_param]))
         self._live = [i for i, a in enumerate(active_params) if a]
         self._live_params = [self.locals[i] for i in self._live]
-        self._live_grad_views = [self._grad_views[i] for i in self._live]
-        self._live_param_views: list[torch.Tensor] | None = None
 
     def prepare(self, group: dict[str, Any]) -> Optional["StepPlan"]:
         """The fallible half of a step (SPEC B §4.1-§4.6): gathers and checks the gradients
@@ -273,16 +267,41 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
             # (all ranks at the same step), so that no rank raises while others all-gather.
             self._raise_device_failure(wait=False)
         root_step = self._is_root_step(group)
-        torch._foreach_copy_(self._live_grad_views, live_grads)
-        param_flat = param_blocks = None
-        if weight_decay != 0.0 or (self.exchange is not None and self.exchange.communicate_params):
-            param_flat, param_blocks = self._ensure_param_buffers()
-            torch._foreach_copy_(self._live_param_targets(), self._live_params)
-        bad = _backend.gather(
-            self.grad_blocks, param_blocks, self.grad_flat, param_flat, self.table, self.active,
-            0.0 if decoupled else weight_decay, step=t, fail=self.fail,
-            sq_norms=None if self.overflow is None else self.overflow.sq_norms,
-        )
+        l2 = 0.0 if decoupled else weight_decay
+        sq_norms = None if self.overflow is None else self.overflow.sq_norms
+        communicate_params = self.exchange is not None and self.exchange.communicate_params
+        io = self._step_io = StepIO(l2=l2)
+        if self._direct_io(grads):
+            live = self._live_mask()
+            io.grads = self._io_list(grads, live)
+            io.params_all = self._io_list(self.locals, live)
+            # the parameters in block layout only where finish() cannot read them in place:
+            # DDP's payload (decoupled weight decay, or the parameters it all-gathers)
+            io.param_blocks_wanted = self.exchange is not None and (
+                communicate_params or (decoupled and weight_decay != 0.0)
+            )
+            io.params = io.params_all if (l2 != 0.0 or io.param_blocks_wanted) else None
+            # read only: the gradients are read again, chunk by chunk, when they are used
+            bad = gather_io(
+                None, None, io.grads, io.params, self.locator, self.table, self.active, l2,
+                sq_norms=sq_norms,
+            )
+        else:
+            # staged (CUDA kernels, odd dtypes): param-layout copies and G in block layout,
+            # for this step only
+            grad_flat, grad_views = self._staged_flat()
+            torch._foreach_copy_(grad_views, live_grads)
+            param_flat = None
+            io.grad_blocks = self._block_scratch()
+            if weight_decay != 0.0 or communicate_params:
+                param_flat, param_views = self._staged_flat()
+                io.param_blocks = self._block_scratch()
+                torch._foreach_copy_(param_views, self._live_params)
+            bad = _backend.gather(
+                io.grad_blocks, io.param_blocks, grad_flat, param_flat, self.table, self.active,
+                l2, step=t, fail=self.fail, sq_norms=sq_norms,
+            )
+            del grad_flat, grad_views, param_flat
         if bad >= 0:
             raise ValueError(
                 f"Encountered nan or inf values in the gradient of {self.describe_block(bad)}. "
@@ -318,7 +337,8 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
             self._stage_root_step(factor_work, root_work, bias_correction)
             log_non_diagonal(self.layout, self.diagonal, self.diagonal_work)
             self._check_roots()
-        return StepPlan(t, root_step, bias_correction, param_blocks, scalars, factor_work, root_work, due)
+        self._step_io = None
+        return StepPlan(t, root_step, bias_correction, scalars, factor_work, root_work, io=io, due=due)
 
     def _is_root_step(self, group: dict[str, Any]) -> bool:
         """Whether the coming step computes inverse roots (SPEC B §4.6). `group`: validated
@@ -344,41 +364,18 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         key = self.schedule.due(int(self.step_count) + 1, frequency, group["start_preconditioning_step"])
         return None if key is None else self.schedule.plan(frequency, key)
 
-    def _update_factors(self, factors: torch.Tensor, active: torch.Tensor | None = None,
-                        factor_active: torch.Tensor | None = None) -> None:
-        """SPEC B §4.4 in place on packed `factors` (any dtype), chunk by chunk through the
-        full-matrix scratch; of the blocks `active` (default: self.active) and their factors
-        `factor_active` (default: self.factor_active)."""
-        active = self.active if active is None else active
-        factor_active = self.factor_active if factor_active is None else factor_active
-        grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
-        if not self.on_cuda and factors.dtype == self.shampoo_dtype:
-            # CPU: updated where they are stored, without unpacking
-            _backend.factor_update_packed(
-                factors, factors, grads, self.table, active, self.beta2, num_threads=self.num_threads
-            )
-            return
-        scratch = self.packing.scratch()
-        for c in self.packing.chunks:
-            full = self.packing.unpack(scratch, factors, c, active)
-            _backend.factor_update(
-                full, full, grads, c.table, active[c.block_start : c.block_stop], self.beta2,
-                num_threads=self.num_threads, fail=self.fail,
-            )
-            self.packing.pack(factors, full, c, factor_active)
-
     def _stage_root_step(self, factor_work: torch.Tensor, root_work: torch.Tensor, bias_correction: float) -> None:
         """A root step's new factors and inverse roots into the packed staging buffers, each
         chunk's roots computed while its new factors are in scratch; statuses and diagonal
         flags land in root_status and diagonal_work. Live state is not touched."""
         factor_work.copy_(self.factors)  # inactive factors keep their values
-        grads = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
         scratch, roots = self.packing.scratch(), self.packing.scratch()
         for c in self.packing.chunks:
             active = self.active[c.block_start : c.block_stop]
             full = self.packing.unpack(scratch, factor_work, c, self.active)
+            grads, grads_table = self._root_step_grads(c)  # G of the chunk (chunk scratch)
             _backend.factor_update(
-                full, full, grads, c.table, active, self.beta2, num_threads=self.num_threads, fail=self.fail
+                full, full, grads, grads_table, active, self.beta2, num_threads=self.num_threads, fail=self.fail
             )
             self.packing.pack(factor_work, full, c, self.factor_active)
             out = roots[: c.full_numel]
@@ -393,28 +390,13 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
             # every factor: the uncommitted ones are restored by the commit (packed_commit)
             self.packing.pack(root_work, out, c, None, average=True)
 
-    def _precondition(self, out: torch.Tensor, grads: torch.Tensor, inv_roots: torch.Tensor) -> None:
-        """SPEC B §4.8 with packed inverse roots (any dtype), chunk by chunk."""
-        scratch = self.packing.scratch()
-        for c in self.packing.chunks:
-            roots = self.packing.unpack(scratch, inv_roots, c, self.active)
-            _backend.precondition(
-                out, grads, roots, c.table, self.active[c.block_start : c.block_stop],
-                num_threads=self.num_threads,
-            )
-
-    def _live_param_targets(self) -> list[torch.Tensor]:
-        """Views of param_flat for the parameters with gradients (built once per pattern)."""
-        if self._live_param_views is None:
-            self._live_param_views = [self._param_views[i] for i in self._live]
-        return self._live_param_views
-
     def apply(self, group: dict[str, Any], plan: "StepPlan", track_residuals: bool = False) -> None:
         """The infallible half of a step (SPEC B §4.4-§4.11): commits factors and roots,
         then moments, preconditioning, grafting, momentum and the parameter update."""
         t = plan.step
         if plan.due is not None:
-            # staggered: the other blocks' factors in place, then the staged ones
+            # staggered: the staged factors and roots written over the live ones; the
+            # pipeline below updates the other blocks' factors in place
             assert self.schedule is not None and plan.factor_work is not None and plan.root_work is not None
             factor_work, root_work = plan.factor_work, plan.root_work
             plan.factor_work = plan.root_work = None
@@ -441,93 +423,62 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
             if track_residuals:
                 log_root_inverse_residuals(self, plan.bias_correction)
         else:
-            if self.layout.factor_numel > 0:
-                # Nothing can fail any more (the overflow proof held): update in place.
-                self._update_factors(self.factors)
             inv_roots = self.inv_factors
         self.step_count.fill_(t)
 
-        # every value was read and checked in prepare(): nothing below can fail
-        sc = plan.scalars
-        beta1, beta3, momentum = sc.beta1, sc.beta3, sc.momentum
-        weight_decay, decoupled, grafting_on = sc.weight_decay, sc.decoupled, sc.grafting_on
-
-        # Grafting accumulator and filtered gradient (state in place, SPEC B §4.5, §4.7).
-        working = self.working_dtype
-        grafting_state = self._working("grafting_state", self.grafting_state, working)
-        filtered_grad = self._working("filtered_grad", self.filtered_grad, working)
-        update_grafting = grafting_on and grafting_state is not None
-        _backend.moments(
-            self.grad_blocks, grafting_state if update_grafting else None,
-            filtered_grad if beta1 != 0.0 else None, self.table, self.active,
-            update_grafting_state=update_grafting, grafting_beta2=self.grafting.beta2,
-            beta1=beta1, beta3=beta3,
-            bias_correction1=sc.bias_correction1,
-            fail=self.fail,
+        # every value was read and checked in prepare(): nothing below can fail. Steps
+        # without roots update the factors in place here (the overflow proof held).
+        io: StepIO = plan.io
+        if self.exchange is None and io.grad_blocks is not None:
+            io.update_flat = torch.zeros(self.layout.param_numel, dtype=self.working_dtype, device=self.device)
+        # which blocks' factors the pipeline updates in place: all (no roots), none (a default
+        # root step committed them all), or those without a due factor (staggered)
+        factor_blocks = None
+        if self.layout.factor_numel > 0 and not (plan.root_step and plan.due is None):
+            factor_blocks = self.active if plan.due is None else self.active & (1 - plan.due.block_mask)
+        self._run_pipeline(
+            plan, None if plan.scalars.grafting_phase else inv_roots, factor_blocks,
+            None if plan.due is None else self.factor_active & (1 - plan.due.factor_mask),
         )
-        if beta1 != 0.0 and filtered_grad is not self.filtered_grad:
-            self.filtered_grad.copy_(filtered_grad)  # type: ignore[union-attr]
-
-        # Shampoo direction (SPEC B §4.8).
-        grafting_phase = sc.grafting_phase
-        shampoo_dir = None
-        if not grafting_phase:
-            if self.shampoo_dtype == working:
-                self._precondition(self.shampoo_dir, self.grad_blocks, inv_roots)
-            else:
-                grads_s = self._working("grad_s", self.grad_blocks, self.shampoo_dtype)
-                out_s = self._scratch_like("dir_s", self.grad_blocks, self.shampoo_dtype)
-                self._precondition(out_s, grads_s, inv_roots)
-                self.shampoo_dir.copy_(out_s)
-            shampoo_dir = self.shampoo_dir
-
-        # Grafting, decoupled weight decay, momentum, lr (SPEC B §4.8-§4.11); then parameters.
-        momentum_state = self._working("momentum", self.momentum, working) if momentum != 0.0 else None
-        graft_kind = self.grafting.kind if grafting_on else "none"
-        # Serially the updates overwrite G_hat (block layout; scattered into the parameters'
-        # layout below); under DDP they are packed block after block, the all-gather payload.
-        destination, destination_table = (
-            (self.grad_blocks, self.block_destination)
-            if self.exchange is None
-            else (self.payload, self.payload_table)
-        )
-        _backend.finish(
-            destination, self.grad_blocks, shampoo_dir,
-            grafting_state if graft_kind == "diagonal" else None,
-            plan.param_blocks if decoupled else None, momentum_state, destination_table, self.active,
-            graft=graft_kind, grafting_phase=grafting_phase,
-            grafting_bias_correction=sc.grafting_bias_correction,
-            grafting_epsilon=self.grafting.epsilon,
-            decoupled_weight_decay=weight_decay if decoupled else 0.0,
-            momentum=momentum, dampening=sc.dampening, nesterov=sc.nesterov, lr=sc.lr, fail=self.fail,
-        )
-        if momentum_state is not None and momentum_state is not self.momentum:
-            self.momentum.copy_(momentum_state)  # type: ignore[union-attr]
-        if update_grafting and grafting_state is not self.grafting_state:
-            self.grafting_state.copy_(grafting_state)  # type: ignore[union-attr]
-        if self.exchange is None:
-            _backend.scatter(self.grad_flat, self.grad_blocks, self.table, self.active)
-            torch._foreach_add_(self._live_params, self._live_grad_views)
-        else:
+        plan.factor_work = plan.root_work = None
+        if self.exchange is not None:
             self._apply_exchanged(plan)
+        elif io.grad_blocks is None:
+            # written by C behind autograd's back: bump their versions as add_ would, so a
+            # tensor saved for backward that was overwritten is still caught
+            increment_version(self._live_params)
+        else:
+            # staged: the updates (param layout, this step only) added by torch
+            update_flat = io.update_flat
+            views = [
+                update_flat[self.layout.param_offsets[i] : self.layout.param_offsets[i] + self.locals[i].numel()].view(
+                    self.locals[i].shape
+                )
+                for i in self._live
+            ]
+            torch._foreach_add_(self._live_params, views)
+        plan.io = None
 
     def _apply_exchanged(self, plan: "StepPlan") -> None:
         """DDP (SPEC B §7.2.5): all-gather every rank's updates (or, with communicate_params,
         its updated parameters) and apply all of them, each rank the same way."""
         assert self.exchange is not None
-        if self.exchange.communicate_params:
-            assert plan.param_blocks is not None and self.param_flat is not None
-            self.payload.add_(plan.param_blocks)
-            self._unpack(self.exchange.exchange(self.payload), self.param_flat)
-            torch._foreach_copy_(self._live_params, self._live_param_targets())
+        communicate_params = self.exchange.communicate_params
+        gathered = self.exchange.exchange(self.payload)
+        if plan.io.grad_blocks is None:
+            # every rank's blocks into the parameters in place (updates added, or parameters)
+            scatter_io(
+                self._io_list(self.locals, self._live_mask()), self.full_locator, gathered,
+                self.exchange.receive_table, self.full_active, accumulate=not communicate_params,
+            )
+            increment_version(self._live_params)  # as add_ / copy_ would
+            return
+        flat, views = self._staged_flat()  # transient (this step)
+        _backend.scatter(flat, gathered, self.exchange.receive_table, self.full_active)
+        if communicate_params:
+            torch._foreach_copy_(self._live_params, views)
         else:
-            self._unpack(self.exchange.exchange(self.payload), self.grad_flat)
-            torch._foreach_add_(self._live_params, self._live_grad_views)
-
-    def _unpack(self, gathered: torch.Tensor, destination_flat: torch.Tensor) -> None:
-        """Writes every active global block of `gathered` into the parameters' layout."""
-        assert self.exchange is not None
-        _backend.scatter(destination_flat, gathered, self.exchange.receive_table, self.full_active)
+            torch._foreach_add_(self._live_params, views)
 
     def _check_roots(self) -> None:
         """Raises for non-finite factors or roots; decides which roots to commit."""

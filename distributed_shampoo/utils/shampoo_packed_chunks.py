@@ -4,8 +4,8 @@ the bounded scratch in which kernels that need full matrices see them.
 Each d x d factor (and its inverse root) is stored as its upper triangle by rows, d(d+1)/2
 elements (csrc/core/sym_pack.h): about half the memory of the full matrices. The factor
 update, the inverse roots and the preconditioning work on full matrices, so the blocks are cut
-into chunks of consecutive blocks whose full factors fit a byte budget (at least the largest
-block's); a phase runs chunk by chunk: unpack into scratch, run the kernel on the chunk's table,
+into chunks of consecutive blocks whose full factors and elements fit a budget (at least the
+largest block's); a phase runs chunk by chunk: unpack into scratch, run the kernel on the chunk's table,
 pack the results back. Scratch is then bounded by the budget, never by the model. Packing is
 exact for the factors (the update keeps them bitwise symmetric); an inverse root is stored as
 its symmetric part 0.5 (X + X^T), the nearest symmetric matrix (a computed root's rounding is
@@ -66,15 +66,19 @@ def packed_offsets(layout: Any) -> np.ndarray:
 def plan_chunks(layout: Any, device: torch.device, threads: int) -> list[Chunk]:
     rows = layout.table.numpy()
     full = (rows[:, _backend.BF_DIMS : _backend.BF_DIMS + _backend.MAX_ORDER] ** 2).sum(axis=1)
+    # the step's block-layout chunk scratch (shampoo_step_pipeline.py) is in the budget too:
+    # a high-order block holds far more elements than its factors
+    cost = full + rows[:, _backend.BF_NUMEL]
     packed = packed_sizes(layout)
     least = MIN_CHUNK_ELEMENTS_CUDA if device.type == "cuda" else MIN_CHUNK_ELEMENTS
-    budget = max(int(full.max(initial=0)) * max(threads, 1), least)
+    budget = max(int(cost.max(initial=0)) * max(threads, 1), least)
     chunks: list[Chunk] = []
     start = 0
     factor_start = packed_start = 0
     while start < len(rows):
-        stop, total = start, 0
-        while stop < len(rows) and (stop == start or total + full[stop] <= budget):
+        stop, spent, total = start, 0, 0
+        while stop < len(rows) and (stop == start or spent + cost[stop] <= budget):
+            spent += int(cost[stop])
             total += int(full[stop])
             stop += 1
         sub = rows[start:stop].copy()

@@ -221,7 +221,6 @@ class RootSchedule:
         dtype = engine.shampoo_dtype
         root_stage = torch.empty(plan.root_numel, dtype=dtype, device=self.device)
         engine.root_status.fill_(_backend.ROOT_INACTIVE)
-        grads = engine._working("grad_s", engine.grad_blocks, dtype)
         blocks = engine.active & plan.block_mask
         scratch, roots = packing.scratch(), packing.scratch()
         # CPU, factors stored in the kernels' dtype: the phase blocks' new factors come from
@@ -237,17 +236,18 @@ class RootSchedule:
             c = w.chunk
             active = blocks[c.block_start : c.block_stop]
             full = scratch[: c.full_numel]
+            grads, grads_table = engine._root_step_grads(c)  # G of the chunk (chunk scratch)
             if chunk_packed is not None:
                 new = chunk_packed[: c.packed_stop - c.packed_start]
                 _backend.factor_update_packed(
-                    new, engine.factors[c.packed_start : c.packed_stop], grads, c.table, active,
+                    new, engine.factors[c.packed_start : c.packed_stop], grads, grads_table, active,
                     engine.beta2, num_threads=engine.num_threads,
                 )
                 _backend.sym_unpack(full, new, c.table, active)
             else:
                 packing.unpack(scratch, engine.factors, c, blocks)
                 _backend.factor_update(
-                    full, full, grads, c.table, active, engine.beta2,
+                    full, full, grads, grads_table, active, engine.beta2,
                     num_threads=engine.num_threads, fail=engine.fail,
                 )
             # the phase blocks' factors, compact (the blocks table's own packed layout)
@@ -266,13 +266,10 @@ class RootSchedule:
         return factor_stage, root_stage
 
     def commit(self, engine: Any, plan: PhasePlan, factor_stage: torch.Tensor, root_stage: torch.Tensor) -> None:
-        """apply()'s half (nothing can fail): the other blocks' factors updated in place, as
-        a step without roots does, the staged factors and the committed roots
-        (engine.root_commit) written over the live ones."""
+        """apply()'s half (nothing can fail): the staged factors and the committed roots
+        (engine.root_commit) written over the live ones; the step pipeline then updates the
+        other blocks' factors in place, as a step without roots does."""
         packing = self.packing
-        rest = engine.active & (1 - plan.block_mask)
-        if bool(rest.any()):
-            engine._update_factors(engine.factors, rest, engine.factor_active & (1 - plan.factor_mask))
         staged_factors = engine.factor_active & plan.factor_mask
         scratch = packing.scratch()
         for w in plan.work:
