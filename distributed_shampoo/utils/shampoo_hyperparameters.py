@@ -25,6 +25,7 @@ from distributed_shampoo.shampoo_types import (
     RMSpropGraftingConfig,
     SGDGraftingConfig,
 )
+from distributed_shampoo.utils.soap_config import check_preconditioner_config, check_soap_group
 
 logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
 
@@ -253,6 +254,9 @@ def _validate_configs(group: dict[str, Any], where: str) -> None:
             "CoupledNewtonConfig, CoupledHigherOrderConfig."
         )
     _revalidate(config)
+    if "preconditioner_config" in group:  # issue 14 (soap_config.py)
+        check_preconditioner_config(group["preconditioner_config"], where)
+        check_soap_group(group, where)
     multiplier = group["exponent_multiplier"]
     method = (
         "coupled inverse Newton iteration"
