@@ -170,6 +170,8 @@ static inline PyObject *shampoo_call_failed(shampoo_call *call)
 extern PyMethodDef shampoo_kernel_methods[];
 /* The packed-storage kernels' entry points (packed_ops.c), likewise. */
 extern PyMethodDef shampoo_packed_methods[];
+/* The eigenvalue-corrected Shampoo kernels' entry points (soap_ops.c), likewise. */
+extern PyMethodDef shampoo_soap_methods[];
 
 /* Fills st->la from SciPy, checking each capsule's signature; ImportError on mismatch. */
 int shampoo_linalg_load(shampoo_module_state *st);
