@@ -296,7 +296,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
         if root_step:
             # transient (freed when the step ends): twice the packed factors, Shampoo dtype
             factor_work = torch.empty(self.packing.numel, dtype=self.shampoo_dtype, device=self.device)
-            root_work = torch.empty_like(factor_work)
+            root_work = self._new_root_work(factor_work)
             self.diagonal_work.copy_(self.diagonal)
             if scalars.shampoo_bias_correction:
                 bias_correction = float32_bias_correction(self.beta2, t)
@@ -355,6 +355,26 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
             # every factor: the uncommitted ones are restored by the commit (packed_commit)
             self.packing.pack(root_work, out, c, None, average=True)
 
+    # Hooks where eigenvalue-corrected Shampoo (soap_group_engine.py) differs; the Shampoo
+    # versions are these.
+    def _new_root_work(self, factor_work: torch.Tensor) -> torch.Tensor:
+        """A root step's staging buffer for what it computes (packed inverse roots)."""
+        return torch.empty_like(factor_work)
+
+    def _commit_roots(self, factor_work: torch.Tensor, root_work: torch.Tensor) -> torch.Tensor:
+        """Commits the staged roots that succeeded (root_commit); returns the roots this step
+        preconditions with. factor_work (committed already) may serve as scratch."""
+        if self.inv_factors.dtype == self.shampoo_dtype:
+            _backend.packed_commit(self.inv_factors, root_work, self.table, self.root_commit)
+        else:
+            staged = factor_work.copy_(self.inv_factors)
+            _backend.packed_commit(staged, root_work, self.table, self.root_commit)
+            self.inv_factors.copy_(staged)
+        return root_work
+
+    def _before_moments(self, plan: "StepPlan") -> None:
+        """Commit-half work on the raw gradients before they become G_hat: none for Shampoo."""
+
     def _precondition(self, out: torch.Tensor, grads: torch.Tensor, inv_roots: torch.Tensor) -> None:
         """SPEC B §4.8 with packed inverse roots (any dtype), chunk by chunk."""
         scratch = self.packing.scratch()
@@ -381,14 +401,8 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
             plan.factor_work = plan.root_work = None  # freed once this step is done
             self.factors.copy_(factor_work)
             self.diagonal.copy_(self.diagonal_work)
-            if self.inv_factors.dtype == self.shampoo_dtype:
-                _backend.packed_commit(self.inv_factors, root_work, self.table, self.root_commit)
-            else:
-                staged = factor_work.copy_(self.inv_factors)
-                _backend.packed_commit(staged, root_work, self.table, self.root_commit)
-                self.inv_factors.copy_(staged)
+            inv_roots = self._commit_roots(factor_work, root_work)
             del factor_work
-            inv_roots = root_work
             if track_residuals:
                 log_root_inverse_residuals(self, plan.bias_correction)
         else:
@@ -405,6 +419,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag):
 
         # Grafting accumulator and filtered gradient (state in place, SPEC B §4.5, §4.7).
         working = self.working_dtype
+        self._before_moments(plan)  # a subclass's state update from the raw G (soap_group_engine)
         grafting_state = self._working("grafting_state", self.grafting_state, working)
         filtered_grad = self._working("filtered_grad", self.filtered_grad, working)
         update_grafting = grafting_on and grafting_state is not None

@@ -42,7 +42,7 @@ def resolve_preconditioner_config(
     if preconditioner_config is None:
         return {"preconditioner_config": ShampooPreconditionerConfig(amortized_computation_config=root_inv_config)}
     check_preconditioner_config(preconditioner_config)
-    if root_inv_config is not DefaultEigenConfig and root_inv_config != preconditioner_config.amortized_computation_config:
+    if root_inv_config != DefaultEigenConfig and root_inv_config != preconditioner_config.amortized_computation_config:
         raise ValueError(
             "Both root_inv_config and preconditioner_config are provided. Please use only "
             "preconditioner_config (root_inv_config is its ShampooPreconditionerConfig's "
