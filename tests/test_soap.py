@@ -30,7 +30,7 @@ from distributed_shampoo import (
     QRConfig,
     ShampooPreconditionerConfig,
 )
-from distributed_shampoo import _soap_backend
+from distributed_shampoo import _backend, _soap_backend
 from tests.soap_oracle import OracleSOAP
 
 F64 = PrecisionConfig(*(torch.float64,) * 8)
@@ -264,7 +264,7 @@ def _fail_eigenbasis(monkeypatch):
 
     def failing(*args, **kwargs):
         real(*args, **kwargs)
-        kwargs["status_out"][0] = _soap_backend._C.ROOT_FAILED
+        kwargs["status_out"][0] = _backend.ROOT_FAILED
 
     monkeypatch.setattr(_soap_backend, "eigenbasis", failing)
 

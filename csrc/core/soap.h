@@ -59,7 +59,7 @@ typedef struct shampoo_eigenbasis_config {
  *   2. NaN in F -> status FACTOR_NAN, else Inf -> FACTOR_INF (out[f] not written);
  *   3. n == 1: Q = [1]; is_diagonal[f]: Q = I; eigh: Q = syevd's eigenvectors (ascending);
  *      QR with previous[f] all zero: as eigh; else Q = previous[f], up to max_iterations
- *      steps of Q <- qr(F Q).Q (Householder) until the relative change is <= tolerance, then
+ *      steps of Q <- qr(F Q).Q (LAPACK geqrf + orgqr) until the relative change is <= tolerance, then
  *      the columns sorted by ascending Rayleigh quotient q^T F q (stable for ties);
  *   4. syevd not converging (after the retry) -> FAILED; Q non-finite -> NONFINITE (out[f]
  *      holds it); float32 syevd failing and the retry succeeding -> RETRIED_DOUBLE; else OK.
