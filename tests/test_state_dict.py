@@ -22,6 +22,7 @@ from distributed_shampoo.shampoo_types import (
     AdaGradGraftingConfig,
     AdamGraftingConfig,
     PrecisionConfig,
+    ShampooPreconditionerConfig,
 )
 
 CHECKPOINT_STEP = 4
@@ -301,6 +302,8 @@ def test_example_exact_keys_and_values() -> None:
             "preconditioner_dtype": None,
             "precision_config": PrecisionConfig(),
             "root_inv_config": DefaultEigenConfig,
+            # issue 14: the reference's Dec-2024 group key
+            "preconditioner_config": ShampooPreconditionerConfig(amortized_computation_config=DefaultEigenConfig),
         }
     }
 
