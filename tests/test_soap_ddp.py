@@ -8,6 +8,7 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -17,6 +18,7 @@ from tests.soap_oracle import OracleSOAP
 from tests.test_ddp import free_port
 
 STEPS = 5
+SAVE_AT = 3
 BATCH = 8
 CONFIGS = {"eigh": DefaultEigenvalueCorrectedShampooConfig, "qr": DefaultSOAPConfig}
 
@@ -58,10 +60,14 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         model = Net()
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         opt = DistributedShampoo(model.parameters(), **kwargs(name), distributed_config=DDPShampooConfig())
-        for _ in range(STEPS):
+        for step in range(STEPS):
             opt.zero_grad()
             nn.functional.mse_loss(ddp(inputs[local]), targets[local]).backward()
             opt.step()
+            if step + 1 == SAVE_AT:  # each rank writes its own blocks' eigenbases and moments
+                state = {"model": model.state_dict(),
+                         "optim": opt.distributed_state_dict(key_to_param=model.named_parameters())}
+                dcp.save(state, checkpoint_id=os.path.join(out_dir, f"ckpt-{name}"))
         owned = sum(1 for state in opt.state.values() for key in state if key.startswith("block_"))
         results[name] = ([p.detach().clone() for p in model.parameters()], owned)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -85,7 +91,28 @@ def oracle_result(name: str) -> list:
 def two_ranks() -> list:
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(worker, args=(2, free_port(), out_dir), nprocs=2, join=True)
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+        for name in CONFIGS:  # the 2-rank checkpoints, resumed in this (single) process
+            results[0][f"serial-from-{name}"] = resume_serially(os.path.join(out_dir, f"ckpt-{name}"), name)
+        return results
+
+
+def resume_serially(path: str, name: str) -> list:
+    from distributed_shampoo.utils.shampoo_dcp import ShampooLoadPlanner
+
+    torch.manual_seed(1)  # other initial values: everything must come from the checkpoint
+    model = Net()
+    opt = DistributedShampoo(model.parameters(), **kwargs(name))
+    state = {"model": model.state_dict(), "optim": opt.distributed_state_dict(key_to_param=model.named_parameters())}
+    dcp.load(state, checkpoint_id=path, planner=ShampooLoadPlanner())
+    model.load_state_dict(state["model"])
+    opt.load_distributed_state_dict(state["optim"], key_to_param=model.named_parameters())
+    inputs, targets = data()
+    for _ in range(STEPS - SAVE_AT):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(inputs), targets).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -98,6 +125,14 @@ def test_soap_ddp_two_ranks_equals_oracle(two_ranks: list, name: str) -> None:
         for got, want in zip(params, expected):
             # float32 kernels against the float64 oracle over five steps
             torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_soap_ddp_checkpoint_resumes_in_one_process(two_ranks: list, name: str) -> None:
+    """The 2-rank DCP checkpoint (eigenbases, corrected eigenvalues, factors of each rank's
+    blocks) loads into a serial optimizer, which then ends where the oracle does."""
+    for got, want in zip(two_ranks[0][f"serial-from-{name}"], oracle_result(name)):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
 def test_soap_ddp_blocks_are_split_between_ranks(two_ranks: list) -> None:
