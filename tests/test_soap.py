@@ -345,3 +345,27 @@ def test_checkpoint_resumes_bitwise(config):
     flat = opt_b.distributed_state_dict(key_to_param)
     assert any("factor_matrices_eigenvectors" in k for k in flat["state"]["p0"])
     assert any("corrected_eigenvalues" in k for k in flat["state"]["p0"])
+
+
+def test_precision_config_storage_dtypes_of_soap_state():
+    """corrected_eigenvalues_dtype and factor_matrix_eigenvectors_dtype store the SOAP states
+    (bfloat16 here), computed in the kernels' float32; the result stays near the float32 run."""
+    hp = dict(preconditioner_config=DefaultSOAPConfig, betas=(0.9, 0.99), lr=0.01, epsilon=1e-8,
+              precondition_frequency=2, max_preconditioner_dim=4)
+    a = _params(SHAPES_2D, dtype=torch.float32)
+    b = [x.detach().clone().requires_grad_() for x in a]
+    low = PrecisionConfig(corrected_eigenvalues_dtype=torch.bfloat16,
+                          factor_matrix_eigenvectors_dtype=torch.bfloat16)
+    opt_a = DistributedShampoo(a, **hp)
+    opt_b = DistributedShampoo(b, precision_config=low, **hp)
+    for t in range(4):
+        for x, y, g in zip(a, b, _grads(a, t)):
+            x.grad, y.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    shampoo = opt_b.state[b[0]]["block_0"]["shampoo"]
+    assert shampoo["corrected_eigenvalues"]["quantized_values"].dtype == torch.bfloat16
+    assert shampoo["factor_matrices_eigenvectors"][0]["quantized_values"].dtype == torch.bfloat16
+    assert not all(torch.equal(x, y) for x, y in zip(a, b))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=2e-2)
