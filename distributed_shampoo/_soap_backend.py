@@ -36,7 +36,8 @@ def soap_direction(
     eigenbasis D <- beta2 D + (1 - beta2) R(moment_grads)^2; with out, the direction
     out = R^T(R(grads) / (D / bias_correction + epsilon)^(1/r)). moment_grads may be grads."""
     args = (out, grads, moment_grads, bases, corrected, _host_table(table), active)
-    _checked("soap_direction", ("out", "grads", "moment_grads", "bases", "corrected", "table", "active"), args)
+    names = ("out", "grads", "moment_grads", "bases", "corrected", "table", "active")
+    _checked("soap_direction", names, args)
     threads = _thread_count("soap_direction", num_threads)
     kernel = _kernel("soap_direction", "corrected", corrected)
     kernel(*args, float(beta2), float(bias_correction), float(epsilon), threads)
@@ -56,7 +57,8 @@ def eigenbasis(
             f"eigenbasis: argument 'method' must be one of {sorted(EIGENBASIS_METHODS)}, got {method!r}"
         )
     args = (out, factors, previous, _host_table(table), active, is_diagonal, status_out)
-    _checked("eigenbasis", ("out", "factors", "previous", "table", "active", "is_diagonal", "status_out"), args)
+    names = ("out", "factors", "previous", "table", "active", "is_diagonal", "status_out")
+    _checked("eigenbasis", names, args)
     threads = _thread_count("eigenbasis", num_threads)
     kernel = _kernel("eigenbasis", "out", out)
     kernel(*args, code, bool(retry_double_precision), int(max_iterations), float(tolerance), threads)

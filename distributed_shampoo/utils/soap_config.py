@@ -40,9 +40,11 @@ def resolve_preconditioner_config(
     root_inv_config; a ShampooPreconditionerConfig replaces root_inv_config, which must then
     be left at its default."""
     if preconditioner_config is None:
-        return {"preconditioner_config": ShampooPreconditionerConfig(amortized_computation_config=root_inv_config)}
+        config = ShampooPreconditionerConfig(amortized_computation_config=root_inv_config)
+        return {"preconditioner_config": config}
     check_preconditioner_config(preconditioner_config)
-    if root_inv_config != DefaultEigenConfig and root_inv_config != preconditioner_config.amortized_computation_config:
+    amortized = preconditioner_config.amortized_computation_config
+    if root_inv_config != DefaultEigenConfig and root_inv_config != amortized:
         raise ValueError(
             "Both root_inv_config and preconditioner_config are provided. Please use only "
             "preconditioner_config (root_inv_config is its ShampooPreconditionerConfig's "

@@ -63,8 +63,12 @@ class SOAPGroupEngine(ShampooGroupEngine):
         layout = self.layout
         # No inverse roots: their packed buffer is dropped (block_states lists no such key).
         self.inv_factors = self.inv_factors.new_zeros(0)
-        self.bases = torch.zeros(layout.factor_numel, dtype=precision.factor_matrix_eigenvectors_dtype, device=self.device)
-        self.corrected = torch.zeros(layout.numel, dtype=precision.corrected_eigenvalues_dtype, device=self.device)
+        self.bases = torch.zeros(
+            layout.factor_numel, dtype=precision.factor_matrix_eigenvectors_dtype, device=self.device
+        )
+        self.corrected = torch.zeros(
+            layout.numel, dtype=precision.corrected_eigenvalues_dtype, device=self.device
+        )
         # The table the SOAP kernels read: Shampoo's, with SOAP's roots (default 2, not 2 * order).
         table = layout.table.clone()
         override = group["inv_root_override"]
@@ -86,7 +90,8 @@ class SOAPGroupEngine(ShampooGroupEngine):
     def _prepare_live(self, group: dict[str, Any], grads: list[torch.Tensor | None]) -> StepPlan:
         plan = super()._prepare_live(group, grads)
         # the reference's bias_correction2, every step (float32 as torch computes it)
-        self._bc2 = float32_bias_correction(self.beta2, plan.step) if plan.scalars.shampoo_bias_correction else 1.0
+        corrected = plan.scalars.shampoo_bias_correction
+        self._bc2 = float32_bias_correction(self.beta2, plan.step) if corrected else 1.0
         return plan
 
     def _new_root_work(self, factor_work: torch.Tensor) -> torch.Tensor:
@@ -97,7 +102,9 @@ class SOAPGroupEngine(ShampooGroupEngine):
         active ones (the one place a staggered schedule would narrow)."""
         return self.active[chunk.block_start : chunk.block_stop]
 
-    def _stage_root_step(self, factor_work: torch.Tensor, root_work: torch.Tensor, bias_correction: float) -> None:
+    def _stage_root_step(
+        self, factor_work: torch.Tensor, root_work: torch.Tensor, bias_correction: float
+    ) -> None:
         """New factors into factor_work (packed) and their eigenbases into root_work (whole,
         factor layout), chunk by chunk; statuses and diagonal flags in root_status and
         diagonal_work. Live state is not touched."""
@@ -219,5 +226,6 @@ class SOAPGroupEngine(ShampooGroupEngine):
             shampoo = states[int(layout.block_param[b])][key]["shampoo"]
             del shampoo["inv_factor_matrices"]
             shampoo["factor_matrices_eigenvectors"] = eigenvectors
-            shampoo["corrected_eigenvalues"] = {"quantized_values": self.corrected[offset : offset + numel].view(shape)}
+            moment = self.corrected[offset : offset + numel].view(shape)
+            shampoo["corrected_eigenvalues"] = {"quantized_values": moment}
         return states
