@@ -369,3 +369,49 @@ def test_precision_config_storage_dtypes_of_soap_state():
     assert not all(torch.equal(x, y) for x, y in zip(a, b))
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=0, atol=2e-2)
+
+
+def test_soap_and_shampoo_groups_side_by_side():
+    """preconditioner_config per param group: a SOAP group equals the oracle, a Shampoo group
+    equals a Shampoo-only optimizer, in one optimizer."""
+    soap_params, shampoo_params = _params(SHAPES_2D), _params([(3, 5)], seed=4)
+    mirror = [p.detach().clone() for p in soap_params]
+    alone = [p.detach().clone().requires_grad_() for p in shampoo_params]
+    hp = dict(lr=0.01, betas=(0.0, 0.99), epsilon=1e-10, max_preconditioner_dim=4,
+              precondition_frequency=2)
+    opt = DistributedShampoo(
+        [{"params": soap_params, "preconditioner_config": DefaultSOAPConfig},
+         {"params": shampoo_params}],
+        precision_config=F64, **hp,
+    )
+    oracle = OracleSOAP(mirror, preconditioner_config=DefaultSOAPConfig, **hp)
+    shampoo = DistributedShampoo(alone, precision_config=F64, **hp)
+    for t in range(6):
+        grads = _grads(soap_params, t)
+        for p, g in zip(soap_params, grads):
+            p.grad = g.clone()
+        for p, q, g in zip(shampoo_params, alone, _grads(shampoo_params, t)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        oracle.step(grads)
+        shampoo.step()
+    for p, q in zip(soap_params, mirror):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-9, atol=1e-9)
+    assert all(torch.equal(p, q) for p, q in zip(shampoo_params, alone))
+    assert type(opt._engines[0]).__name__ == "SOAPGroupEngine"
+    assert type(opt._engines[1]).__name__ == "ShampooGroupEngine"
+
+
+def test_param_group_shampoo_preconditioner_config_sets_its_root_method():
+    p, q = _params([(4, 3)]), _params([(4, 3)])
+    newton = CoupledNewtonConfig(max_iterations=50)
+    opt = DistributedShampoo(
+        [{"params": p, "preconditioner_config": ShampooPreconditionerConfig(amortized_computation_config=newton)},
+         {"params": q}], precision_config=F64,
+    )
+    assert opt.param_groups[0]["root_inv_config"] is newton
+    assert opt.param_groups[1]["root_inv_config"] == EigenConfig()
+    assert opt._engines[0].root_kwargs["method"] == "newton"
+    with pytest.raises(ValueError, match="Both root_inv_config and preconditioner_config"):
+        DistributedShampoo([{"params": _params([(2, 2)]), "root_inv_config": CoupledNewtonConfig(),
+                             "preconditioner_config": DefaultShampooConfig}])
