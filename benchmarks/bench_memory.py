@@ -3,7 +3,8 @@
 "State" is every tensor (and NumPy array) reachable from the optimizer object after its first
 root steps, scratch included, parameters and gradients excluded, each storage counted once:
 what a user pays to keep the optimizer alive between steps. Printed for DistributedShampoo
-(several configs), torch.optim.AdamW, and, when a clone of the well-known implementation is
+(several configs), its eigenvalue-corrected variant (SOAP: DefaultSOAPConfig, no grafting),
+torch.optim.AdamW, and, when a clone of the well-known implementation is
 given (`--reference-git DIR`, a git directory of facebookresearch/optimizers), its Sept-2024
 and newest versions measured in the same run with the same walk. Each measurement runs in its
 own subprocess, so the versions never meet (they share the package name) and allocations of
@@ -131,6 +132,10 @@ def build_optimizer(impl: str, model: nn.Module, mpd: int, config: dict[str, Any
         from distributed_shampoo.shampoo_types import DDPShampooConfig
 
         kwargs["distributed_config"] = DDPShampooConfig()
+    if impl == "soap":  # eigenvalue-corrected Shampoo (QR warm start), no grafting (issue 14)
+        from distributed_shampoo.shampoo_types import DefaultSOAPConfig
+
+        kwargs.update(grafting_config=None, preconditioner_config=DefaultSOAPConfig)
     return DistributedShampoo(model.parameters(), **kwargs)
 
 
@@ -240,20 +245,21 @@ def main() -> None:
         for model_name in MODELS:
             for config in configs:
                 ours = run_case(args, "ours", model_name, config, dict(os.environ))
+                soap = run_case(args, "soap", model_name, config, dict(os.environ))
                 adamw = run_case(args, "adamw", model_name, config, dict(os.environ))
-                row = [model_name, config, ours and ours["ratio"], adamw and adamw["ratio"]]
+                row = [model_name, config, ours and ours["ratio"], soap and soap["ratio"], adamw and adamw["ratio"]]
                 for name, tree in trees.items():
                     # Only the configs both versions express the same way.
                     ref = (run_case(args, name, model_name, config, dict(os.environ, PYTHONPATH=tree))
                            if config in ("base", "weight decay 1e-2") else None)
                     row.append(ref["ratio"] if ref else "-")
                     row.append(ours["ratio"] / ref["ratio"] if ref and ours else "-")
-                row += [ours and ours["peak_mib"], ours and ours["params_mib"]]
+                row += [ours and ours["peak_mib"], soap and soap["peak_mib"], ours and ours["params_mib"]]
                 rows.append(row)
-    headers = ["model", "config", "this package", "AdamW"]
+    headers = ["model", "config", "this package", "SOAP (ours)", "AdamW"]
     for name in trees:
         headers += [name, f"ours ÷ {name}"]
-    headers += ["root-step peak MiB (ours)", "param MiB"]
+    headers += ["root-step peak MiB (ours)", "SOAP root-step peak MiB", "param MiB"]
     print_table(headers, rows, title="Optimizer state ÷ parameter bytes after the first root steps "
                 "(Adam grafting, betas (0.9, 0.999); scratch included)")
     worlds = [2] if args.quick else [1, 2, 4]

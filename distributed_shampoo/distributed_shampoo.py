@@ -21,6 +21,7 @@ from distributed_shampoo.shampoo_types import (
     GraftingConfig,
     HSDPShampooConfig,
     PrecisionConfig,
+    PreconditionerConfig,
     ShampooPT2CompileConfig,
     StaggeredRootScheduleConfig,
 )
@@ -28,6 +29,11 @@ from distributed_shampoo.utils import shampoo_state_dict
 from distributed_shampoo.utils.shampoo_distributor import plan_distribution
 from distributed_shampoo.utils.shampoo_group_engine import ShampooGroupEngine
 from distributed_shampoo.utils.shampoo_hyperparameters import validate_group
+from distributed_shampoo.utils.soap_config import (
+    check_residual_tracking,
+    engine_class,
+    resolve_preconditioner_config,
+)
 from distributed_shampoo.utils.shampoo_step_checks import check_constructor_params
 
 logger = logging.getLogger(__name__)
@@ -71,6 +77,7 @@ class DistributedShampoo(torch.optim.Optimizer):
         use_protected_eigh: bool = True,
         track_root_inv_residuals: bool = False,
         root_inv_config: RootInvConfig = DefaultEigenConfig,
+        preconditioner_config: PreconditionerConfig | None = None,
         root_schedule_config: StaggeredRootScheduleConfig | None = None,
     ) -> None:
         defaults: dict[str, Any] = {
@@ -95,6 +102,9 @@ class DistributedShampoo(torch.optim.Optimizer):
             "precision_config": precision_config or PrecisionConfig(),
             "root_inv_config": root_inv_config,
         }
+        # After root_inv_config, last: the Sept-2024 positional order is kept (issue 14).
+        defaults.update(resolve_preconditioner_config(preconditioner_config, root_inv_config))
+        check_residual_tracking(defaults["preconditioner_config"], track_root_inv_residuals)
         # Constructor arguments are checked in the reference's order (SPEC B §1.3); the
         # -1 defaults stay unresolved in `defaults` so that each group resolves them from
         # its own betas / precondition_frequency (SPEC A.3.7).
@@ -133,7 +143,7 @@ class DistributedShampoo(torch.optim.Optimizer):
             validate_group(group, where=f"param group {index}: ", warn=False)
             if not group["params"]:
                 raise ValueError(f"param group {index} has no parameters.")
-            engine = ShampooGroupEngine(
+            engine = engine_class(group)(
                 group["params"], group, index, group["preconditioner_dtype"], use_protected_eigh,
                 ddp=distribution.placement,
                 pieces=distribution.pieces_by_group[index] if distribution.pieces_by_group else None,

@@ -1,4 +1,6 @@
-"""Root-inverse configurations (SPEC B §1.6): which algorithm computes each factor's inverse root.
+"""Root-inverse configurations (SPEC B §1.6): which algorithm computes each factor's inverse root;
+eigenvector configurations (issue 14): how eigenvalue-corrected Shampoo (SOAP) finds each
+factor's eigenbasis.
 
 Plain mutable dataclasses, as in the reference. Dispatch is by exact type
 (``type(cfg) is EigenConfig``), as in the reference, so a subclass is
@@ -60,6 +62,46 @@ class CoupledHigherOrderConfig(RootInvConfig):
 
     def __post_init__(self) -> None:
         validate_root_inv_config(self)
+
+
+@dataclass(kw_only=True)
+class EigenvectorConfig:
+    """Base of the eigenvector configs (eigenvalue-corrected Shampoo); on its own it names no
+    algorithm."""
+
+
+@dataclass(kw_only=True)
+class EighEigenvectorConfig(EigenvectorConfig):
+    """Eigenvectors by a symmetric eigendecomposition (LAPACK syevd), ascending eigenvalues;
+    retried in float64 when the float32 solver fails."""
+
+    retry_double_precision: bool = True
+
+
+DefaultEighEigenvectorConfig = EighEigenvectorConfig()
+
+
+@dataclass(kw_only=True)
+class QRConfig(EigenvectorConfig):
+    """Eigenvectors by orthogonal (simultaneous) iteration warm-started from the previous
+    eigenbasis: up to max_iterations steps of Q <- qr(A Q).Q, stopping once the relative change
+    ||Q_old - Q||_F / ||Q_old||_F is <= tolerance, then the columns sorted by ascending
+    Rayleigh quotient. The first computation (no previous eigenbasis) is an eigendecomposition.
+    As SOAP (arXiv 2409.11321) does with max_iterations=1."""
+
+    max_iterations: int = 1
+    tolerance: float = 1e-5
+
+    def __post_init__(self) -> None:
+        validate_eigenvector_config(self)
+
+
+def validate_eigenvector_config(config: Any) -> None:
+    """ValueError naming the field and its allowed range unless every value of an eigenvector
+    config the kernels read is in range (run at construction and when the optimizer reads it)."""
+    if isinstance(config, QRConfig):
+        _check_int("max_iterations", config.max_iterations, 0, MAX_ITERATIONS)
+        _check_tolerance(config.tolerance)
 
 
 def validate_root_inv_config(config: Any) -> None:

@@ -7,7 +7,7 @@ assigned in between).
 """
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,8 +17,14 @@ from distributed_shampoo.matrix_functions_types import (
     CoupledHigherOrderConfig,
     CoupledNewtonConfig,
     DefaultEigenConfig,
+    DefaultEighEigenvectorConfig,
     EigenConfig,
+    EigenvectorConfig,
+    EighEigenvectorConfig,
+    QRConfig,
     RootInvConfig,
+    validate_eigenvector_config,
+    validate_root_inv_config,
 )
 
 # State keys (checkpointed).
@@ -39,6 +45,7 @@ MAX_PRECONDITIONER_DIM = "max_preconditioner_dim"
 PARAMS = "params"
 PRECISION_CONFIG = "precision_config"
 PRECONDITION_FREQUENCY = "precondition_frequency"
+PRECONDITIONER_CONFIG = "preconditioner_config"
 PRECONDITIONER_DTYPE = "preconditioner_dtype"
 ROOT_INV_CONFIG = "root_inv_config"
 START_PRECONDITIONING_STEP = "start_preconditioning_step"
@@ -107,6 +114,10 @@ class PrecisionConfig:
     filtered_grad_dtype: torch.dtype = torch.float32
     momentum_dtype: torch.dtype = torch.float32
     grafting_state_dtype: torch.dtype = torch.float32
+    # Eigenvalue-corrected Shampoo's states (issue 14). The reference inserted them after
+    # inv_factor_matrix_dtype; here they come last so that the Sept-2024 positional order holds.
+    corrected_eigenvalues_dtype: torch.dtype = torch.float32
+    factor_matrix_eigenvectors_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         for name in (
@@ -116,6 +127,8 @@ class PrecisionConfig:
             "filtered_grad_dtype",
             "momentum_dtype",
             "grafting_state_dtype",
+            "corrected_eigenvalues_dtype",
+            "factor_matrix_eigenvectors_dtype",
         ):
             value = getattr(self, name)
             if value not in SUPPORTED_STATE_DTYPES:
@@ -237,6 +250,64 @@ class AdamGraftingConfig(GraftingConfig):
         _check_grafting_epsilon(self.epsilon)
 
 
+@dataclass(init=False)
+class PreconditionerConfig(AbstractDataclass):
+    """Which preconditioner the Kronecker factors feed (issue 14): Shampoo's inverse roots or
+    eigenvalue-corrected Shampoo (SOAP). ``amortized_computation_config`` configures the work
+    done every precondition_frequency steps."""
+
+    amortized_computation_config: Any
+
+
+@dataclass(kw_only=True)
+class ShampooPreconditionerConfig(PreconditionerConfig):
+    """Shampoo: inverse roots of the factors, computed by ``amortized_computation_config`` (a
+    RootInvConfig; default DefaultEigenConfig)."""
+
+    amortized_computation_config: RootInvConfig = field(default_factory=lambda: DefaultEigenConfig)
+
+    def __post_init__(self) -> None:
+        config = self.amortized_computation_config
+        if type(config) not in (EigenConfig, CoupledNewtonConfig, CoupledHigherOrderConfig):
+            raise NotImplementedError(
+                f"Root inverse config is not implemented! Specified root inverse config is "
+                f"amortized_computation_config={config!r}; must be exactly one of EigenConfig, "
+                "CoupledNewtonConfig, CoupledHigherOrderConfig."
+            )
+        validate_root_inv_config(config)
+
+
+DefaultShampooConfig = ShampooPreconditionerConfig()
+
+
+@dataclass(kw_only=True)
+class EigenvalueCorrectedShampooPreconditionerConfig(PreconditionerConfig):
+    """Eigenvalue-corrected Shampoo / SOAP (arXiv 2409.11321): every step the gradient is
+    rotated into the factors' eigenbases, an Adam-style (betas[1] < 1) or AdaGrad-style
+    (betas[1] == 1) second moment is kept in those coordinates and the update is rotated back;
+    the eigenbases are recomputed by ``amortized_computation_config`` (an EigenvectorConfig;
+    default DefaultEighEigenvectorConfig) every precondition_frequency steps."""
+
+    amortized_computation_config: EigenvectorConfig = field(
+        default_factory=lambda: DefaultEighEigenvectorConfig
+    )
+
+    def __post_init__(self) -> None:
+        config = self.amortized_computation_config
+        if type(config) not in (EighEigenvectorConfig, QRConfig):
+            raise NotImplementedError(
+                f"Eigenvector computation method is not implemented! Specified eigenvector "
+                f"method is eigenvector_computation_config={config!r}."
+            )
+        validate_eigenvector_config(config)
+
+
+DefaultEigenvalueCorrectedShampooConfig = EigenvalueCorrectedShampooPreconditionerConfig()
+DefaultSOAPConfig = EigenvalueCorrectedShampooPreconditionerConfig(
+    amortized_computation_config=QRConfig(),
+)
+
+
 def _check_grafting_beta2(beta2: float) -> None:
     if not 0.0 < beta2 <= 1.0:
         raise ValueError(f"Invalid grafting beta2 parameter: {beta2}. Must be in (0.0, 1.0].")
@@ -256,18 +327,28 @@ __all__ = [
     "CoupledNewtonConfig",
     "DDPShampooConfig",
     "DefaultEigenConfig",
+    "DefaultEigenvalueCorrectedShampooConfig",
+    "DefaultEighEigenvectorConfig",
+    "DefaultSOAPConfig",
+    "DefaultShampooConfig",
     "DistributedConfig",
     "EigenConfig",
+    "EigenvalueCorrectedShampooPreconditionerConfig",
+    "EigenvectorConfig",
+    "EighEigenvectorConfig",
     "FSDPParameterMetadata",
     "FSDPShampooConfig",
     "FullyShardShampooConfig",
     "GraftingConfig",
     "HSDPShampooConfig",
     "PrecisionConfig",
+    "PreconditionerConfig",
+    "QRConfig",
     "RMSpropGraftingConfig",
     "RootInvConfig",
     "SGDGraftingConfig",
     "ShampooPT2CompileConfig",
+    "ShampooPreconditionerConfig",
 ]
 
 

@@ -117,7 +117,8 @@ def _psd_factors(bits: int, rng: np.random.Generator) -> torch.Tensor:
 # "list" (the per-parameter tensors the pointer-table kernels read or write in place).
 BASE_STEMS = ["factor_update", "finish", "gather", "moments", "precondition", "root_inverse",
               "scatter", "sym_unpack", "sym_pack", "packed_commit",
-              "factor_update_packed", "gather_io", "finish_io", "scatter_io"]
+              "factor_update_packed", "gather_io", "finish_io", "scatter_io",
+              "soap_direction", "eigenbasis"]
 
 
 def _packed(full: torch.Tensor) -> torch.Tensor:
@@ -180,6 +181,12 @@ def _base_calls(bits: int, rng: np.random.Generator, stem: str) -> tuple[list[An
                                    torch.ones(nf, dtype=torch.uint8)], "buf buf table mask"),
         "factor_update_packed": lambda: ([_packed(fac()), _packed(fac()), blk(), t, act(), 0.9, 2],
                                          "buf buf buf table mask float int"),
+        "soap_direction": lambda: ([blk(), blk(), blk(), fac(), blk().abs(), t, act(), 0.99, 0.5,
+                                    1e-8, 2], "buf buf buf buf buf table mask float float float int"),
+        "eigenbasis": lambda: ([torch.zeros_like(fac()), fac(), fac(), t, act(), fu8(),
+                                torch.zeros(nf, dtype=torch.int32), int(rng.integers(0, 2)), True,
+                                2, 1e-6, 2],
+                               "buf buf buf table mask mask i32 int bool int float int"),
     }
     args, kinds = calls[stem]()
     return args, kinds.split()

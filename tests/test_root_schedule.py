@@ -116,7 +116,8 @@ def test_keyword_is_last_so_positions_are_unchanged() -> None:
     import inspect
 
     names = list(inspect.signature(DistributedShampoo.__init__).parameters)
-    assert names[-2:] == ["root_inv_config", "root_schedule_config"]
+    # the reference's positional order, then its preconditioner_config, then our schedule
+    assert names[-3:] == ["root_inv_config", "preconditioner_config", "root_schedule_config"]
 
 
 # ---------------------------------------------------------------------------------- phases

@@ -301,6 +301,8 @@ def test_example_exact_keys_and_values() -> None:
             "preconditioner_dtype": None,
             "precision_config": PrecisionConfig(),
             "root_inv_config": DefaultEigenConfig,
+            # issue 14: the reference's Dec-2024 group key (None: Shampoo with root_inv_config)
+            "preconditioner_config": None,
         }
     }
 

@@ -231,6 +231,7 @@ def test_param_group_keys_are_the_documented_ones() -> None:
         "preconditioner_dtype",
         "precision_config",
         "root_inv_config",
+        "preconditioner_config",  # issue 14, as the reference stores it since Dec 2024
     }
     assert group["precision_config"] == PrecisionConfig()
     assert group["preconditioner_dtype"] is None

@@ -21,6 +21,16 @@ typedef void (*shampoo_dsyevd_fn)(char *jobz, char *uplo, int *n, double *a, int
                                   double *w, double *work, int *lwork, int *iwork, int *liwork,
                                   int *info);
 
+/* QR (eigenvalue-corrected Shampoo's warm-started eigenbases, soap.h): geqrf, then orgqr. */
+typedef void (*shampoo_sgeqrf_fn)(int *m, int *n, float *a, int *lda, float *tau, float *work,
+                                  int *lwork, int *info);
+typedef void (*shampoo_dgeqrf_fn)(int *m, int *n, double *a, int *lda, double *tau,
+                                  double *work, int *lwork, int *info);
+typedef void (*shampoo_sorgqr_fn)(int *m, int *n, int *k, float *a, int *lda, float *tau,
+                                  float *work, int *lwork, int *info);
+typedef void (*shampoo_dorgqr_fn)(int *m, int *n, int *k, double *a, int *lda, double *tau,
+                                  double *work, int *lwork, int *info);
+
 typedef struct shampoo_linalg {
     shampoo_sgemm_fn sgemm;
     shampoo_dgemm_fn dgemm;
@@ -28,6 +38,10 @@ typedef struct shampoo_linalg {
     shampoo_dsyrk_fn dsyrk;
     shampoo_ssyevd_fn ssyevd;
     shampoo_dsyevd_fn dsyevd;
+    shampoo_sgeqrf_fn sgeqrf;
+    shampoo_dgeqrf_fn dgeqrf;
+    shampoo_sorgqr_fn sorgqr;
+    shampoo_dorgqr_fn dorgqr;
 } shampoo_linalg;
 
 #endif

@@ -9,6 +9,7 @@
 #include "../core/elementwise.h"
 #include "../core/matrix_root.h"
 #include "../core/parallel.h"
+#include "../core/soap.h"
 
 /* A sequence of non-negative ints into a new int64 array of max(len, 1) entries. */
 static int64_t *parse_shape(PyObject *seq, const char *fn, int64_t *ndim)
@@ -252,6 +253,7 @@ static int add_constants(PyObject *m)
         {"PARALLEL_MAX_THREADS", SHAMPOO_PARALLEL_MAX_THREADS},
         {"ROOT_MAX_ITERATIONS", SHAMPOO_ROOT_MAX_ITERATIONS},
         {"ROOT_MAX_TAYLOR_ORDER", SHAMPOO_ROOT_MAX_TAYLOR_ORDER},
+        {"EIGENBASIS_EIGH", SHAMPOO_EIGENBASIS_EIGH}, {"EIGENBASIS_QR", SHAMPOO_EIGENBASIS_QR},
     };
     for (size_t i = 0; i < sizeof(constants) / sizeof(constants[0]); i++)
         if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value) < 0)
@@ -265,6 +267,7 @@ static int shampoo_exec(PyObject *m)
     if (add_constants(m) < 0 || PyModule_AddFunctions(m, shampoo_kernel_methods) < 0 ||
         PyModule_AddFunctions(m, shampoo_packed_methods) < 0 ||
         PyModule_AddFunctions(m, shampoo_param_io_methods) < 0 ||
+        PyModule_AddFunctions(m, shampoo_soap_methods) < 0 ||
         shampoo_linalg_load(st) < 0)
         return -1;
     return shampoo_dlpack_state_init(&st->dl, 1 /* CPU */);

@@ -178,6 +178,8 @@ extern PyMethodDef shampoo_kernel_methods[];
 extern PyMethodDef shampoo_packed_methods[];
 /* The pointer-table kernels' entry points (param_io_ops.c), likewise. */
 extern PyMethodDef shampoo_param_io_methods[];
+/* The eigenvalue-corrected Shampoo kernels' entry points (soap_ops.c), likewise. */
+extern PyMethodDef shampoo_soap_methods[];
 
 /* Fills st->la from SciPy, checking each capsule's signature; ImportError on mismatch. */
 int shampoo_linalg_load(shampoo_module_state *st);

@@ -33,6 +33,16 @@ static const char SIG_DSYEVD[] =
     "__pyx_t_5scipy_6linalg_13cython_lapack_d *, __pyx_t_5scipy_6linalg_13cython_lapack_d *, "
     "int *, int *, int *, int *)";
 
+#define LAPACK_T(x) "__pyx_t_5scipy_6linalg_13cython_lapack_" #x " *"
+static const char SIG_SGEQRF[] = "void (int *, int *, " LAPACK_T(s) ", int *, " LAPACK_T(s) ", "
+                                 LAPACK_T(s) ", int *, int *)";
+static const char SIG_DGEQRF[] = "void (int *, int *, " LAPACK_T(d) ", int *, " LAPACK_T(d) ", "
+                                 LAPACK_T(d) ", int *, int *)";
+static const char SIG_SORGQR[] = "void (int *, int *, int *, " LAPACK_T(s) ", int *, " LAPACK_T(s)
+                                 ", " LAPACK_T(s) ", int *, int *)";
+static const char SIG_DORGQR[] = "void (int *, int *, int *, " LAPACK_T(d) ", int *, " LAPACK_T(d)
+                                 ", " LAPACK_T(d) ", int *, int *)";
+
 /* scipy.linalg.<module>.__pyx_capi__ (new reference), or NULL with ImportError set. */
 static PyObject *capi_dict(const char *module)
 {
@@ -99,5 +109,17 @@ int shampoo_linalg_load(shampoo_module_state *st)
     if ((p = capsule_fn(st->lapack_capi, lapack, "dsyevd", SIG_DSYEVD)) == NULL)
         return -1;
     st->la.dsyevd = (shampoo_dsyevd_fn)p;
+    if ((p = capsule_fn(st->lapack_capi, lapack, "sgeqrf", SIG_SGEQRF)) == NULL)
+        return -1;
+    st->la.sgeqrf = (shampoo_sgeqrf_fn)p;
+    if ((p = capsule_fn(st->lapack_capi, lapack, "dgeqrf", SIG_DGEQRF)) == NULL)
+        return -1;
+    st->la.dgeqrf = (shampoo_dgeqrf_fn)p;
+    if ((p = capsule_fn(st->lapack_capi, lapack, "sorgqr", SIG_SORGQR)) == NULL)
+        return -1;
+    st->la.sorgqr = (shampoo_sorgqr_fn)p;
+    if ((p = capsule_fn(st->lapack_capi, lapack, "dorgqr", SIG_DORGQR)) == NULL)
+        return -1;
+    st->la.dorgqr = (shampoo_dorgqr_fn)p;
     return 0;
 }

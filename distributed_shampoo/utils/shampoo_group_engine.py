@@ -330,7 +330,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
         elif root_step:
             # transient (freed when the step ends): twice the packed factors, Shampoo dtype
             factor_work = torch.empty(self.packing.numel, dtype=self.shampoo_dtype, device=self.device)
-            root_work = torch.empty_like(factor_work)
+            root_work = self._new_root_work(factor_work)
             self.diagonal_work.copy_(self.diagonal)
             if scalars.shampoo_bias_correction:
                 bias_correction = float32_bias_correction(self.beta2, t)
@@ -390,6 +390,23 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
             # every factor: the uncommitted ones are restored by the commit (packed_commit)
             self.packing.pack(root_work, out, c, None, average=True)
 
+    # Hooks where eigenvalue-corrected Shampoo (soap_group_engine.py) differs; the Shampoo
+    # versions are these.
+    def _new_root_work(self, factor_work: torch.Tensor) -> torch.Tensor:
+        """A root step's staging buffer for what it computes (packed inverse roots)."""
+        return torch.empty_like(factor_work)
+
+    def _commit_roots(self, factor_work: torch.Tensor, root_work: torch.Tensor) -> torch.Tensor:
+        """Commits the staged roots that succeeded (root_commit); returns the roots this step
+        preconditions with. factor_work (committed already) may serve as scratch."""
+        if self.inv_factors.dtype == self.shampoo_dtype:
+            _backend.packed_commit(self.inv_factors, root_work, self.table, self.root_commit)
+        else:
+            staged = factor_work.copy_(self.inv_factors)
+            _backend.packed_commit(staged, root_work, self.table, self.root_commit)
+            self.inv_factors.copy_(staged)
+        return root_work
+
     def apply(self, group: dict[str, Any], plan: "StepPlan", track_residuals: bool = False) -> None:
         """The infallible half of a step (SPEC B §4.4-§4.11): commits factors and roots,
         then moments, preconditioning, grafting, momentum and the parameter update."""
@@ -412,14 +429,8 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
             plan.factor_work = plan.root_work = None  # freed once this step is done
             self.factors.copy_(factor_work)
             self.diagonal.copy_(self.diagonal_work)
-            if self.inv_factors.dtype == self.shampoo_dtype:
-                _backend.packed_commit(self.inv_factors, root_work, self.table, self.root_commit)
-            else:
-                staged = factor_work.copy_(self.inv_factors)
-                _backend.packed_commit(staged, root_work, self.table, self.root_commit)
-                self.inv_factors.copy_(staged)
+            inv_roots = self._commit_roots(factor_work, root_work)
             del factor_work
-            inv_roots = root_work
             if track_residuals:
                 log_root_inverse_residuals(self, plan.bias_correction)
         else:

@@ -25,6 +25,11 @@ from distributed_shampoo.shampoo_types import (
     RMSpropGraftingConfig,
     SGDGraftingConfig,
 )
+from distributed_shampoo.utils.soap_config import (
+    check_preconditioner_config,
+    check_soap_group,
+    sync_root_inv_config,
+)
 
 logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
 
@@ -245,6 +250,9 @@ def _validate_configs(group: dict[str, Any], where: str) -> None:
             "Must be a PrecisionConfig."
         )
     _revalidate(group["precision_config"])
+    if "preconditioner_config" in group:  # issue 14 (soap_config.py)
+        check_preconditioner_config(group["preconditioner_config"], where)
+        sync_root_inv_config(group, where)
     config = group["root_inv_config"]
     if type(config) not in _ROOT_INV_CONFIG_TYPES:
         raise NotImplementedError(
@@ -253,6 +261,8 @@ def _validate_configs(group: dict[str, Any], where: str) -> None:
             "CoupledNewtonConfig, CoupledHigherOrderConfig."
         )
     _revalidate(config)
+    if "preconditioner_config" in group:
+        check_soap_group(group, where)
     multiplier = group["exponent_multiplier"]
     method = (
         "coupled inverse Newton iteration"

@@ -28,6 +28,7 @@ PARAMS = "params"
 CONSTRUCTION_KEYS = (
     "epsilon", "max_preconditioner_dim", "root_inv_config", "inv_root_override",
     "exponent_multiplier", "precision_config", "use_merge_dims", "preconditioner_dtype",
+    "preconditioner_config",
 )
 # Every key a step reads (validate_group reads them all).
 REQUIRED_KEYS = (
@@ -35,7 +36,7 @@ REQUIRED_KEYS = (
     "max_preconditioner_dim", "precondition_frequency", "start_preconditioning_step",
     "inv_root_override", "exponent_multiplier", "use_nesterov", "use_bias_correction",
     "use_decoupled_weight_decay", "grafting_config", "use_merge_dims", "preconditioner_dtype",
-    "precision_config", "root_inv_config",
+    "precision_config", "root_inv_config", "preconditioner_config",
 )
 # The step counter is an int64 tensor: the next step must fit.
 MAX_STEP = 2**63 - 1

@@ -48,7 +48,9 @@ class PipeChunk:
         return state[self.offset : self.offset + self.numel]
 
 
-def _rebased(rows: np.ndarray) -> np.ndarray:
+def rebased_rows(rows: np.ndarray) -> np.ndarray:
+    """Table rows with block, factor offsets and factor indices counted from the first row
+    (a chunk's own scratch)."""
     rows = rows.copy()
     if len(rows):
         for field in (_backend.BF_BLOCK_OFFSET, _backend.BF_FACTOR_OFFSET, _backend.BF_FACTOR_INDEX):
@@ -76,16 +78,16 @@ class StepPipeline:
             payload_table = None
             if payload_rows is not None:
                 payload = payload_rows[c.block_start : c.block_stop].copy()
-                payload[:, _backend.BF_BLOCK_OFFSET] = _rebased(sub)[:, _backend.BF_BLOCK_OFFSET]
-                payload[:, _backend.BF_FACTOR_OFFSET] = _rebased(sub)[:, _backend.BF_FACTOR_OFFSET]
-                payload[:, _backend.BF_FACTOR_INDEX] = _rebased(sub)[:, _backend.BF_FACTOR_INDEX]
+                payload[:, _backend.BF_BLOCK_OFFSET] = rebased_rows(sub)[:, _backend.BF_BLOCK_OFFSET]
+                payload[:, _backend.BF_FACTOR_OFFSET] = rebased_rows(sub)[:, _backend.BF_FACTOR_OFFSET]
+                payload[:, _backend.BF_FACTOR_INDEX] = rebased_rows(sub)[:, _backend.BF_FACTOR_INDEX]
                 payload_table = _backend.KernelTable(torch.from_numpy(payload), self.device)
             owners = self.layout.block_param[c.block_start : c.block_stop]
             first = int(owners.min()) if len(owners) else 0
             stop = int(owners.max()) + 1 if len(owners) else 0
             self.pipe.append(PipeChunk(
                 c, offset, int(sub[:, _backend.BF_NUMEL].sum()),
-                _backend.KernelTable(torch.from_numpy(_rebased(sub)), self.device),
+                _backend.KernelTable(torch.from_numpy(rebased_rows(sub)), self.device),
                 IOLocator(self.layout.param_offsets[first:stop], owners - first),
                 payload_table, first, stop,
             ))
@@ -164,7 +166,7 @@ class StepPipeline:
         )
         fail = self.fail  # type: ignore[attr-defined]
         needs_full = (update_factors and (self.on_cuda or self.factors.dtype != shampoo)) or (  # type: ignore[attr-defined]
-            inv_roots is not None and not sc.grafting_phase
+            inv_roots is not None and not sc.grafting_phase and self._direction_needs_full
         )
         self._pipe_full = self.packing.scratch() if needs_full else None
         try:
@@ -176,6 +178,7 @@ class StepPipeline:
                     assert factor_blocks is not None
                     self._update_chunk_factors(pc, self._in_dtype("g_s", g, shampoo),
                                                factor_blocks[c.block_start : c.block_stop], factor_mask)
+                self._chunk_before_moments(pc, g, active, sc)
                 # grafting accumulator and filtered gradient (SPEC B §4.5, §4.7), in place
                 v = f = None
                 if self.grafting_state is not None:  # type: ignore[attr-defined]
@@ -194,12 +197,10 @@ class StepPipeline:
                 # the Shampoo direction (SPEC B §4.8)
                 d = None
                 if not sc.grafting_phase:
-                    assert inv_roots is not None and self._pipe_full is not None
-                    roots = self.packing.unpack(self._pipe_full, inv_roots, c, self.active)  # type: ignore[attr-defined]
+                    assert inv_roots is not None
                     d = self._chunk_buffer("d", working)[: pc.numel]
                     d_s = d if shampoo == working else self._chunk_buffer("d_s", shampoo)[: pc.numel]
-                    _backend.precondition(d_s, self._in_dtype("g_s", g, shampoo), roots, pc.table, active,
-                                          num_threads=self.num_threads)  # type: ignore[attr-defined]
+                    self._chunk_direction(pc, d_s, self._in_dtype("g_s", g, shampoo), inv_roots, active)
                     if d_s is not d:
                         d.copy_(d_s)
                 # grafting, decoupled decay, momentum, lr (SPEC B §4.8-§4.11); then parameters
@@ -222,6 +223,20 @@ class StepPipeline:
                     pc.rows(self.momentum).copy_(m)  # type: ignore[attr-defined]
         finally:
             self._pipe_full = None
+
+    # Where eigenvalue-corrected Shampoo (soap_group_engine.py) differs; Shampoo's versions.
+    _direction_needs_full = True  # the direction reads full inverse roots (chunk scratch)
+
+    def _chunk_before_moments(self, pc: PipeChunk, g: torch.Tensor, active: torch.Tensor, scalars: Any) -> None:
+        """Work on the chunk's raw G (after L2 decay) before it becomes G_hat: none here."""
+
+    def _chunk_direction(self, pc: PipeChunk, out: torch.Tensor, g_hat: torch.Tensor, inv_roots: torch.Tensor,
+                         active: torch.Tensor) -> None:
+        """The Shampoo direction of the chunk's G_hat (SPEC B §4.8) into `out` (Shampoo dtype)."""
+        assert self._pipe_full is not None
+        roots = self.packing.unpack(self._pipe_full, inv_roots, pc.chunk, self.active)  # type: ignore[attr-defined]
+        _backend.precondition(out, g_hat, roots, pc.table, active,
+                              num_threads=self.num_threads)  # type: ignore[attr-defined]
 
     def _root_step_grads(self, chunk: Chunk) -> tuple[torch.Tensor, Any]:
         """A root step's G for the chunk's blocks, in the Shampoo dtype (chunk scratch), and

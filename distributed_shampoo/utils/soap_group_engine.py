@@ -1,0 +1,258 @@
+"""Eigenvalue-corrected Shampoo (SOAP, arXiv 2409.11321) for one parameter group: the Shampoo
+engine with its inverse roots replaced by eigenbases and a second moment kept in them
+(issue 14). Only what differs is overridden; blocking, gathering, factor updates, the
+overflow proof, grafting, momentum, the parameter update, DDP and FSDP placement are the
+Shampoo engine's.
+
+State per block (csrc/core/soap.h): the Kronecker factors (packed, as for Shampoo), the
+eigenbases Q_k (whole d x d matrices in factor layout: they are not symmetric) and the
+corrected eigenvalues D (block layout). A step:
+  prepare (fallible): Shampoo's, and on an amortized ("root") step the new factors and the
+    new eigenbases are staged in scratch; a NaN/Inf factor or eigenbasis, or an
+    eigendecomposition failure with use_protected_eigh=False, raises before anything changes;
+  apply (infallible): commits factors and the eigenbases that succeeded, then
+    D <- beta2 D + (1 - beta2) R(G)^2 with the raw gradient, and the direction
+    R^T(R(G_hat) / (D / bc2 + epsilon)^(1/r)) in place of Shampoo's, where r is
+    inv_root_override's root (default 2) and bc2 = 1 - beta2^t (use_bias_correction).
+Which factors recompute their eigenbasis on a step is decided in one place,
+`_eigenbasis_mask` (all active factors, on Shampoo's root schedule).
+"""
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from distributed_shampoo import _backend, _soap_backend
+from distributed_shampoo.matrix_functions_types import QRConfig
+from distributed_shampoo.utils.shampoo_engine_setup import StepPlan
+from distributed_shampoo.utils.shampoo_group_engine import ShampooGroupEngine
+from distributed_shampoo.utils.shampoo_step_pipeline import PipeChunk, rebased_rows
+from distributed_shampoo.utils.shampoo_root_status import RootInverseError
+from distributed_shampoo.utils.shampoo_scalars import float32_bias_correction
+
+logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
+preconditioner_logger = logging.getLogger("distributed_shampoo.utils.shampoo_preconditioner_list")
+_COMMIT = (_backend.ROOT_OK, _backend.ROOT_RETRIED_DOUBLE)
+
+
+def soap_root(inv_root_override: Any, order: int) -> int:
+    """The root of the corrected eigenvalues for a block of `order`: inv_root_override's
+    (per order for a list, an entry 0 meaning the default), default 2, as the reference."""
+    if isinstance(inv_root_override, Sequence) and not isinstance(inv_root_override, str):
+        root = inv_root_override[order] if order < len(inv_root_override) else 0
+    else:
+        root = inv_root_override
+    return int(root) if root != 0 else 2
+
+
+class SOAPGroupEngine(ShampooGroupEngine):
+    """ShampooGroupEngine with eigenvalue-corrected Shampoo's preconditioner."""
+
+    def __init__(self, params: Sequence[torch.Tensor], group: dict[str, Any], group_index: int,
+                 shampoo_dtype: torch.dtype | None, use_protected_eigh: bool, **kwargs: Any) -> None:
+        super().__init__(params, group, group_index, shampoo_dtype, use_protected_eigh, **kwargs)
+        if self.on_cuda:
+            raise NotImplementedError(
+                f"param group {group_index}: EigenvalueCorrectedShampooPreconditionerConfig is "
+                "not available for CUDA parameters yet (CPU kernels only); use "
+                "ShampooPreconditionerConfig there."
+            )
+        precision = group["precision_config"]
+        layout = self.layout
+        # No inverse roots: their packed buffer is dropped (block_states lists no such key).
+        self.inv_factors = self.inv_factors.new_zeros(0)
+        self.bases = torch.zeros(
+            layout.factor_numel, dtype=precision.factor_matrix_eigenvectors_dtype, device=self.device
+        )
+        self.corrected = torch.zeros(
+            layout.numel, dtype=precision.corrected_eigenvalues_dtype, device=self.device
+        )
+        # The table the SOAP kernels read: Shampoo's, with SOAP's roots (default 2, not 2 * order).
+        table = layout.table.clone()
+        override = group["inv_root_override"]
+        for b, shape in enumerate(layout.block_shapes):
+            table[b, _backend.BF_ROOT] = soap_root(override, len(shape))
+        # each factor's eigenbasis in factor layout: (offset, d * d)
+        self._factor_spans: list[tuple[int, int]] = []
+        for b, shape in enumerate(layout.block_shapes):
+            at = int(layout.table[b, _backend.BF_FACTOR_OFFSET])
+            for d in shape:
+                self._factor_spans.append((at, d * d))
+                at += d * d
+        roots = table[:, _backend.BF_ROOT].numpy()
+        # per pipeline chunk: its rebased table (chunk scratch) with SOAP's roots, and where
+        # its eigenbases start in factor layout
+        self.soap_tables = {}
+        for pc in self.pipe:
+            c = pc.chunk
+            rows = rebased_rows(layout.table.numpy()[c.block_start : c.block_stop])
+            rows[:, _backend.BF_ROOT] = roots[c.block_start : c.block_stop]
+            start = int(layout.table[c.block_start, _backend.BF_FACTOR_OFFSET]) if c.block_stop > c.block_start else 0
+            self.soap_tables[c.block_start] = (_backend.KernelTable(torch.from_numpy(rows), self.device), start)
+        config = group["preconditioner_config"].amortized_computation_config
+        qr = type(config) is QRConfig
+        self.eigen_kwargs = dict(
+            method="qr" if qr else "eigh",
+            retry_double_precision=True if qr else bool(config.retry_double_precision),
+            max_iterations=int(config.max_iterations) if qr else 0,
+            tolerance=float(config.tolerance) if qr else 0.0,
+        )
+        self._fused = False
+        self._bc2 = 1.0
+
+    # ------------------------------------------------------------------ fallible half
+    def _prepare_live(self, group: dict[str, Any], grads: list[torch.Tensor | None]) -> StepPlan:
+        plan = super()._prepare_live(group, grads)
+        # the reference's bias_correction2, every step (float32 as torch computes it)
+        corrected = plan.scalars.shampoo_bias_correction
+        self._bc2 = float32_bias_correction(self.beta2, plan.step) if corrected else 1.0
+        return plan
+
+    def _new_root_work(self, factor_work: torch.Tensor) -> torch.Tensor:
+        return torch.empty(self.layout.factor_numel, dtype=self.shampoo_dtype, device=self.device)
+
+    def _eigenbasis_mask(self, chunk: Any) -> torch.Tensor:
+        """The blocks of `chunk` whose factors recompute their eigenbases this root step: the
+        active ones (the one place a staggered schedule would narrow)."""
+        return self.active[chunk.block_start : chunk.block_stop]
+
+    def _stage_root_step(
+        self, factor_work: torch.Tensor, root_work: torch.Tensor, bias_correction: float
+    ) -> None:
+        """New factors into factor_work (packed) and their eigenbases into root_work (whole,
+        factor layout), chunk by chunk; statuses and diagonal flags in root_status and
+        diagonal_work. Live state is not touched."""
+        factor_work.copy_(self.factors)
+        previous = self._working("bases", self.bases, self.shampoo_dtype)
+        scratch = self.packing.scratch()
+        offsets = self.layout.table[:, _backend.BF_FACTOR_OFFSET]
+        for c in self.packing.chunks:
+            active = self.active[c.block_start : c.block_stop]
+            full = self.packing.unpack(scratch, factor_work, c, self.active)
+            grads, grads_table = self._root_step_grads(c)  # G of the chunk (chunk scratch)
+            _backend.factor_update(
+                full, full, grads, grads_table, active, self.beta2, num_threads=self.num_threads, fail=self.fail
+            )
+            self.packing.pack(factor_work, full, c, self.factor_active)
+            start = int(offsets[c.block_start])
+            span = slice(start, start + c.full_numel)
+            _soap_backend.eigenbasis(
+                root_work[span], full[: c.full_numel], previous[span], c.table, self._eigenbasis_mask(c),
+                is_diagonal=self.diagonal_work[c.factor_start : c.factor_stop],
+                status_out=self.root_status[c.factor_start : c.factor_stop],
+                num_threads=self.num_threads, **self.eigen_kwargs,
+            )
+
+    def _check_roots(self) -> None:
+        """Raises for non-finite factors or eigenbases and, unprotected, for a failed
+        eigendecomposition; logs the rest; decides which eigenbases to commit."""
+        status = self.root_status.numpy()
+        layout = self.layout
+
+        def where(factor: int) -> str:
+            return f"{layout.factor_label(factor)} ({self.describe_block(int(layout.factor_block[factor]))})"
+
+        for code, text in (
+            (_backend.ROOT_FACTOR_NAN, "Encountered nan values in factor matrix"),
+            (_backend.ROOT_FACTOR_INF, "Encountered inf values in factor matrix"),
+            (_backend.ROOT_NONFINITE, "Encountered nan or inf values in eigenvectors of factor matrix"),
+        ):
+            bad = np.flatnonzero(status == code)
+            if bad.size:
+                raise ValueError(
+                    f"{text} {where(int(bad[0]))}! The step was not taken; parameters and "
+                    "optimizer state are unchanged. To mitigate, check the gradients, lower the "
+                    "learning rate, or use a higher-precision factor_matrix_dtype."
+                )
+        failed = np.flatnonzero(status == _backend.ROOT_FAILED)
+        reason = "ArithmeticError('the symmetric eigendecomposition (LAPACK syevd) did not converge')"
+        if failed.size and not self.use_protected_eigh:
+            raise RootInverseError(
+                f"Matrix computation failed for factor matrix {where(int(failed[0]))} with "
+                f"exception={reason}. The step was not taken; parameters and optimizer state are "
+                "unchanged (use_protected_eigh=True keeps the previous eigenvectors instead)."
+            )
+        for factor in failed:
+            preconditioner_logger.warning(
+                f"Matrix computation failed for factor matrix {where(int(factor))} with "
+                f"exception={reason}. Using previous factor matrix eigenvectors and continuing..."
+            )
+        for factor in np.flatnonzero(status == _backend.ROOT_RETRIED_DOUBLE):
+            logger.warning(
+                f"Failed to compute eigendecomposition in {self.shampoo_dtype} precision for factor "
+                f"matrix {where(int(factor))}! Retried in double precision, which succeeded."
+            )
+        self.root_commit.copy_(torch.from_numpy(np.isin(status, _COMMIT).astype(np.uint8)))
+
+    # ------------------------------------------------------------------ infallible half
+    def _commit_roots(self, factor_work: torch.Tensor, root_work: torch.Tensor) -> torch.Tensor:
+        """The new eigenbases where they succeeded (root_commit), the previous ones elsewhere.
+        Failures are rare (protected fallbacks): their previous bases are copied into the
+        staging first, then the staging is written over the live bases in one pass."""
+        for f in np.flatnonzero(self.root_commit.cpu().numpy() == 0):
+            at, n = self._factor_spans[f]
+            root_work[at : at + n].copy_(self.bases[at : at + n])
+        self.bases.copy_(root_work)
+        return root_work
+
+    # the direction reads the eigenbases, not full inverse roots
+    _direction_needs_full = False
+
+    def _chunk_soap(self, pc: PipeChunk, out: Optional[torch.Tensor], g_hat: Optional[torch.Tensor],
+                    moment_grads: Optional[torch.Tensor], active: torch.Tensor) -> None:
+        """soap_direction over one pipeline chunk: the direction of g_hat into `out` (when
+        given) and the second-moment update from moment_grads (when given)."""
+        table, start = self.soap_tables[pc.chunk.block_start]
+        shampoo = self.shampoo_dtype
+        bases = self.bases[start : start + pc.chunk.full_numel]
+        if bases.dtype != shampoo:
+            bases = bases.to(shampoo)  # bounded by the chunk
+        corrected = pc.rows(self.corrected)
+        work = corrected if corrected.dtype == shampoo else corrected.to(shampoo)
+        _soap_backend.soap_direction(
+            out, g_hat, moment_grads, bases, work, table, active,
+            beta2=self.beta2, bias_correction=self._bc2, epsilon=self.epsilon,
+            num_threads=self.num_threads,
+        )
+        if moment_grads is not None and work is not corrected:
+            corrected.copy_(work)
+
+    def _chunk_before_moments(self, pc: PipeChunk, g: torch.Tensor, active: torch.Tensor, scalars: Any) -> None:
+        """The second moment from the raw gradient (before it becomes G_hat). Without a
+        filtered gradient and outside the grafting phase it is fused into the direction,
+        which then rotates G once for both."""
+        self._fused = scalars.beta1 == 0.0 and not scalars.grafting_phase
+        if not self._fused:
+            self._chunk_soap(pc, None, None, self._in_dtype("g_s", g, self.shampoo_dtype), active)
+
+    def _chunk_direction(self, pc: PipeChunk, out: torch.Tensor, g_hat: torch.Tensor, inv_roots: torch.Tensor,
+                         active: torch.Tensor) -> None:
+        """The SOAP direction of the chunk's G_hat (inv_roots unused: no inverse roots)."""
+        self._chunk_soap(pc, out, g_hat, g_hat if self._fused else None, active)
+
+    # ------------------------------------------------------------------ state
+    def block_states(self) -> dict[int, dict[str, dict[str, Any]]]:
+        """Shampoo's per-block state with the inverse roots replaced by the reference's
+        eigenvalue-corrected keys: factor_matrices_eigenvectors (whole d x d) and
+        corrected_eigenvalues (the block's shape)."""
+        states = super().block_states()
+        layout = self.layout
+        table = layout.table.numpy()
+        for b, key in enumerate(layout.block_keys):
+            row = table[b]
+            shape = layout.block_shapes[b]
+            offset, numel = int(row[_backend.BF_BLOCK_OFFSET]), int(row[_backend.BF_NUMEL])
+            at = int(row[_backend.BF_FACTOR_OFFSET])
+            eigenvectors: dict[int, Any] = {}
+            for k, d in enumerate(shape):
+                eigenvectors[k] = {"quantized_values": self.bases[at : at + d * d].view(d, d)}
+                at += d * d
+            shampoo = states[int(layout.block_param[b])][key]["shampoo"]
+            del shampoo["inv_factor_matrices"]
+            shampoo["factor_matrices_eigenvectors"] = eigenvectors
+            moment = self.corrected[offset : offset + numel].view(shape)
+            shampoo["corrected_eigenvalues"] = {"quantized_values": moment}
+        return states
