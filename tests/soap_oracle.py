@@ -111,6 +111,8 @@ class OracleSOAP:
     `step(grads)` updates the parameters in place (in their own dtype)."""
 
     def __init__(self, params: Sequence[torch.Tensor], dtype: torch.dtype = torch.float64, **hyper: Any) -> None:
+        # the staggered schedule (issue 13): {"param.block_b.k": phase}; None: all at once
+        self.root_phases = hyper.pop("root_phases", None)
         unknown = set(hyper) - set(_SOAP_DEFAULTS)
         assert not unknown, f"oracle does not know {unknown}"
         self.dtype = dtype
@@ -125,6 +127,7 @@ class OracleSOAP:
         self.method = _amortized(g["preconditioner_config"])
         self.params = list(params)
         self.blocks = [self._blocks(p) for p in self.params]
+        self.labels = {id(b): f"{i}.block_{j}" for i, blocks in enumerate(self.blocks) for j, b in enumerate(blocks)}
         self.t = 0
 
     def _blocks(self, p: torch.Tensor) -> list[SOAPBlock]:
@@ -167,6 +170,9 @@ class OracleSOAP:
         lr = fl32(g["lr"])
         frequency, start = g["precondition_frequency"], g["start_preconditioning_step"]
         amortized = (t % frequency == 0 and t > start) or t == start
+        phases = self.root_phases
+        if phases is not None:
+            amortized = t >= start
         grafting = self.grafting
         use_grafting_method = t < start and grafting is not None
         beta1, beta2 = g["betas"]
@@ -197,6 +203,8 @@ class OracleSOAP:
         if amortized:  # 2. eigenbases
             for b, _ in active:
                 for k, F in enumerate(b.factors):
+                    if phases is not None and t != start and t % frequency != phases[f"{self.labels[id(b)]}.{k}"]:
+                        continue  # not due at this step
                     if b.is_diagonal[k] and torch.any(F - torch.diag(torch.diagonal(F)) != 0):
                         b.is_diagonal[k] = False
                     if not torch.isfinite(F).all():

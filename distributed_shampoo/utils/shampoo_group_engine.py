@@ -172,7 +172,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
         self._live: list[int] = []
         # opt-in staggered inverse roots (shampoo_root_schedule.py); None: all at once
         self.schedule = (
-            None if root_schedule is None else RootSchedule(root_schedule, layout, self.packing, self.device)
+            None if root_schedule is None else self._schedule_class(root_schedule, layout, self.packing, self.device)
         )
         self._init_failure_flag()
 
@@ -392,6 +392,8 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
 
     # Hooks where eigenvalue-corrected Shampoo (soap_group_engine.py) differs; the Shampoo
     # versions are these.
+    _schedule_class = RootSchedule  # the staggered schedule's root-step half
+
     def _new_root_work(self, factor_work: torch.Tensor) -> torch.Tensor:
         """A root step's staging buffer for what it computes (packed inverse roots)."""
         return torch.empty_like(factor_work)

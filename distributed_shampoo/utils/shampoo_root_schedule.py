@@ -92,6 +92,7 @@ class ChunkWork:
     root_blocks: torch.Tensor  # the due factors' blocks (global indices)
     factor_range: tuple[int, int]  # the blocks' packed factors in the factor staging
     root_range: tuple[int, int]  # the due factors' packed roots in the root staging
+    root_rows: np.ndarray  # roots_table's rows (one per due factor)
 
 
 @dataclass
@@ -204,7 +205,7 @@ class RootSchedule:
                 torch.as_tensor(blocks + c.block_start, device=self.device),
                 _backend.KernelTable(factor_rows, self.device),
                 torch.as_tensor(layout.factor_block[local + c.factor_start], device=self.device),
-                (f_at, f_at + f_numel), (r_at, r_at + r_numel),
+                (f_at, f_at + f_numel), (r_at, r_at + r_numel), factor_rows,
             ))
             f_at, r_at = f_at + f_numel, r_at + r_numel
         return PhasePlan(
@@ -219,7 +220,7 @@ class RootSchedule:
         factors not due) and diagonal flags in diagonal_work. Live state is not touched."""
         packing = self.packing
         dtype = engine.shampoo_dtype
-        root_stage = torch.empty(plan.root_numel, dtype=dtype, device=self.device)
+        root_stage = torch.empty(self.root_stage_numel(plan), dtype=dtype, device=self.device)
         engine.root_status.fill_(_backend.ROOT_INACTIVE)
         blocks = engine.active & plan.block_mask
         scratch, roots = packing.scratch(), packing.scratch()
@@ -253,17 +254,40 @@ class RootSchedule:
             # the phase blocks' factors, compact (the blocks table's own packed layout)
             _backend.sym_pack(factor_stage[w.factor_range[0] : w.factor_range[1]], full, w.blocks_table)
             out = roots[: c.full_numel]
-            _backend.root_inverse(
-                out, full, w.roots_table, engine.active[w.root_blocks],
-                epsilon=engine.epsilon, exponent_multiplier=engine.exponent_multiplier,
-                bias_correction=bias_correction,
-                is_diagonal=engine.diagonal_work[c.factor_start : c.factor_stop],
-                status_out=engine.root_status[c.factor_start : c.factor_stop],
-                num_threads=engine.num_threads, **engine.root_kwargs,
-            )
-            # uncommitted roots (not OK, inactive) are staged too and skipped by the commit
-            _backend.sym_pack(root_stage[w.root_range[0] : w.root_range[1]], out, w.roots_table, average=True)
+            self.compute_roots(engine, w, full, out, bias_correction)
+            self.stash_roots(w, out, root_stage)
         return factor_stage, root_stage
+
+    # What a root step computes for its due factors, and how it is staged and committed: the
+    # inverse roots here (packed); eigenvalue-corrected Shampoo's eigenbases in
+    # soap_group_engine.EigenbasisSchedule.
+    def root_stage_numel(self, plan: PhasePlan) -> int:
+        return plan.root_numel
+
+    def compute_roots(self, engine: Any, w: ChunkWork, full: torch.Tensor, out: torch.Tensor,
+                      bias_correction: float) -> None:
+        """The due factors' results of chunk w from its new factors `full` into `out` (both
+        chunk scratch, full matrices)."""
+        c = w.chunk
+        _backend.root_inverse(
+            out, full, w.roots_table, engine.active[w.root_blocks],
+            epsilon=engine.epsilon, exponent_multiplier=engine.exponent_multiplier,
+            bias_correction=bias_correction,
+            is_diagonal=engine.diagonal_work[c.factor_start : c.factor_stop],
+            status_out=engine.root_status[c.factor_start : c.factor_stop],
+            num_threads=engine.num_threads, **engine.root_kwargs,
+        )
+
+    def stash_roots(self, w: ChunkWork, out: torch.Tensor, root_stage: torch.Tensor) -> None:
+        # uncommitted roots (not OK, inactive) are staged too and skipped by the commit
+        _backend.sym_pack(root_stage[w.root_range[0] : w.root_range[1]], out, w.roots_table, average=True)
+
+    def commit_roots(self, engine: Any, w: ChunkWork, root_stage: torch.Tensor, full: torch.Tensor) -> None:
+        """The committed (engine.root_commit) staged results of chunk w over the live ones;
+        `full` is chunk scratch."""
+        _backend.sym_unpack(full, root_stage[w.root_range[0] : w.root_range[1]], w.roots_table,
+                            engine.active[w.root_blocks])
+        self.packing.pack(engine.inv_factors, full, w.chunk, engine.root_commit)
 
     def commit(self, engine: Any, plan: PhasePlan, factor_stage: torch.Tensor, root_stage: torch.Tensor) -> None:
         """apply()'s half (nothing can fail): the staged factors and the committed roots
@@ -278,6 +302,4 @@ class RootSchedule:
             _backend.sym_unpack(full, factor_stage[w.factor_range[0] : w.factor_range[1]], w.blocks_table,
                                 engine.active[w.blocks])
             packing.pack(engine.factors, full, c, staged_factors)
-            _backend.sym_unpack(full, root_stage[w.root_range[0] : w.root_range[1]], w.roots_table,
-                                engine.active[w.root_blocks])
-            packing.pack(engine.inv_factors, full, c, engine.root_commit)
+            self.commit_roots(engine, w, root_stage, full)

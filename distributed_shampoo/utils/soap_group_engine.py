@@ -29,6 +29,7 @@ from distributed_shampoo import _backend, _soap_backend
 from distributed_shampoo.matrix_functions_types import QRConfig
 from distributed_shampoo.utils.shampoo_engine_setup import StepPlan
 from distributed_shampoo.utils.shampoo_group_engine import ShampooGroupEngine
+from distributed_shampoo.utils.shampoo_root_schedule import ChunkWork, PhasePlan, RootSchedule
 from distributed_shampoo.utils.shampoo_step_pipeline import PipeChunk, rebased_rows
 from distributed_shampoo.utils.shampoo_root_status import RootInverseError
 from distributed_shampoo.utils.shampoo_scalars import float32_bias_correction
@@ -48,8 +49,72 @@ def soap_root(inv_root_override: Any, order: int) -> int:
     return int(root) if root != 0 else 2
 
 
+class EigenbasisSchedule(RootSchedule):
+    """The staggered schedule's root step for eigenvalue-corrected Shampoo: the due factors'
+    eigenbases (whole d x d matrices, not symmetric) computed from their new factors, staged
+    compact (the due factors' d * d each, in due order) and committed per factor."""
+
+    @staticmethod
+    def _spans(w: ChunkWork) -> list[tuple[int, int, int]]:
+        """(chunk-local full offset, d * d, chunk-local factor index) of each due factor."""
+        rows = w.root_rows
+        return [(int(r[_backend.BF_FACTOR_OFFSET]), int(r[_backend.BF_DIMS]) ** 2, int(r[_backend.BF_FACTOR_INDEX]))
+                for r in rows]
+
+    def root_stage_numel(self, plan: PhasePlan) -> int:
+        return sum(n for w in plan.work for _, n, _ in self._spans(w))
+
+    def _stage_start(self, plan_work: list[ChunkWork], w: ChunkWork) -> int:
+        """Where chunk w's due eigenbases start in the compact staging."""
+        at = 0
+        for v in plan_work:
+            if v is w:
+                return at
+            at += sum(n for _, n, _ in self._spans(v))
+        raise AssertionError("chunk not in the plan")
+
+    def compute_roots(self, engine: Any, w: ChunkWork, full: torch.Tensor, out: torch.Tensor,
+                      bias_correction: float) -> None:
+        c = w.chunk
+        start = engine.basis_start(c)
+        previous = engine.bases[start : start + c.full_numel]
+        if previous.dtype != engine.shampoo_dtype:
+            previous = previous.to(engine.shampoo_dtype)  # bounded by the chunk
+        _soap_backend.eigenbasis(
+            out, full, previous, w.roots_table, engine.active[w.root_blocks],
+            is_diagonal=engine.diagonal_work[c.factor_start : c.factor_stop],
+            status_out=engine.root_status[c.factor_start : c.factor_stop],
+            num_threads=engine.num_threads, **engine.eigen_kwargs,
+        )
+
+    def stage(self, engine: Any, plan: PhasePlan, bias_correction: float) -> tuple[torch.Tensor, torch.Tensor]:
+        self._plan_work = plan.work  # stash_roots/commit_roots place each chunk by its order
+        return super().stage(engine, plan, bias_correction)
+
+    def stash_roots(self, w: ChunkWork, out: torch.Tensor, root_stage: torch.Tensor) -> None:
+        at = self._stage_start(self._plan_work, w)
+        for offset, n, _ in self._spans(w):
+            root_stage[at : at + n].copy_(out[offset : offset + n])
+            at += n
+
+    def commit(self, engine: Any, plan: PhasePlan, factor_stage: torch.Tensor, root_stage: torch.Tensor) -> None:
+        self._plan_work = plan.work
+        super().commit(engine, plan, factor_stage, root_stage)
+
+    def commit_roots(self, engine: Any, w: ChunkWork, root_stage: torch.Tensor, full: torch.Tensor) -> None:
+        at = self._stage_start(self._plan_work, w)
+        start = engine.basis_start(w.chunk)
+        commit = engine.root_commit.cpu().numpy()
+        for offset, n, factor in self._spans(w):
+            if commit[w.chunk.factor_start + factor]:
+                engine.bases[start + offset : start + offset + n].copy_(root_stage[at : at + n])
+            at += n
+
+
 class SOAPGroupEngine(ShampooGroupEngine):
     """ShampooGroupEngine with eigenvalue-corrected Shampoo's preconditioner."""
+
+    _schedule_class = EigenbasisSchedule
 
     def __init__(self, params: Sequence[torch.Tensor], group: dict[str, Any], group_index: int,
                  shampoo_dtype: torch.dtype | None, use_protected_eigh: bool, **kwargs: Any) -> None:
@@ -110,6 +175,10 @@ class SOAPGroupEngine(ShampooGroupEngine):
         corrected = plan.scalars.shampoo_bias_correction
         self._bc2 = float32_bias_correction(self.beta2, plan.step) if corrected else 1.0
         return plan
+
+    def basis_start(self, chunk: Any) -> int:
+        """Where the chunk's eigenbases start in factor layout."""
+        return self.soap_tables[chunk.block_start][1]
 
     def _new_root_work(self, factor_work: torch.Tensor) -> torch.Tensor:
         return torch.empty(self.layout.factor_numel, dtype=self.shampoo_dtype, device=self.device)
