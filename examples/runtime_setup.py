@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,4 +96,12 @@ def set_seed(seed: int) -> None:
 
 def cleanup() -> None:
     if dist.is_initialized():
+        # gloo's worker thread destroys a finished work (a barrier keeps the tensors of the
+        # works before it) after the waiting rank has moved on, and that needs the GIL. If
+        # the process group's last reference (DDP's reducer) is then dropped while this
+        # thread holds the GIL, its destructor joins the worker thread: a deadlock at exit
+        # (seen under load). So: a last barrier, a pause without the GIL for the worker to
+        # finish, then the group goes.
+        dist.barrier()
+        time.sleep(0.2)
         dist.destroy_process_group()

@@ -60,8 +60,13 @@ def _run_batch(start: int, count: int) -> dict:
                 for name, n in stats["per_entry"].items():
                     total["per_entry"][name] = total["per_entry"].get(name, 0) + n
                 break
-            with open(progress) as f:
-                died = int(f.read() or start)
+            try:
+                with open(progress) as f:
+                    died = int(f.read() or start)
+            except FileNotFoundError:  # died before its first case (at import): say so
+                died = start
+            if proc.returncode == "timeout" and died == start:
+                raise AssertionError(f"fuzz worker made no progress in {WORKER_TIMEOUT} s from case {start}")
             total["crashes"].append(f"case {died}: rc {proc.returncode}: {proc.stderr[-300:]}")
             total["cases"] += died - start + 1  # cases before it ran but are not classified
             start = died + 1
