@@ -95,7 +95,8 @@ class StepPipeline:
         self._pipe_by_start = {pc.chunk.block_start: pc for pc in self.pipe}
 
     def _chunk_buffer(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """Scratch of the largest chunk's block-layout size, kept between steps (bounded)."""
+        """Scratch of the largest chunk's block-layout size, for this step (bounded; freed
+        when the step ends)."""
         key = ("chunk_" + name, dtype)
         buffer = self._scratch.get(key)  # type: ignore[attr-defined]
         if buffer is None:
