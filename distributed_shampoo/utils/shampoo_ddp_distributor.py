@@ -108,18 +108,37 @@ class DDPExchange:
             sizes = numels[mine]
             receive[mine, _backend.BF_BLOCK_OFFSET] = r * self.chunk + np.cumsum(sizes) - sizes
         self.receive_table = _backend.KernelTable(receive, device)
-        self.buffer = torch.zeros(self.chunk * group_size, dtype=self.comm_dtype, device=device)
-        self.received = torch.zeros(self.chunk * group_size, dtype=working_dtype, device=device)
-        self.own = self.buffer[group_rank * self.chunk : (group_rank + 1) * self.chunk]
+        self.group_size, self.group_rank = group_size, group_rank
+        self.device, self.working_dtype = device, working_dtype
         self.local_numel = local_numel[group_rank]
         self.failure_flag = torch.zeros(1, device=device)
+        # The all-gather's buffers live for one step (new_payload ... release): between steps
+        # the memory is the model's.
+        self.buffer: torch.Tensor | None = None
+        self.own: torch.Tensor | None = None
+
+    def new_payload(self) -> torch.Tensor:
+        """This step's payload (this rank's updates, packed, working dtype): a view of the
+        gathered buffer's own chunk when the communication dtype is the working dtype, so the
+        updates are written where they are sent from."""
+        self.buffer = torch.zeros(self.chunk * self.group_size, dtype=self.comm_dtype, device=self.device)
+        self.own = self.buffer[self.group_rank * self.chunk : (self.group_rank + 1) * self.chunk]
+        if self.comm_dtype == self.working_dtype:
+            return self.own[: self.local_numel]
+        return torch.zeros(self.local_numel, dtype=self.working_dtype, device=self.device)
 
     def exchange(self, local_payload: torch.Tensor) -> torch.Tensor:
         """All-gathers each rank's payload (its blocks, packed); returns the gathered buffer in
         the working dtype, addressed by receive_table."""
-        self.own[: self.local_numel].copy_(local_payload[: self.local_numel])
+        assert self.buffer is not None and self.own is not None, "new_payload() first"
+        if local_payload.data_ptr() != self.own.data_ptr():
+            self.own[: self.local_numel].copy_(local_payload[: self.local_numel])
         _all_gather_into(self.buffer, self.own, self.process_group)
-        return self.received.copy_(self.buffer)
+        return self.buffer if self.comm_dtype == self.working_dtype else self.buffer.to(self.working_dtype)
+
+    def release(self) -> None:
+        """The step's buffers go (after the gathered updates were applied)."""
+        self.buffer = self.own = None
 
     def agree_on_failure(self, failed: bool) -> bool:
         """Whether any rank of the trainer group failed its step's checks; every rank calls

@@ -131,8 +131,9 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
         self.exchange: DDPExchange | None = None
         if ddp is not None:
             self.exchange = DDPExchange(self.full_layout, owners, ddp, self.device, self.working_dtype)
-            # finish() packs this rank's updates block after block: the all-gather payload.
-            self.payload = zeros(n, self.working_dtype)
+            # finish() packs this rank's updates block after block: the all-gather payload
+            # (DDPExchange.new_payload, for the length of a step).
+            self.payload: torch.Tensor | None = None
             self.full_active = torch.zeros(self.full_layout.num_blocks, dtype=torch.uint8, device=self.device)
         # Live optimizer state (storage dtypes of SPEC B §3 / §6).
         # Factor matrices and inverse roots packed (upper triangles, shampoo_packed_chunks.py);
@@ -456,6 +457,8 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
         factor_blocks = None
         if self.layout.factor_numel > 0 and not (plan.root_step and plan.due is None):
             factor_blocks = self.active if plan.due is None else self.active & (1 - plan.due.block_mask)
+        if self.exchange is not None:
+            self.payload = self.exchange.new_payload()
         self._run_pipeline(
             plan, None if plan.scalars.grafting_phase else inv_roots, factor_blocks,
             None if plan.due is None else self.factor_active & (1 - plan.due.factor_mask),
@@ -488,7 +491,16 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
         its updated parameters) and apply all of them, each rank the same way."""
         assert self.exchange is not None
         communicate_params = self.exchange.communicate_params
+        assert self.payload is not None
         gathered = self.exchange.exchange(self.payload)
+        self.payload = None
+        try:
+            self._apply_gathered(plan, gathered, communicate_params)
+        finally:
+            self.exchange.release()
+
+    def _apply_gathered(self, plan: "StepPlan", gathered: torch.Tensor, communicate_params: bool) -> None:
+        assert self.exchange is not None
         if plan.io.grad_blocks is None:
             # every rank's blocks into the parameters in place (updates added, or parameters)
             scatter_io(
