@@ -307,14 +307,20 @@ def local_parts(full: List[torch.Tensor], ranges: list) -> List[torch.Tensor]:
     return [p.reshape(-1)[s:e] for p, (s, e) in zip(full, ranges)]
 
 
+# float64 throughout, the ranks only average gradients in another order (measured 4e-16);
+# HSDP also all-gathers its replicas' updates in communication_dtype, float32 by default
+# (measured 7e-9). The default schedule ends 3e-3 away.
+ORACLE_TOL = {"fsdp": dict(rtol=1e-9, atol=1e-12), "fsdp2": dict(rtol=1e-9, atol=1e-12),
+              "hsdp": dict(rtol=1e-6, atol=1e-7)}
+
+
 def check_oracle(results: List[Dict[str, Any]], mode: str) -> None:
     want, default = oracle_params(results, mode), oracle_params(results, mode, scheduled=False)
     farthest = 0.0
     for r in results:
         for got, ref, other in zip(r[mode]["final"], local_parts(want, r[mode]["ranges"]),
                                    local_parts(default, r[mode]["ranges"])):
-            # float64 throughout: the ranks average gradients in another order (measured 4e-16)
-            torch.testing.assert_close(got.reshape(-1), ref, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(got.reshape(-1), ref, **ORACLE_TOL[mode])
             if got.numel():
                 farthest = max(farthest, (got.reshape(-1) - other).abs().max().item())
         # the product's own default-schedule run ends elsewhere too
