@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -33,6 +34,7 @@ from tests.test_atomicity import assert_bitwise_equal
 
 F64 = PrecisionConfig(*(torch.float64,) * 8)
 WORLD, BATCH, STEPS = 4, 8, 5
+SAVE_AT = 3  # QR runs: a DCP checkpoint between two eigenbasis steps (2, 4)
 CONFIGS = {"eigh": DefaultEigenvalueCorrectedShampooConfig, "qr": DefaultSOAPConfig}
 SCENARIOS = [(mode, name) for mode in ("hsdp", "hsdp2") for name in CONFIGS]
 
@@ -56,46 +58,109 @@ def data() -> Tuple[torch.Tensor, torch.Tensor]:
             torch.randn(BATCH, 2, generator=g, dtype=torch.float64))
 
 
-def run(mode: str, name: str, rank: int) -> Dict[str, Any]:
-    from torch.distributed.device_mesh import init_device_mesh
+class Run:
+    """One rank's hybrid-sharded model and its SOAP optimizer."""
 
-    model = make_model()
-    mesh = init_device_mesh("cpu", (WORLD // 2, 2), mesh_dim_names=("replicate", "shard"))
-    if mode == "hsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+    def __init__(self, mode: str, name: str, rank: int, seed: int = 0) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
 
-        options = dict(use_orig_params=True, device_id=torch.device("cpu"), device_mesh=mesh,
-                       sharding_strategy=ShardingStrategy.HYBRID_SHARD)
-        for i in (0, 2):
-            model[i] = FSDP(model[i], **options)
-        module = FSDP(model, **options)
-        metadata = compile_fsdp_parameter_metadata(module)
-        config: Any = HSDPShampooConfig(device_mesh=mesh, param_to_metadata=metadata)
-        ranges = [(metadata[p].start_idx, metadata[p].end_idx) for p in module.parameters()]
-    else:
-        from torch.distributed.fsdp import fully_shard
+        model = make_model(seed)
+        mesh = init_device_mesh("cpu", (WORLD // 2, 2), mesh_dim_names=("replicate", "shard"))
+        self.shard = mesh.get_local_rank(1)
+        if mode == "hsdp":
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
 
-        for i in (0, 2):
-            fully_shard(model[i], mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        module, config = model, FullyShardShampooConfig()
-        shard = mesh.get_local_rank(1)
-        ranges = []
-        for p in model.parameters():  # dim 0 in two chunks (torch.chunk)
-            rows, row = p.shape[0], int(np.prod(p.shape[1:]))
-            size = -(-rows // 2)
-            ranges.append((min(shard * size, rows) * row, min((shard + 1) * size, rows) * row))
-    optimizer = DistributedShampoo(module.parameters(), distributed_config=config, precision_config=F64, **kwargs(name))
-    x, y = data()
-    local = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
-    for _ in range(STEPS):
-        optimizer.zero_grad()
-        nn.functional.mse_loss(module(x[local]), y[local]).backward()
-        optimizer.step()
+            options = dict(use_orig_params=True, device_id=torch.device("cpu"), device_mesh=mesh,
+                           sharding_strategy=ShardingStrategy.HYBRID_SHARD)
+            for i in (0, 2):
+                model[i] = FSDP(model[i], **options)
+            self.module = FSDP(model, **options)
+            metadata = compile_fsdp_parameter_metadata(self.module)
+            config: Any = HSDPShampooConfig(device_mesh=mesh, param_to_metadata=metadata)
+            self.ranges = [(metadata[p].start_idx, metadata[p].end_idx) for p in self.module.parameters()]
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for i in (0, 2):
+                fully_shard(model[i], mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            self.module, config = model, FullyShardShampooConfig()
+            self.ranges = []
+            for p in model.parameters():  # dim 0 in two chunks (torch.chunk)
+                rows, row = p.shape[0], int(np.prod(p.shape[1:]))
+                size = -(-rows // 2)
+                self.ranges.append((min(self.shard * size, rows) * row, min((self.shard + 1) * size, rows) * row))
+        self.optimizer = DistributedShampoo(self.module.parameters(), distributed_config=config,
+                                            precision_config=F64, **kwargs(name))
+        x, y = data()
+        local = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+        self.x, self.y = x[local], y[local]
+
+    def train(self, steps: int) -> None:
+        for _ in range(steps):
+            self.optimizer.zero_grad()
+            nn.functional.mse_loss(self.module(self.x), self.y).backward()
+            self.optimizer.step()
+
+    def named(self) -> List[Tuple[str, torch.Tensor]]:
+        return [(n.replace("_fsdp_wrapped_module.", ""), p) for n, p in self.module.named_parameters()]
+
+    def local_params(self) -> List[torch.Tensor]:
+        return [(p.to_local() if hasattr(p, "to_local") else p).detach().clone() for p in self.module.parameters()]
+
+    def flat_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        state = self.optimizer.distributed_state_dict(key_to_param=self.named(), save_param_groups=False)["state"]
+        return {n: {k: v.clone() for k, v in flat.items()} for n, flat in state.items()}
+
+    def _state(self) -> Dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return {"model": get_model_state_dict(self.module),
+                "optim": self.optimizer.distributed_state_dict(key_to_param=self.named())}
+
+    def save(self, path: str) -> None:
+        dcp.save(self._state(), checkpoint_id=path)
+
+    def load(self, path: str) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        from distributed_shampoo.utils.shampoo_dcp import ShampooLoadPlanner
+
+        state = self._state()
+        dcp.load(state, checkpoint_id=path, planner=ShampooLoadPlanner())
+        self.optimizer.load_distributed_state_dict(state["optim"], key_to_param=self.named())
+        set_model_state_dict(self.module, state["model"])
+
+
+def run(mode: str, name: str, rank: int, out: str) -> Dict[str, Any]:
+    run = Run(mode, name, rank)
+    resume = name == "qr"  # the warm-started eigenbases must survive the checkpoint
+    run.train(SAVE_AT if resume else STEPS)
+    if resume:
+        path = os.path.join(out, f"{mode}-{name}")
+        run.save(path)
+        saved = run.flat_state()
+        run.train(STEPS - SAVE_AT)
     # by position: block keys repeat across parameters (and FSDP1's names across its units)
-    owned = sorted((i, k) for i, p in enumerate(module.parameters()) for k in optimizer.state.get(p, {}) if k != "step")
-    local_params = [(p.to_local() if hasattr(p, "to_local") else p).detach().clone() for p in module.parameters()]
-    return dict(shard=mesh.get_local_rank(1), ranges=ranges, final=local_params, owned=owned)
+    params = list(run.module.parameters())
+    owned = sorted((i, k) for i, p in enumerate(params) for k in run.optimizer.state.get(p, {}) if k != "step")
+    result = dict(shard=run.shard, ranges=run.ranges, final=run.local_params(), owned=owned)
+    if resume:
+        fresh = Run(mode, name, rank, seed=1)  # other initial values: all from the checkpoint
+        fresh.load(path)
+        result["loaded"] = _equal(fresh.flat_state(), saved)
+        fresh.train(STEPS - SAVE_AT)
+        result["resumed"], result["resumed_state"] = fresh.local_params(), fresh.flat_state()
+        result["state"] = run.flat_state()
+    return result
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        assert_bitwise_equal(a, b)
+    except AssertionError:
+        return False
+    return True
 
 
 def worker(rank: int, port: int, out: str) -> None:
@@ -104,7 +169,7 @@ def worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     try:
-        results = {scenario: run(*scenario, rank) for scenario in SCENARIOS}
+        results = {scenario: run(*scenario, rank, out) for scenario in SCENARIOS}
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -171,3 +236,17 @@ def test_soap_hsdp_replicas_split_the_shards_blocks(four_ranks, name: str) -> No
         a, b = (set(four_ranks[r][("hsdp", name)]["owned"]) for r in (shard, shard + 2))
         assert a and b and not a & b
         assert all(k.startswith(f"rank_{shard}-block_") for _, k in a | b)
+
+
+@pytest.mark.parametrize("mode", ["hsdp", "hsdp2"])
+def test_soap_hybrid_checkpoint_resumes_bitwise(four_ranks, mode: str) -> None:
+    """A DCP checkpoint of the QR run after step 3 (eigenbases, corrected second moments,
+    factors of each rank's blocks) loads into fresh optimizers and models (other initial
+    values), restores the saved state bitwise and reaches the uninterrupted run bitwise."""
+    for rank, r in enumerate(four_ranks):
+        result = r[(mode, "qr")]
+        assert result["loaded"], f"rank {rank}: loaded state differs from the saved one"
+        assert_bitwise_equal(result["resumed"], result["final"], f"{mode} rank {rank} parameters")
+        assert_bitwise_equal(result["resumed_state"], result["state"], f"{mode} rank {rank} state")
+        assert any("eigen" in k for flat in result["state"].values() for k in flat), \
+            sorted(k for flat in result["state"].values() for k in flat)[:8]
