@@ -8,7 +8,8 @@ on the whole batch with every piece of every shard as its own parameter; the rep
 shard agree bitwise; under HSDP they split the shard's blocks (eigenbases, second moments)
 between them. The eigh runs compute an eigenbasis every step; the QR runs (DefaultSOAPConfig,
 warm-started) the first one at step 2, once the 2 x 2 factors have full rank (distinct
-eigenvalues: see tests/test_soap.py's docstring).
+eigenvalues: see tests/test_soap.py's docstring); they also save a DCP checkpoint after step 3,
+which fresh optimizers load and resume bitwise.
 """
 
 import os
