@@ -63,7 +63,7 @@ EPS_GRAFT = 1e-8
 
 
 def base(mode: str) -> str:
-    """'fsdp', 'fsdp2', 'hsdp', 'hsdp2' of a mode; '+eigh' / '+qr' selects SOAP (issue 14)."""
+    """'ddp', 'fsdp', 'fsdp2', 'hsdp', 'hsdp2' of a mode; '+eigh' / '+qr' selects SOAP (issue 14)."""
     return mode.split("+")[0]
 
 
@@ -111,7 +111,13 @@ class Run:
 
         model = make_model(seed)
         self.names = [n for n, _ in model.named_parameters()]
-        if mode in ("fsdp", "hsdp"):
+        if mode == "ddp":  # whole parameters, blocks spread over the ranks
+            from distributed_shampoo.shampoo_types import DDPShampooConfig
+
+            self.module, config = nn.parallel.DistributedDataParallel(model), DDPShampooConfig()
+            self.shard, self.shards = 0, 1
+            self.ranges = [(0, p.numel()) for p in model.parameters()]
+        elif mode in ("fsdp", "hsdp"):
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
 
             options: Dict[str, Any] = dict(use_orig_params=True, device_id=torch.device("cpu"))
@@ -256,18 +262,19 @@ def pieces_of(results: List[Dict[str, Any]], mode: str) -> List[Tuple[int, int, 
     """Every (shard, param, flat start, piece shape, its factors) in shard order; a factor is
     (its label on its rank, its label in the oracle without the parameter index). The rank's
     label is '{param}.rank_{shard}-block_{b}.{k}', b counting the blocks of all that shard's
-    pieces of the parameter (SPEC B §7.3); the oracle's blocks of a piece count from 0."""
+    pieces of the parameter (SPEC B §7.3); the oracle's blocks of a piece count from 0. DDP:
+    one shard, the whole parameters, labels '{param}.block_{b}.{k}'."""
     by_shard = {r[mode]["shard"]: r[mode]["ranges"] for r in results}
     shapes = [tuple(p.shape) for p in make_model().parameters()]
     out = []
     for shard in range(results[0][mode]["shards"]):
         for i, shape in enumerate(shapes):
             start, end = by_shard[shard][i]
-            b = 0
+            b, prefix = 0, "" if base(mode) == "ddp" else f"rank_{shard}-"
             for offset, piece in split_shard(shape, start, end):
                 labels = []
                 for own, block in enumerate(O.block_shapes(O.merge_small_dims(piece, MAX_DIM), MAX_DIM)):
-                    labels += [(f"{i}.rank_{shard}-block_{b}.{k}", f"block_{own}.{k}") for k in range(len(block))]
+                    labels += [(f"{i}.{prefix}block_{b}.{k}", f"block_{own}.{k}") for k in range(len(block))]
                     b += 1
                 out.append((shard, i, start + offset, piece, labels))
     return out
@@ -351,7 +358,8 @@ def local_parts(full: List[torch.Tensor], ranges: list) -> List[torch.Tensor]:
 # HSDP also all-gathers its replicas' updates in communication_dtype, float32 by default
 # (measured 7e-9). The default schedule ends 3e-3 away.
 ORACLE_TOL = {"fsdp": dict(rtol=1e-9, atol=1e-12), "fsdp2": dict(rtol=1e-9, atol=1e-12),
-              "hsdp": dict(rtol=1e-6, atol=1e-7), "hsdp2": dict(rtol=1e-9, atol=1e-12)}
+              "hsdp": dict(rtol=1e-6, atol=1e-7), "hsdp2": dict(rtol=1e-9, atol=1e-12),
+              "ddp": dict(rtol=1e-6, atol=1e-7)}  # DDP all-gathers in float32 too
 
 
 def check_oracle(results: List[Dict[str, Any]], mode: str) -> None:

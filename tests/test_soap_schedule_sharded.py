@@ -1,9 +1,11 @@
 """Eigenvalue-corrected Shampoo (SOAP, issue 14) under the staggered schedule (issue 13) with
-FSDP (v1) and FSDP2, two gloo ranks on CPU: each rank balances its own factors' eigenbases
+FSDP (v1), FSDP2 and DDP, two gloo ranks on CPU: each rank balances its own factors' eigenbases
 (the independent balancing of tests/test_root_schedule.py) and recomputes exactly the due ones;
 the parameters equal the plain torch SOAP oracle (tests/soap_oracle.py, root_phases) on every
-shard piece with those phases, and a mid-period DCP checkpoint resumes bitwise. eigh under
-FSDP, QR (DefaultSOAPConfig, warm-started) under FSDP2. Harness: test_root_schedule_fsdp.py.
+shard piece (DDP: parameter) with those phases, and a mid-period DCP checkpoint resumes
+bitwise. eigh under FSDP, QR (DefaultSOAPConfig, warm-started) under FSDP2 and DDP (whose
+ranks split the blocks, so each factor's eigenbasis lives on one rank). Harness:
+test_root_schedule_fsdp.py.
 """
 
 from typing import Any, Dict, List
@@ -12,7 +14,7 @@ import pytest
 
 from tests import test_root_schedule_fsdp as H
 
-MODES = ["fsdp+eigh", "fsdp2+qr"]
+MODES = ["fsdp+eigh", "fsdp2+qr", "ddp+qr"]
 
 
 @pytest.fixture(scope="module")
