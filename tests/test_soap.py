@@ -211,7 +211,9 @@ def test_mutated_config_is_revalidated_and_group_change_refused():
         opt.step()
 
 
-def test_soap_refuses_cuda_parameters_clearly(monkeypatch):
+def test_soap_qr_refuses_cuda_parameters_clearly(monkeypatch):
+    """QRConfig has no CUDA kernel: refused at construction, naming the config (eigh runs on
+    CUDA: tests/test_cuda_soap.py)."""
     from distributed_shampoo.utils import soap_group_engine
 
     monkeypatch.setattr(soap_group_engine.ShampooGroupEngine, "on_cuda", True, raising=False)
@@ -222,8 +224,9 @@ def test_soap_refuses_cuda_parameters_clearly(monkeypatch):
         self.on_cuda = True
 
     monkeypatch.setattr(soap_group_engine.ShampooGroupEngine, "__init__", fake_init)
-    with pytest.raises(NotImplementedError, match="not available for CUDA"):
+    with pytest.raises(NotImplementedError, match="QRConfig .* not available for CUDA"):
         DistributedShampoo(_params([(3, 2)]), preconditioner_config=DefaultSOAPConfig)
+    DistributedShampoo(_params([(3, 2)]), preconditioner_config=DefaultEigenvalueCorrectedShampooConfig)
 
 
 # ------------------------------------------------------------------ atomic failed steps

@@ -293,10 +293,11 @@ shampoo_status eigenbasis(const shampoo_cuda_env *env, real *out, const real *fa
         status_out[job_factor[j]] = SHAMPOO_ROOT_FAILED;
         if (sizeof(real) != 4 || !cfg->retry_double_precision)
             continue;
-        SHAMPOO_TRY((eigenvectors<real, double>(env, factors, out, d_offset, d_factor,
-                                                d_info + ndense, j, 1, job_n[j], 1, retry_a,
-                                                retry_w, retry_work, ws.retry_solver,
-                                                h.syevj_params, true, d_flags)));
+        st = eigenvectors<real, double>(env, factors, out, d_offset, d_factor, d_info + ndense,
+                                        j, 1, job_n[j], 1, retry_a, retry_w, retry_work,
+                                        ws.retry_solver, h.syevj_params, true, d_flags);
+        if (st != SHAMPOO_OK)
+            return st;
         int retry_info = 0;
         SHAMPOO_TRY(fetch(&retry_info, d_info + ndense, sizeof(int), stream));
         if (retry_info < 0)
