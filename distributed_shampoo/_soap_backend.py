@@ -2,8 +2,7 @@
 _backend.py's: the same argument checks, one C call over a whole block table each.
 
 CUDA tensors go to distributed_shampoo._C_cuda (csrc/cuda/soap_cuda.h) when it is built, with
-a KernelTable as `table`, as _backend does for the other kernels; there, eigenbasis has the
-"eigh" method only (the QR warm start raises NotImplementedError).
+a KernelTable as `table`, as _backend does for the other kernels.
 """
 
 from __future__ import annotations
@@ -95,13 +94,14 @@ def eigenbasis(
     if not _is_cuda(out):
         kernel(*args, *scalars, threads)
         return
-    if method != "eigh":
-        raise NotImplementedError(
-            f"eigenbasis: method {method!r} (QRConfig) is not available on CUDA; only 'eigh' "
-            "(EighEigenvectorConfig, the default amortized_computation_config)"
-        )
     kt = _cuda_table("eigenbasis", table, out)
-    # the root inverse's workspace: the same planning, solvers and staging
-    kernel(_stream(out.device), kt.workspace("root_inverse", 8 * out.element_size()),
-           _blas_workspace(out.device), out, factors, kt.device_table, kt.host, active,
-           is_diagonal, status_out, *scalars)
+    bits = 8 * out.element_size()
+    key = ("eigenbasis", bits, code)
+    nbytes = kt._workspace_bytes.get(key)
+    if nbytes is None:  # computed once per KernelTable, width and method
+        nbytes = kt._workspace_bytes[key] = _backend._C_cuda.eigenbasis_workspace_bytes(
+            _stream(out.device), out.device.index or 0, kt.host, bits, code
+        )
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device=out.device) if nbytes else None
+    kernel(_stream(out.device), workspace, _blas_workspace(out.device), out, factors, previous,
+           kt.device_table, kt.host, active, is_diagonal, status_out, *scalars)

@@ -23,7 +23,15 @@ import numpy as np
 import pytest
 import torch
 from block_tables import make_layout
-from test_kernels_soap import SHAPES, _inputs, _same_up_to_sign, _spd_factors, _want_bases, rotate
+from test_kernels_soap import (
+    SHAPES,
+    _inputs,
+    _np_qr_step,
+    _same_up_to_sign,
+    _spd_factors,
+    _want_bases,
+    rotate,
+)
 
 from distributed_shampoo import _backend as B
 from distributed_shampoo import _soap_backend as S
@@ -205,7 +213,7 @@ def test_eigh_eigenbasis_matches_numpy_and_cpu_statuses(dtype, shapes, max_dim):
                 _same_up_to_sign(got.astype(np.float64), np.linalg.eigh(f.astype(np.float64))[1], tol)
 
 
-def test_eigenbasis_diagonal_nonfinite_flags_and_qr_refused():
+def test_eigenbasis_diagonal_nonfinite_flags_and_qr_needs_previous():
     lay = make_layout([(3,), (2, 2)], max_dim=8)
     F = np.zeros(lay.factor_numel)
     f0, = lay.factor_views(F, 0)
@@ -219,11 +227,51 @@ def test_eigenbasis_diagonal_nonfinite_flags_and_qr_refused():
     assert list(diag) == [1, 0, 0]
     assert np.all(lay.factor_views(out, 1)[0] == -3.0)  # not written
     kt = B.KernelTable(torch.from_numpy(lay.table), DEVICE)
-    with pytest.raises(NotImplementedError, match="QRConfig"):
-        S.eigenbasis(_dev(np.zeros_like(F)), _dev(F), _dev(np.zeros_like(F)), kt,
-                     _dev(np.ones(2, np.uint8)), method="qr", retry_double_precision=True,
-                     max_iterations=1, tolerance=0.0, is_diagonal=_dev(np.ones(3, np.uint8)),
+    with pytest.raises(ValueError, match="'previous' is required"):
+        S.eigenbasis(_dev(np.zeros_like(F)), _dev(F), None, kt, _dev(np.ones(2, np.uint8)),
+                     method="qr", retry_double_precision=True, max_iterations=1, tolerance=0.0,
+                     is_diagonal=_dev(np.ones(3, np.uint8)),
                      status_out=torch.zeros(3, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("iters", [0, 1, 3])
+def test_qr_eigenbasis_matches_numpy_and_cpu(dtype, iters):
+    """The warm-started QR step (geqrf + orgqr) against NumPy's, as tests/test_kernels_soap.py;
+    a zero previous basis (block 1) takes the eigendecomposition; statuses as the CPU's."""
+    rng = np.random.default_rng(8)
+    lay = make_layout([(5, 3), (6,), (4, 4), (40,)], max_dim=40)
+    F = _spd_factors(lay, rng, np.float64)
+    previous = np.zeros(lay.factor_numel)
+    for b in range(len(lay.blocks)):
+        if b == 1:
+            continue
+        for view, f in zip(lay.factor_views(previous, b), lay.factor_views(F, b)):
+            exact = np.linalg.eigh(f)[1]
+            view[...] = np.linalg.qr(exact + 0.05 * rng.standard_normal(f.shape))[0][:, ::-1]
+    F, previous = F.astype(dtype), previous.astype(dtype)
+    active = np.ones(len(lay.blocks), np.uint8)
+    kw = dict(method="qr", retry_double_precision=True, max_iterations=iters, tolerance=1e-5)
+    kt = B.KernelTable(torch.from_numpy(lay.table), DEVICE)
+    out = torch.zeros(lay.factor_numel, dtype=torch.from_numpy(F).dtype, device=DEVICE)
+    status = torch.full((lay.factor_count,), -1, dtype=torch.int32)
+    S.eigenbasis(out, _dev(F), _dev(previous), kt, _dev(active), **kw,
+                 is_diagonal=_dev(np.zeros(lay.factor_count, np.uint8)), status_out=status)
+    cpu, cpu_status = np.zeros_like(F), np.zeros(lay.factor_count, np.int32)
+    S.eigenbasis(cpu, F, previous, lay.table, active, **kw,
+                 is_diagonal=np.zeros(lay.factor_count, np.uint8), status_out=cpu_status)
+    np.testing.assert_array_equal(status.numpy(), cpu_status)
+    assert np.all(cpu_status == B.ROOT_OK)
+    out = _host(out).astype(np.float64)
+    tol = 2e-4 if dtype == np.float32 else 1e-10
+    for b in range(len(lay.blocks)):
+        views = zip(lay.factor_views(out, b), lay.factor_views(cpu, b), lay.factor_views(F, b),
+                    lay.factor_views(previous, b))
+        for got, want_cpu, f, prev in views:
+            f, prev = f.astype(np.float64), prev.astype(np.float64)
+            want = np.linalg.eigh(f)[1] if b == 1 else _np_qr_step(f, prev, iters, 1e-5)
+            _same_up_to_sign(got, want, tol)
+            _same_up_to_sign(got, want_cpu.astype(np.float64), tol)
 
 
 def _emulator():
@@ -278,19 +326,22 @@ def _steps(device, shapes, steps, config, precision, **hp):
 # gradients whose span the factor holds; at frequency 2, 2-d blocks whose factors are full rank
 # by then (elsewhere an eigenbasis is defined only up to a rotation of a repeated eigenvalue's
 # eigenspace, which two eigensolvers need not pick alike).
-@pytest.mark.parametrize("shapes,hp", [
-    ([(5, 3), (7,), (6, 9), (), (4, 3)],
+# (QR warm-starts from the previous eigenbasis: its first one waits for full-rank factors.)
+@pytest.mark.parametrize("qr,shapes,hp", [
+    (False, [(5, 3), (7,), (6, 9), (), (4, 3)],
      dict(betas=(0.9, 0.95), precondition_frequency=1, momentum=0.5, weight_decay=0.01)),
-    ([(4, 3), (8, 6)], dict(betas=(0.0, 0.999), precondition_frequency=2, inv_root_override=[0, 4, 3])),
-], ids=["adam+momentum", "fused-root4"])
-def test_optimizer_steps_match_the_cpu_engine(shapes, hp):
-    from distributed_shampoo import DefaultEigenvalueCorrectedShampooConfig, PrecisionConfig
+    (False, [(4, 3), (8, 6)], dict(betas=(0.0, 0.999), precondition_frequency=2, inv_root_override=[0, 4, 3])),
+    (True, [(4, 3), (8, 6)], dict(betas=(0.9, 0.99), precondition_frequency=2)),
+], ids=["adam+momentum", "fused-root4", "soap-qr"])
+def test_optimizer_steps_match_the_cpu_engine(qr, shapes, hp):
+    from distributed_shampoo import DefaultEigenvalueCorrectedShampooConfig, DefaultSOAPConfig, PrecisionConfig
 
     f64 = PrecisionConfig(*(torch.float64,) * 8)
+    config = DefaultSOAPConfig if qr else DefaultEigenvalueCorrectedShampooConfig
     kw = dict(lr=0.01, epsilon=1e-10, max_preconditioner_dim=4, **hp)
-    cpu, _ = _steps("cpu", shapes, 5, DefaultEigenvalueCorrectedShampooConfig, f64, **kw)
-    cuda, opt = _steps(DEVICE, shapes, 5, DefaultEigenvalueCorrectedShampooConfig, f64, **kw)
-    start = _steps("cpu", shapes, 0, DefaultEigenvalueCorrectedShampooConfig, f64, **kw)[0]
+    cpu, _ = _steps("cpu", shapes, 6, config, f64, **kw)
+    cuda, _ = _steps(DEVICE, shapes, 6, config, f64, **kw)
+    start = _steps("cpu", shapes, 0, config, f64, **kw)[0]
     assert max(float((p - q).abs().max()) for p, q in zip(cpu, start)) > 1e-3  # not vacuous
     for p, q in zip(cuda, cpu):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9)
@@ -306,11 +357,3 @@ def test_float32_optimizer_steps_match_the_cpu_engine():
     cuda, _ = _steps(DEVICE, shapes, 4, DefaultEigenvalueCorrectedShampooConfig, PrecisionConfig(), **kw)
     for p, q in zip(cuda, cpu):  # tests/test_soap.py holds float32 to its oracle at 2e-4
         torch.testing.assert_close(p, q, rtol=4e-4, atol=4e-4)
-
-
-def test_qr_config_on_cuda_is_refused_at_construction():
-    from distributed_shampoo import DefaultSOAPConfig, DistributedShampoo
-
-    p = torch.nn.Parameter(torch.randn(4, 3).to(DEVICE))
-    with pytest.raises(NotImplementedError, match="QRConfig .* not available for CUDA"):
-        DistributedShampoo([p], preconditioner_config=DefaultSOAPConfig)

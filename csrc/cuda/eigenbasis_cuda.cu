@@ -1,17 +1,18 @@
-/* Eigenbases on the GPU (soap_cuda.h; CPU twin: core/eigenbasis.inc, eigh method). The host
- * steers as in a root step (matrix_root_cuda.cu), whose planning, factor scan and
- * eigensolvers this reuses:
- *   1. launch_scan_factors flags every active factor (NaN/Inf, off-diagonal entries), and
- *      the host reads the flags back and sets the statuses;
+/* Eigenbases on the GPU (soap_cuda.h; CPU twin: core/eigenbasis.inc). The host steers as in
+ * a root step (matrix_root_cuda.cu), whose planning, factor scan and eigensolvers this reuses:
+ *   1. launch_scan_factors flags every active factor (NaN/Inf, off-diagonal entries; with QR
+ *      also a nonzero previous basis), and the host reads the flags back and sets the
+ *      statuses;
  *   2. one kernel writes the identity for every 1x1 and diagonal factor;
  *   3. the dense factors, grouped by size n, go through cuSOLVER in batches (copy into
  *      contiguous staging -> eigensolver_cuda.cuh's solve -> the column-major eigenvectors
  *      transposed into the row-major Q of soap.h, column j for the j-th smallest eigenvalue);
  *   4. float32 factors whose eigensolver failed are redone one by one in float64 (syevd);
+ *      with QR, the factors with a previous basis take its warm-started step instead of 3-4
+ *      (eigenbasis_qr_cuda.cu);
  *   5. the host reads the solver infos and non-finite flags and writes the statuses.
  * A factor whose eigensolver failed keeps its `out` untouched, as on the CPU. */
-#include "matrix_root_cuda.cuh"
-#include "soap_cuda.h"
+#include "eigenbasis_cuda.cuh"
 
 #include <math.h>
 #include <stdlib.h>
@@ -115,6 +116,7 @@ struct basis_host {
     int32_t *flags = nullptr;
     int *info = nullptr;
     int64_t *jobs = nullptr; /* offset, n, factor, (unused) alpha: nfactors each */
+    int64_t *qr_jobs = nullptr; /* offset, n, factor per warm-started QR factor */
     void *syevj_params = nullptr;
     const shampoo_cuda_libs *libs = nullptr;
     root_workspace ws = {};
@@ -129,17 +131,18 @@ struct basis_host {
         free(flags);
         free(info);
         free(jobs);
+        free(qr_jobs);
     }
 };
 
 /* The CPU kernel's argument checks (soap.h), host side. */
-shampoo_status check_args(const shampoo_eigenbasis_config *cfg, const int64_t *table_host,
-                          int64_t nblocks)
+shampoo_status check_args(const shampoo_eigenbasis_config *cfg, const void *previous,
+                          const int64_t *table_host, int64_t nblocks)
 {
     if (cfg->method != SHAMPOO_EIGENBASIS_EIGH && cfg->method != SHAMPOO_EIGENBASIS_QR)
         return SHAMPOO_ERR_INVALID_ARG;
     if (cfg->max_iterations < 0 || cfg->max_iterations > SHAMPOO_ROOT_MAX_ITERATIONS ||
-        isnan(cfg->tolerance))
+        isnan(cfg->tolerance) || (cfg->method == SHAMPOO_EIGENBASIS_QR && previous == NULL))
         return SHAMPOO_ERR_INVALID_ARG;
     for (int64_t b = 0; b < nblocks; b++) {
         const int64_t *row = shampoo_table_row(table_host, b);
@@ -149,20 +152,33 @@ shampoo_status check_args(const shampoo_eigenbasis_config *cfg, const int64_t *t
             if (row[SHAMPOO_BF_DIMS + k] < 0 || row[SHAMPOO_BF_DIMS + k] > DIM_LIMIT)
                 return SHAMPOO_ERR_INVALID_ARG;
     }
-    /* the QR warm start needs geqrf/orgqr, which the CUDA build does not load */
-    return cfg->method == SHAMPOO_EIGENBASIS_QR ? SHAMPOO_ERR_UNSUPPORTED : SHAMPOO_OK;
+    return SHAMPOO_OK;
+}
+
+/* The root step's workspace, then (QR) the QR step's scratch; ws planned by the caller. */
+template <typename real>
+shampoo_status workspace_total(const shampoo_cuda_env *env, const int64_t *table_host,
+                               int64_t nblocks, int method, const root_workspace &ws,
+                               size_t *total)
+{
+    size_t qr = 0;
+    if (method == SHAMPOO_EIGENBASIS_QR)
+        SHAMPOO_TRY(shampoo_qr::qr_workspace<real>(env, table_host, nblocks, &qr));
+    *total = ws.total + qr;
+    return SHAMPOO_OK;
 }
 
 template <typename real>
 shampoo_status eigenbasis(const shampoo_cuda_env *env, real *out, const real *factors,
-                          const int64_t *table, const int64_t *table_host, int64_t nblocks,
+                          const real *previous, const int64_t *table, const int64_t *table_host, int64_t nblocks,
                           const uint8_t *active, const shampoo_eigenbasis_config *cfg,
                           uint8_t *is_diagonal, int32_t *status_out)
 {
     if (env == NULL || env->libs == NULL || cfg == NULL || nblocks < 0 ||
         (nblocks > 0 && (table == NULL || table_host == NULL || active == NULL)))
         return SHAMPOO_ERR_INVALID_ARG;
-    shampoo_status st = check_args(cfg, table_host, nblocks);
+    shampoo_status st = check_args(cfg, previous, table_host, nblocks);
+    const bool qr = cfg->method == SHAMPOO_EIGENBASIS_QR;
     if (st != SHAMPOO_OK)
         return st;
     basis_host h;
@@ -175,8 +191,13 @@ shampoo_status eigenbasis(const shampoo_cuda_env *env, real *out, const real *fa
         return SHAMPOO_ERR_INVALID_ARG;
     if (ws.factor_count == 0 || nblocks == 0)
         return SHAMPOO_OK;
-    if (ws.total > 0 && (env->workspace == NULL || env->workspace_bytes < ws.total))
+    SHAMPOO_TRY(SHAMPOO_SOLVER_CHECK("cusolverDnSetStream",
+                                     env->libs->cusolver_set_stream(env->solver, env->stream)));
+    size_t total = 0;
+    SHAMPOO_TRY(workspace_total<real>(env, table_host, nblocks, cfg->method, ws, &total));
+    if (total > 0 && (env->workspace == NULL || env->workspace_bytes < total))
         return SHAMPOO_ERR_INVALID_ARG;
+    void *qr_scratch = (char *)env->workspace + ws.total;
     cudaStream_t stream = shampoo_stream(env);
     /* the root step's regions (matrix_root_cuda.cu); only the first staging buffer is used */
     char *p = (char *)env->workspace;
@@ -197,19 +218,23 @@ shampoo_status eigenbasis(const shampoo_cuda_env *env, real *out, const real *fa
     h.flags = (int32_t *)malloc((size_t)ws.factor_count * sizeof(int32_t));
     h.info = (int *)malloc((size_t)(nfactors + 1) * sizeof(int));
     h.jobs = (int64_t *)calloc(4 * (size_t)(nfactors > 0 ? nfactors : 1), 8);
+    h.qr_jobs = (int64_t *)malloc(3 * (size_t)(nfactors > 0 ? nfactors : 1) * 8);
     if (h.refs == NULL || h.active == NULL || h.diagonal == NULL || h.flags == NULL ||
-        h.info == NULL || h.jobs == NULL)
+        h.info == NULL || h.jobs == NULL || h.qr_jobs == NULL)
         return SHAMPOO_ERR_NO_MEMORY;
     SHAMPOO_TRY(SHAMPOO_SOLVER_CHECK("cusolverDnCreateSyevjInfo",
                                      env->libs->syevj_info_create(&h.syevj_params)));
-    SHAMPOO_TRY(SHAMPOO_SOLVER_CHECK("cusolverDnSetStream",
-                                     env->libs->cusolver_set_stream(env->solver, env->stream)));
+    if (qr)
+        SHAMPOO_TRY(shampoo_blas_bind(env));
 
     /* 1. scan (no bias correction: the eigenvectors do not depend on it) */
     const size_t flag_bytes = (size_t)ws.factor_count * sizeof(int32_t);
     SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemsetAsync, d_flags, 0, flag_bytes, stream));
     SHAMPOO_TRY(launch_scan_factors<real>(stream, table, table_host, nblocks, active, factors,
                                           false, (real)1, d_flags));
+    if (qr)
+        SHAMPOO_TRY(shampoo_qr::launch_warm_scan<real>(stream, table, table_host, nblocks, active,
+                                                       previous, d_flags));
     SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, h.active, active, (size_t)nblocks,
                                    cudaMemcpyDeviceToHost, stream));
     SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, h.diagonal, is_diagonal,
@@ -219,7 +244,7 @@ shampoo_status eigenbasis(const shampoo_cuda_env *env, real *out, const real *fa
     /* statuses and jobs: identity (1x1, diagonal) jobs first, then dense jobs by size */
     int64_t *job_offset = h.jobs, *job_n = h.jobs + nfactors, *job_factor = h.jobs + 2 * nfactors;
     double *job_alpha = (double *)(h.jobs + 3 * nfactors);
-    int64_t njobs = 0, ndiag = 0;
+    int64_t njobs = 0, ndiag = 0, nqr = 0;
     for (int pass = 0; pass < 2; pass++) {
         for (int64_t f = 0; f < nfactors; f++) {
             const factor_ref r = h.refs[f];
@@ -241,6 +266,12 @@ shampoo_status eigenbasis(const shampoo_cuda_env *env, real *out, const real *fa
                 continue;
             if ((r.n == 1 || h.diagonal[r.index]) != (pass == 0))
                 continue;
+            if (pass == 1 && qr && (h.flags[r.index] & shampoo_qr::FLAG_WARM)) {
+                h.qr_jobs[3 * nqr] = r.offset;
+                h.qr_jobs[3 * nqr + 1] = r.n;
+                h.qr_jobs[3 * nqr++ + 2] = r.index;
+                continue;
+            }
             job_offset[njobs] = r.offset;
             job_n[njobs] = r.n;
             job_factor[njobs++] = r.index;
@@ -305,6 +336,13 @@ shampoo_status eigenbasis(const shampoo_cuda_env *env, real *out, const real *fa
         if (retry_info == 0)
             status_out[job_factor[j]] = SHAMPOO_ROOT_RETRIED_DOUBLE;
     }
+    /* 4'. the warm-started QR factors, one at a time */
+    for (int64_t j = 0; j < nqr; j++) {
+        const int64_t offset = h.qr_jobs[3 * j], n = h.qr_jobs[3 * j + 1];
+        SHAMPOO_TRY(shampoo_qr::qr_basis<real>(env, n, factors + offset, previous + offset,
+                                               out + offset, cfg, qr_scratch,
+                                               d_flags + h.qr_jobs[3 * j + 2]));
+    }
     SHAMPOO_TRY(fetch(h.flags, d_flags, flag_bytes, stream));
 
     /* 5. non-finite bases, and the updated diagonal flags back to the device */
@@ -313,27 +351,58 @@ shampoo_status eigenbasis(const shampoo_cuda_env *env, real *out, const real *fa
         if (*s != SHAMPOO_ROOT_FAILED && (h.flags[job_factor[j]] & FLAG_NONFINITE_ROOT))
             *s = SHAMPOO_ROOT_NONFINITE;
     }
+    for (int64_t j = 0; j < nqr; j++)
+        if (h.flags[h.qr_jobs[3 * j + 2]] & FLAG_NONFINITE_ROOT)
+            status_out[h.qr_jobs[3 * j + 2]] = SHAMPOO_ROOT_NONFINITE;
     SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, is_diagonal, h.diagonal,
                                    (size_t)ws.factor_count, cudaMemcpyHostToDevice, stream));
     return SHAMPOO_CUDA_CHECK(cudaStreamSynchronize, stream);
 }
 
+template <typename real>
+shampoo_status eigenbasis_workspace(const shampoo_cuda_env *env, const int64_t *table_host,
+                                    int64_t nblocks, int method, size_t *bytes)
+{
+    root_workspace ws;
+    shampoo_status st = plan_workspace<real>(env, table_host, nblocks, &ws);
+    if (st == SHAMPOO_OK)
+        st = workspace_total<real>(env, table_host, nblocks, method, ws, bytes);
+    release(&ws);
+    return st;
+}
+
 } // namespace
 
+extern "C" shampoo_status shampoo_cuda_eigenbasis_workspace(const shampoo_cuda_env *env,
+                                                            const int64_t *table_host,
+                                                            int64_t nblocks, int real_bytes,
+                                                            int method, size_t *bytes)
+{
+    if (env == NULL || env->libs == NULL || bytes == NULL || nblocks < 0 ||
+        (nblocks > 0 && table_host == NULL) || (real_bytes != 4 && real_bytes != 8) ||
+        (method != SHAMPOO_EIGENBASIS_EIGH && method != SHAMPOO_EIGENBASIS_QR))
+        return SHAMPOO_ERR_INVALID_ARG;
+    *bytes = 0;
+    SHAMPOO_TRY(SHAMPOO_SOLVER_CHECK("cusolverDnSetStream",
+                                     env->libs->cusolver_set_stream(env->solver, env->stream)));
+    return real_bytes == 4 ? eigenbasis_workspace<float>(env, table_host, nblocks, method, bytes)
+                           : eigenbasis_workspace<double>(env, table_host, nblocks, method, bytes);
+}
+
 extern "C" shampoo_status shampoo_cuda_eigenbasis_f32(
-    const shampoo_cuda_env *env, float *out, const float *factors, const int64_t *table,
-    const int64_t *table_host, int64_t nblocks, const uint8_t *active,
+    const shampoo_cuda_env *env, float *out, const float *factors, const float *previous,
+    const int64_t *table, const int64_t *table_host, int64_t nblocks, const uint8_t *active,
     const shampoo_eigenbasis_config *cfg, uint8_t *is_diagonal, int32_t *status_out)
 {
-    return eigenbasis<float>(env, out, factors, table, table_host, nblocks, active, cfg,
-                             is_diagonal, status_out);
+    return eigenbasis<float>(env, out, factors, previous, table, table_host, nblocks, active,
+                             cfg, is_diagonal, status_out);
 }
 
 extern "C" shampoo_status shampoo_cuda_eigenbasis_f64(
-    const shampoo_cuda_env *env, double *out, const double *factors, const int64_t *table,
-    const int64_t *table_host, int64_t nblocks, const uint8_t *active,
+    const shampoo_cuda_env *env, double *out, const double *factors, const double *previous,
+    const int64_t *table, const int64_t *table_host, int64_t nblocks, const uint8_t *active,
     const shampoo_eigenbasis_config *cfg, uint8_t *is_diagonal, int32_t *status_out)
 {
-    return eigenbasis<double>(env, out, factors, table, table_host, nblocks, active, cfg,
-                              is_diagonal, status_out);
+    return eigenbasis<double>(env, out, factors, previous, table, table_host, nblocks, active,
+                              cfg, is_diagonal, status_out);
 }

@@ -28,21 +28,26 @@ shampoo_status shampoo_cuda_soap_direction_f64(
     int64_t nblocks, const int64_t *plan, const int64_t *plan_host, const uint8_t *active,
     const shampoo_soap_params *p);
 
-/* As shampoo_eigenbasis_*, method SHAMPOO_EIGENBASIS_EIGH only (QR: SHAMPOO_ERR_UNSUPPORTED):
- * the eigenvectors come from the inverse roots' eigensolver path (eigensolver_cuda.cuh:
- * syevjBatched for n <= 32, XsyevBatched or syevd above, the float64 retry of failed float32
- * factors). Synchronises the stream; status_out is host memory, is_diagonal device memory.
- * The workspace is the root inverse's: shampoo_cuda_root_inverse_workspace() bytes. */
+/* As shampoo_eigenbasis_*: eigh's eigenvectors come from the inverse roots' eigensolver path
+ * (eigensolver_cuda.cuh: syevjBatched for n <= 32, XsyevBatched or syevd above, the float64
+ * retry of failed float32 factors); QR's warm-started step is cuBLAS GEMMs and cuSOLVER
+ * geqrf + orgqr, one factor at a time (eigenbasis_qr_cuda.cu). `previous` (device, factor
+ * layout) is required for QR, unused by eigh (may be NULL). Synchronises the stream;
+ * status_out is host memory, is_diagonal device memory. Needs
+ * shampoo_cuda_eigenbasis_workspace() bytes (asks cuSOLVER for buffer sizes: env->solver). */
+shampoo_status shampoo_cuda_eigenbasis_workspace(const shampoo_cuda_env *env,
+                                                 const int64_t *table_host, int64_t nblocks,
+                                                 int real_bytes, int method, size_t *bytes);
 shampoo_status shampoo_cuda_eigenbasis_f32(const shampoo_cuda_env *env, float *out,
-                                           const float *factors, const int64_t *table,
-                                           const int64_t *table_host, int64_t nblocks,
-                                           const uint8_t *active,
+                                           const float *factors, const float *previous,
+                                           const int64_t *table, const int64_t *table_host,
+                                           int64_t nblocks, const uint8_t *active,
                                            const shampoo_eigenbasis_config *cfg,
                                            uint8_t *is_diagonal, int32_t *status_out);
 shampoo_status shampoo_cuda_eigenbasis_f64(const shampoo_cuda_env *env, double *out,
-                                           const double *factors, const int64_t *table,
-                                           const int64_t *table_host, int64_t nblocks,
-                                           const uint8_t *active,
+                                           const double *factors, const double *previous,
+                                           const int64_t *table, const int64_t *table_host,
+                                           int64_t nblocks, const uint8_t *active,
                                            const shampoo_eigenbasis_config *cfg,
                                            uint8_t *is_diagonal, int32_t *status_out);
 

@@ -112,13 +112,14 @@ static PyObject *eigenbasis(PyObject *m, PyObject *args, int bits, const char *f
         WORKSPACE_ARGS,
         {"out", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, SHAMPOO_ARG_OUT},
         {"factors", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, 0},
+        {"previous", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, SHAMPOO_ARG_OPTIONAL},
         TABLE_ARGS,
         ACTIVE_ARG,
         {"is_diagonal", SHAMPOO_ARG_MASK, SHAMPOO_LAYOUT_PER_FACTOR, SHAMPOO_ARG_OUT},
         {"status_out", SHAMPOO_ARG_INT32, SHAMPOO_LAYOUT_PER_FACTOR,
          SHAMPOO_ARG_OUT | SHAMPOO_ARG_HOST},
     };
-    PyObject *o[9];
+    PyObject *o[10];
     unsigned long long stream;
     int method;
     long long max_iterations;
@@ -126,16 +127,13 @@ static PyObject *eigenbasis(PyObject *m, PyObject *args, int bits, const char *f
     shampoo_call call = {0};
     shampoo_cuda_env env;
     shampoo_cuda_scope scope = {0};
-    if (!PyArg_ParseTuple(args, "KOOOOOOOOOipLd", &stream, &o[0], &o[1], &o[2], &o[3], &o[4],
-                          &o[5], &o[6], &o[7], &o[8], &method, &cfg.retry_double_precision,
+    if (!PyArg_ParseTuple(args, "KOOOOOOOOOOipLd", &stream, &o[0], &o[1], &o[2], &o[3], &o[4],
+                          &o[5], &o[6], &o[7], &o[8], &o[9], &method, &cfg.retry_double_precision,
                           &max_iterations, &cfg.tolerance))
         return NULL;
     if (method != SHAMPOO_EIGENBASIS_EIGH && method != SHAMPOO_EIGENBASIS_QR)
         return PyErr_Format(PyExc_ValueError, "%s: argument 'method' must be EIGENBASIS_EIGH or "
                             "EIGENBASIS_QR, got %d", fn, method);
-    if (method == SHAMPOO_EIGENBASIS_QR)
-        return PyErr_Format(PyExc_NotImplementedError, "%s: method EIGENBASIS_QR (QRConfig) is "
-                            "not available on CUDA; use EighEigenvectorConfig", fn);
     if (max_iterations < 0 || max_iterations > 1000)
         return PyErr_Format(PyExc_ValueError, "%s: argument 'max_iterations' must be in "
                             "[0, 1000], got %lld", fn, max_iterations);
@@ -144,26 +142,61 @@ static PyObject *eigenbasis(PyObject *m, PyObject *args, int bits, const char *f
                             cfg.tolerance);
     cfg.method = (shampoo_eigenbasis_method)method;
     cfg.max_iterations = (int64_t)max_iterations;
-    if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 9, bits) < 0 ||
-        shampoo_cuda_env_for(m, &call, stream, &call.views[0], &call.views[1], 1, &env, &scope) < 0)
+    if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 10, bits) < 0)
+        return failed(m, &scope, &call);
+    if (method == SHAMPOO_EIGENBASIS_QR && shampoo_arg(&call, 4) == NULL) {
+        PyErr_Format(PyExc_ValueError, "%s: argument 'previous' is required for EIGENBASIS_QR", fn);
+        return failed(m, &scope, &call);
+    }
+    if (shampoo_cuda_env_for(m, &call, stream, &call.views[0], &call.views[1], 1, &env, &scope) < 0)
         return failed(m, &scope, &call);
     shampoo_status st;
     Py_BEGIN_ALLOW_THREADS /* it waits for the device */
     st = bits == 32
         ? shampoo_cuda_eigenbasis_f32(&env, shampoo_arg(&call, 2), shampoo_arg(&call, 3),
-                                      shampoo_arg(&call, 4), shampoo_arg(&call, 5), call.nblocks,
-                                      shampoo_arg(&call, 6), &cfg, shampoo_arg(&call, 7),
-                                      shampoo_arg(&call, 8))
+                                      shampoo_arg(&call, 4), shampoo_arg(&call, 5),
+                                      shampoo_arg(&call, 6), call.nblocks, shampoo_arg(&call, 7),
+                                      &cfg, shampoo_arg(&call, 8), shampoo_arg(&call, 9))
         : shampoo_cuda_eigenbasis_f64(&env, shampoo_arg(&call, 2), shampoo_arg(&call, 3),
-                                      shampoo_arg(&call, 4), shampoo_arg(&call, 5), call.nblocks,
-                                      shampoo_arg(&call, 6), &cfg, shampoo_arg(&call, 7),
-                                      shampoo_arg(&call, 8));
+                                      shampoo_arg(&call, 4), shampoo_arg(&call, 5),
+                                      shampoo_arg(&call, 6), call.nblocks, shampoo_arg(&call, 7),
+                                      &cfg, shampoo_arg(&call, 8), shampoo_arg(&call, 9));
     Py_END_ALLOW_THREADS
     return done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
+/* eigenbasis_workspace_bytes(stream, device, table_host, bits, method) -> int: scratch bytes
+ * of one eigenbasis call (asks cuSOLVER for buffer sizes, on that device and stream). */
+static PyObject *eigenbasis_workspace_bytes(PyObject *m, PyObject *args)
+{
+    static const shampoo_arg_spec specs[] = {
+        {"table_host", SHAMPOO_ARG_TABLE, SHAMPOO_LAYOUT_NONE, SHAMPOO_ARG_HOST},
+    };
+    PyObject *o[1];
+    unsigned long long stream;
+    int device, bits, method;
+    shampoo_call call = {0};
+    shampoo_cuda_env env;
+    shampoo_cuda_scope scope = {0};
+    if (!PyArg_ParseTuple(args, "KiOii:eigenbasis_workspace_bytes", &stream, &device, &o[0],
+                          &bits, &method))
+        return NULL;
+    if (bits != 32 && bits != 64)
+        return PyErr_Format(PyExc_ValueError, "eigenbasis_workspace_bytes: bits must be 32 or 64");
+    if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, "eigenbasis_workspace_bytes",
+                          specs, o, 1, bits) < 0)
+        return failed(m, &scope, &call);
+    call.device_id = device;
+    if (shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 1, &env, &scope) < 0)
+        return failed(m, &scope, &call);
+    size_t bytes = 0;
+    const shampoo_status st = shampoo_cuda_eigenbasis_workspace(
+        &env, shampoo_arg(&call, 0), call.nblocks, bits / 8, method, &bytes);
+    return done(m, &scope, &call, st, PyLong_FromSize_t(bytes));
+}
+
 /* soap_workspace_bytes(table_host, plan_host, bits) -> int: scratch bytes of one
- * soap_direction call (eigenbasis takes the root inverse's: workspace_bytes("root_inverse")). */
+ * soap_direction call (no device work). */
 static PyObject *soap_workspace_bytes(PyObject *m, PyObject *args)
 {
     static const shampoo_arg_spec specs[] = {
@@ -196,6 +229,8 @@ SHAMPOO_TWINS(eigenbasis)
 PyMethodDef shampoo_cuda_soap_methods[] = {
     SHAMPOO_TWIN_ENTRIES(soap_direction, "eigenvalue-corrected Shampoo: second moment, direction (CUDA)"),
     SHAMPOO_TWIN_ENTRIES(eigenbasis, "eigenbases of the factors (CUDA)"),
+    {"eigenbasis_workspace_bytes", eigenbasis_workspace_bytes, METH_VARARGS,
+     "eigenbasis_workspace_bytes(stream, device, table_host, bits, method) -> int"},
     {"soap_workspace_bytes", soap_workspace_bytes, METH_VARARGS,
      "soap_workspace_bytes(table_host, plan_host, bits) -> int"},
     {NULL, NULL, 0, NULL}

@@ -54,13 +54,6 @@ class SOAPGroupEngine(ShampooGroupEngine):
     def __init__(self, params: Sequence[torch.Tensor], group: dict[str, Any], group_index: int,
                  shampoo_dtype: torch.dtype | None, use_protected_eigh: bool, **kwargs: Any) -> None:
         super().__init__(params, group, group_index, shampoo_dtype, use_protected_eigh, **kwargs)
-        if self.on_cuda and type(group["preconditioner_config"].amortized_computation_config) is QRConfig:
-            # the CUDA eigenbasis kernel has the eigh path only (csrc/cuda/soap_cuda.h)
-            raise NotImplementedError(
-                f"param group {group_index}: amortized_computation_config=QRConfig (as in "
-                "DefaultSOAPConfig) is not available for CUDA parameters; use "
-                "EighEigenvectorConfig (DefaultEigenvalueCorrectedShampooConfig) there."
-            )
         precision = group["precision_config"]
         layout = self.layout
         # No inverse roots: their packed buffer is dropped (block_states lists no such key).

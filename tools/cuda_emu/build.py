@@ -246,7 +246,7 @@ def build(asan: bool = False, small_caps: bool = False, out_root: Path | None = 
         _run([cxx, "-std=c++17", *flags, *inc, "-I", str(HERE), "-shared",
               str(HERE / "ref_blas.cpp"), f"-Wl,-soname,{soname}", "-o", str(tmp / soname),
               *rt])
-    solver = [str(HERE / "ref_solver.cpp"), str(HERE / "ref_eigh.cpp")]
+    solver = [str(HERE / "ref_solver.cpp"), str(HERE / "ref_eigh.cpp"), str(HERE / "ref_qr.cpp")]
     for soname, extra in (("libcusolver.so.12", [str(HERE / "ref_xsyev.cpp")]),
                           ("libcusolver.so.11", [])):
         _run([cxx, "-std=c++17", *flags, *inc, "-I", str(HERE), "-shared", *solver, *extra,
