@@ -21,6 +21,8 @@ namespace {
 
 using namespace shampoo_root;
 using namespace shampoo_eig;
+using shampoo_qr::fetch;
+using shampoo_qr::matrix_grid;
 
 /* Step 2: Q = I for the 1x1 and diagonal jobs [0, ndiag). */
 template <typename real>
@@ -65,13 +67,6 @@ __global__ void store_bases(const int64_t *job_offset, const int64_t *job_factor
     }
 }
 
-dim3 matrix_grid(int64_t matrices, int64_t n)
-{
-    int64_t chunks = (n * n + SHAMPOO_CUDA_THREADS - 1) / SHAMPOO_CUDA_THREADS;
-    chunks = chunks < SHAMPOO_CUDA_MAX_GRID_Y ? chunks : SHAMPOO_CUDA_MAX_GRID_Y;
-    return dim3((unsigned)matrices, (unsigned)(chunks > 0 ? chunks : 1));
-}
-
 /* Step 3 for jobs [first, first + count) of size n, batch_max at a time. S: the factors'
  * type; R: the solver's (double for the float32 retry). */
 template <typename S, typename R>
@@ -99,14 +94,6 @@ shampoo_status eigenvectors(const shampoo_cuda_env *env, const S *factors, S *ou
         SHAMPOO_TRY(SHAMPOO_LAUNCHED("store_bases"));
     }
     return SHAMPOO_OK;
-}
-
-shampoo_status fetch(void *host, const void *device, size_t bytes, cudaStream_t stream)
-{
-    if (bytes > 0)
-        SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, host, device, bytes,
-                                       cudaMemcpyDeviceToHost, stream));
-    return SHAMPOO_CUDA_CHECK(cudaStreamSynchronize, stream);
 }
 
 /* The host side of one call, freed in one place. */
@@ -170,8 +157,9 @@ shampoo_status workspace_total(const shampoo_cuda_env *env, const int64_t *table
 
 template <typename real>
 shampoo_status eigenbasis(const shampoo_cuda_env *env, real *out, const real *factors,
-                          const real *previous, const int64_t *table, const int64_t *table_host, int64_t nblocks,
-                          const uint8_t *active, const shampoo_eigenbasis_config *cfg,
+                          const real *previous, const int64_t *table,
+                          const int64_t *table_host, int64_t nblocks, const uint8_t *active,
+                          const shampoo_eigenbasis_config *cfg,
                           uint8_t *is_diagonal, int32_t *status_out)
 {
     if (env == NULL || env->libs == NULL || cfg == NULL || nblocks < 0 ||

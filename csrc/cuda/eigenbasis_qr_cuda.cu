@@ -160,13 +160,6 @@ unsigned grid_for(int64_t count)
     return (unsigned)(g > 0 ? g : 1);
 }
 
-shampoo_status fetch(void *host, const void *device, size_t bytes, cudaStream_t stream)
-{
-    SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, host, device, bytes,
-                                   cudaMemcpyDeviceToHost, stream));
-    return SHAMPOO_CUDA_CHECK(cudaStreamSynchronize, stream);
-}
-
 template <typename real> const char *qr_name(bool orgqr_step)
 {
     if (sizeof(real) == 8)

@@ -3,7 +3,7 @@
   libshampoo_emu_cudart.so   the emulated CUDA runtime (runtime_*.cpp)
   libcublas.so.13, .so.12    reference cuBLAS (ref_blas.cpp) of CUDA 13 and CUDA 12
   libcusolver.so.12          reference cuSOLVER with XsyevBatched (ref_solver.cpp,
-                             ref_eigh.cpp, ref_xsyev.cpp)
+                             ref_eigh.cpp, ref_qr.cpp, ref_xsyev.cpp)
   libcusolver.so.11          the same without XsyevBatched (CUDA 12's cuSOLVER)
   _C_cuda<EXT_SUFFIX>        distributed_shampoo._C_cuda from the UNMODIFIED csrc sources:
                              csrc/cuda/*.cu compiled as host C++ after one mechanical rewrite
