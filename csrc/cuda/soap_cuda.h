@@ -1,6 +1,7 @@
 /* Eigenvalue-corrected Shampoo (SOAP) on the GPU: the operations of core/soap.h on device
  * buffers, with shampoo_cuda.h's conventions (stream, host and device tables, batch plan,
- * caller-owned workspace). Bodies: soap_cuda.cu (direction), eigenbasis_cuda.cu. */
+ * caller-owned workspace). Bodies: soap_cuda.cu (direction), eigenbasis_cuda.cu and
+ * eigenbasis_qr_cuda.cu (eigenbases). */
 #ifndef SHAMPOO_SOAP_CUDA_H
 #define SHAMPOO_SOAP_CUDA_H
 
@@ -14,7 +15,9 @@ extern "C" {
 /* As shampoo_soap_direction_*: the rotations are one cuBLAS batched GEMM per shape group and
  * dimension (as shampoo_cuda_precondition_*), the second moment and the scaling one fused
  * elementwise kernel each. Blocks of `out` that the CPU kernel leaves alone (inactive
- * blocks) are left bitwise alone. Needs shampoo_cuda_soap_direction_workspace() bytes. */
+ * blocks) are left bitwise alone. The host cannot read `active`, so a ROOT below 1 (or a
+ * block beyond cuBLAS's int sizes) is refused in any row, active or not, before any launch.
+ * Needs shampoo_cuda_soap_direction_workspace() bytes. */
 size_t shampoo_cuda_soap_direction_workspace(const int64_t *table_host, int64_t nblocks,
                                              const int64_t *plan_host, int real_bytes);
 shampoo_status shampoo_cuda_soap_direction_f32(
