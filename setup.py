@@ -126,6 +126,7 @@ CUDA_MODULE_HOST_SOURCES = [
     "csrc/python/cuda_binding.c",
     "csrc/python/cuda_ops.c",
     "csrc/python/cuda_packed_ops.c",
+    "csrc/python/cuda_soap_ops.c",
 ]
 
 _want_cuda = os.environ.get("SHAMPOO_BUILD_CUDA", "auto")

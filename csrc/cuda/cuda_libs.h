@@ -136,6 +136,29 @@ typedef int (*shampoo_dsyevj_batched_fn)(shampoo_cusolver_handle handle, int job
                                          int n, double *a, int lda, double *w, double *work,
                                          int lwork, int *info, shampoo_syevj_info params,
                                          int batch);
+/* Householder QR and its explicit Q (the eigenbases' warm-started QR step). */
+typedef int (*shampoo_cusolver_sgeqrf_buffer_fn)(shampoo_cusolver_handle handle, int m, int n,
+                                                 float *a, int lda, int *lwork);
+typedef int (*shampoo_cusolver_dgeqrf_buffer_fn)(shampoo_cusolver_handle handle, int m, int n,
+                                                 double *a, int lda, int *lwork);
+typedef int (*shampoo_cusolver_sgeqrf_fn)(shampoo_cusolver_handle handle, int m, int n, float *a,
+                                          int lda, float *tau, float *work, int lwork,
+                                          int *dev_info);
+typedef int (*shampoo_cusolver_dgeqrf_fn)(shampoo_cusolver_handle handle, int m, int n, double *a,
+                                          int lda, double *tau, double *work, int lwork,
+                                          int *dev_info);
+typedef int (*shampoo_cusolver_sorgqr_buffer_fn)(shampoo_cusolver_handle handle, int m, int n,
+                                                 int k, const float *a, int lda,
+                                                 const float *tau, int *lwork);
+typedef int (*shampoo_cusolver_dorgqr_buffer_fn)(shampoo_cusolver_handle handle, int m, int n,
+                                                 int k, const double *a, int lda,
+                                                 const double *tau, int *lwork);
+typedef int (*shampoo_cusolver_sorgqr_fn)(shampoo_cusolver_handle handle, int m, int n, int k,
+                                          float *a, int lda, const float *tau, float *work,
+                                          int lwork, int *dev_info);
+typedef int (*shampoo_cusolver_dorgqr_fn)(shampoo_cusolver_handle handle, int m, int n, int k,
+                                          double *a, int lda, const double *tau, double *work,
+                                          int lwork, int *dev_info);
 /* Optional (cuSOLVER 11.7+): the 64-bit batched symmetric eigensolver. */
 typedef int (*shampoo_params_create_fn)(shampoo_cusolver_params *params);
 typedef int (*shampoo_params_destroy_fn)(shampoo_cusolver_params params);
@@ -178,6 +201,14 @@ typedef int (*shampoo_xsyev_batched_fn)(shampoo_cusolver_handle handle,
     X(s, cusolverDnDsyevjBatched_bufferSize, dsyevj_batched_buffer, 1)                     \
     X(s, cusolverDnSsyevjBatched, ssyevj_batched, 1)                                       \
     X(s, cusolverDnDsyevjBatched, dsyevj_batched, 1)                                       \
+    X(s, cusolverDnSgeqrf_bufferSize, sgeqrf_buffer, 1)                                    \
+    X(s, cusolverDnDgeqrf_bufferSize, dgeqrf_buffer, 1)                                    \
+    X(s, cusolverDnSgeqrf, sgeqrf, 1)                                                      \
+    X(s, cusolverDnDgeqrf, dgeqrf, 1)                                                      \
+    X(s, cusolverDnSorgqr_bufferSize, sorgqr_buffer, 1)                                    \
+    X(s, cusolverDnDorgqr_bufferSize, dorgqr_buffer, 1)                                    \
+    X(s, cusolverDnSorgqr, sorgqr, 1)                                                      \
+    X(s, cusolverDnDorgqr, dorgqr, 1)                                                      \
     X(s, cusolverDnCreateParams, params_create, 0)                                         \
     X(s, cusolverDnDestroyParams, params_destroy, 0)                                       \
     X(s, cusolverDnXsyevBatched_bufferSize, xsyev_batched_buffer, 0)                       \
@@ -208,6 +239,14 @@ typedef struct shampoo_cuda_libs {
     shampoo_dsyevj_batched_buffer_fn dsyevj_batched_buffer;
     shampoo_ssyevj_batched_fn ssyevj_batched;
     shampoo_dsyevj_batched_fn dsyevj_batched;
+    shampoo_cusolver_sgeqrf_buffer_fn sgeqrf_buffer;
+    shampoo_cusolver_dgeqrf_buffer_fn dgeqrf_buffer;
+    shampoo_cusolver_sgeqrf_fn sgeqrf;
+    shampoo_cusolver_dgeqrf_fn dgeqrf;
+    shampoo_cusolver_sorgqr_buffer_fn sorgqr_buffer;
+    shampoo_cusolver_dorgqr_buffer_fn dorgqr_buffer;
+    shampoo_cusolver_sorgqr_fn sorgqr;
+    shampoo_cusolver_dorgqr_fn dorgqr;
     /* NULL when the library predates them */
     shampoo_params_create_fn params_create;
     shampoo_params_destroy_fn params_destroy;

@@ -119,12 +119,6 @@ class SOAPGroupEngine(ShampooGroupEngine):
     def __init__(self, params: Sequence[torch.Tensor], group: dict[str, Any], group_index: int,
                  shampoo_dtype: torch.dtype | None, use_protected_eigh: bool, **kwargs: Any) -> None:
         super().__init__(params, group, group_index, shampoo_dtype, use_protected_eigh, **kwargs)
-        if self.on_cuda:
-            raise NotImplementedError(
-                f"param group {group_index}: EigenvalueCorrectedShampooPreconditionerConfig is "
-                "not available for CUDA parameters yet (CPU kernels only); use "
-                "ShampooPreconditionerConfig there."
-            )
         precision = group["precision_config"]
         layout = self.layout
         # No inverse roots: their packed buffer is dropped (block_states lists no such key).

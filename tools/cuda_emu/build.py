@@ -3,7 +3,7 @@
   libshampoo_emu_cudart.so   the emulated CUDA runtime (runtime_*.cpp)
   libcublas.so.13, .so.12    reference cuBLAS (ref_blas.cpp) of CUDA 13 and CUDA 12
   libcusolver.so.12          reference cuSOLVER with XsyevBatched (ref_solver.cpp,
-                             ref_eigh.cpp, ref_xsyev.cpp)
+                             ref_eigh.cpp, ref_qr.cpp, ref_xsyev.cpp)
   libcusolver.so.11          the same without XsyevBatched (CUDA 12's cuSOLVER)
   _C_cuda<EXT_SUFFIX>        distributed_shampoo._C_cuda from the UNMODIFIED csrc sources:
                              csrc/cuda/*.cu compiled as host C++ after one mechanical rewrite
@@ -246,7 +246,7 @@ def build(asan: bool = False, small_caps: bool = False, out_root: Path | None = 
         _run([cxx, "-std=c++17", *flags, *inc, "-I", str(HERE), "-shared",
               str(HERE / "ref_blas.cpp"), f"-Wl,-soname,{soname}", "-o", str(tmp / soname),
               *rt])
-    solver = [str(HERE / "ref_solver.cpp"), str(HERE / "ref_eigh.cpp")]
+    solver = [str(HERE / "ref_solver.cpp"), str(HERE / "ref_eigh.cpp"), str(HERE / "ref_qr.cpp")]
     for soname, extra in (("libcusolver.so.12", [str(HERE / "ref_xsyev.cpp")]),
                           ("libcusolver.so.11", [])):
         _run([cxx, "-std=c++17", *flags, *inc, "-I", str(HERE), "-shared", *solver, *extra,
