@@ -46,6 +46,7 @@ from distributed_shampoo.shampoo_types import (
 )
 from distributed_shampoo.utils.shampoo_dcp import ShampooLoadPlanner
 from distributed_shampoo.utils.shampoo_fsdp_utils import compile_fsdp_parameter_metadata
+from tests.dist_teardown import shutdown_process_group
 
 K = 3  # steps before the checkpoint, and after it
 BATCH = 8
@@ -336,7 +337,7 @@ def worker(rank: int, world: int, port: int, phase: str, root: str) -> None:
     warnings.simplefilter("ignore")  # deprecated DCP APIs, FSDP1 state-dict notices
     out = PHASES[phase](rank, world, root)
     torch.save(out, os.path.join(root, f"{phase}-rank{rank}.pt"))
-    dist.destroy_process_group()
+    shutdown_process_group()
 
 
 def spawn(world: int, phase: str, root: str) -> List[Dict[str, Any]]:

@@ -22,6 +22,7 @@ from distributed_shampoo.shampoo_types import (
     CommunicationDType,
     DDPShampooConfig,
 )
+from tests.dist_teardown import shutdown_process_group
 
 STEPS = 5
 GLOBAL_BATCH = 8
@@ -114,7 +115,7 @@ def worker(rank: int, world: int, port: int, configs: list, out_dir: str) -> Non
     optimizer.step()
     results["single-block"] = ([one.weight.detach().clone()], 0)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    shutdown_process_group()
 
 
 def _tensors(state: object) -> list:

@@ -26,6 +26,7 @@ from distributed_shampoo.shampoo_types import (
     HSDPShampooConfig,
 )
 from distributed_shampoo.utils.shampoo_fsdp_utils import compile_fsdp_parameter_metadata, split_shard
+from tests.dist_teardown import shutdown_process_group
 
 STEPS = 4
 BATCH = 8
@@ -217,7 +218,7 @@ def worker(rank: int, world: int, port: int, names: List[str], out_dir: str) -> 
         run, build, max_dim, hybrid = table[name]
         results[name] = run(rank, world, build, max_dim, hybrid)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    shutdown_process_group()
 
 
 def spawn(world: int, names: List[str]) -> List[dict]:

@@ -37,6 +37,7 @@ from distributed_shampoo.shampoo_types import (
     StaggeredRootScheduleConfig,
 )
 from distributed_shampoo.utils.shampoo_safe_globals import config_classes
+from tests.dist_teardown import shutdown_process_group
 
 F64 = PrecisionConfig(**{f: torch.float64 for f in (
     "computation_dtype", "factor_matrix_dtype", "inv_factor_matrix_dtype", "filtered_grad_dtype",
@@ -350,8 +351,10 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         own = {fqn: {k: v.clone() for k, v in blocks.items() if k != "step"}
                for fqn, blocks in state["state"].items()}
         torch.save(([p.detach() for p in model.parameters()], labels, own), f"{out}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        shutdown_process_group(clean=False)
+        raise
+    shutdown_process_group()
 
 
 def test_ddp_two_ranks_follow_each_ranks_own_phases() -> None:

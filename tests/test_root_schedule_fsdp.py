@@ -48,6 +48,7 @@ from distributed_shampoo.shampoo_types import (
     StaggeredRootScheduleConfig,
 )
 from distributed_shampoo.utils.shampoo_fsdp_utils import compile_fsdp_parameter_metadata, split_shard
+from tests.dist_teardown import shutdown_process_group
 
 # every state in float64, SOAP's eigenvectors and corrected eigenvalues included
 F64 = PrecisionConfig(**{f.name: torch.float64 for f in dataclasses.fields(PrecisionConfig)})
@@ -244,8 +245,10 @@ def worker(rank: int, world: int, port: int, modes: List[str], out: str) -> None
     try:
         results = {mode: run_mode(mode, rank, world, out) for mode in modes}
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        shutdown_process_group(clean=False)
+        raise
+    shutdown_process_group()
 
 
 def spawn(world: int, modes: List[str]) -> List[Dict[str, Any]]:

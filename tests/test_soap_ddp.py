@@ -16,6 +16,7 @@ from distributed_shampoo import DDPShampooConfig, DefaultEigenvalueCorrectedSham
 from distributed_shampoo.distributed_shampoo import DistributedShampoo
 from tests.soap_oracle import OracleSOAP
 from tests.test_ddp import free_port
+from tests.dist_teardown import shutdown_process_group
 
 STEPS = 5
 SAVE_AT = 3
@@ -71,7 +72,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         owned = sum(1 for state in opt.state.values() for key in state if key.startswith("block_"))
         results[name] = ([p.detach().clone() for p in model.parameters()], owned)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    shutdown_process_group()
 
 
 def oracle_result(name: str) -> list:

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from distributed_shampoo import DefaultEigenvalueCorrectedShampooConfig, DefaultSOAPConfig
 from tests import test_fsdp
+from tests.dist_teardown import shutdown_process_group
 
 SOAP_KWARGS = {
     **test_fsdp.KWARGS,
@@ -46,7 +47,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         run, build, max_dim, hybrid = test_fsdp.SCENARIOS[name]
         results[name] = run(rank, world, build, max_dim, hybrid)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    shutdown_process_group()
 
 
 @pytest.fixture(scope="module")

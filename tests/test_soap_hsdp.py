@@ -32,6 +32,7 @@ from distributed_shampoo.shampoo_types import FullyShardShampooConfig, HSDPShamp
 from distributed_shampoo.utils.shampoo_fsdp_utils import compile_fsdp_parameter_metadata, split_shard
 from tests.soap_oracle import OracleSOAP
 from tests.test_atomicity import assert_bitwise_equal
+from tests.dist_teardown import shutdown_process_group
 
 F64 = PrecisionConfig(*(torch.float64,) * 8)
 WORLD, BATCH, STEPS = 4, 8, 5
@@ -172,8 +173,10 @@ def worker(rank: int, port: int, out: str) -> None:
     try:
         results = {scenario: run(*scenario, rank, out) for scenario in SCENARIOS}
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        shutdown_process_group(clean=False)
+        raise
+    shutdown_process_group()
 
 
 @pytest.fixture(scope="module")
