@@ -43,7 +43,7 @@ from distributed_shampoo.utils.shampoo_packed_chunks import PackedFactors
 from distributed_shampoo.utils.shampoo_param_io import ParamIO, StepIO
 from distributed_shampoo.utils.shampoo_residuals import log_root_inverse_residuals
 from distributed_shampoo.utils.shampoo_root_schedule import RootSchedule
-from distributed_shampoo.utils.shampoo_root_status import log_non_diagonal, report_root_statuses
+from distributed_shampoo.utils.shampoo_root_status import log_non_diagonal, raise_non_finite, report_root_statuses
 from distributed_shampoo.utils.shampoo_scalars import float32_bias_correction
 from distributed_shampoo.utils.shampoo_step_pipeline import StepPipeline
 from distributed_shampoo.utils.shampoo_step_checks import (
@@ -525,17 +525,10 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
             label = layout.factor_label(factor)
             return f"{label} ({self.describe_block(int(layout.factor_block[factor]))})"
 
-        for code, text in (
-            (_backend.ROOT_FACTOR_NAN, "Encountered nan values in bias-corrected factor matrix"),
-            (_backend.ROOT_FACTOR_INF, "Encountered inf values in bias-corrected factor matrix"),
-            (_backend.ROOT_NONFINITE, "Encountered nan or inf values in inverse factor matrix"),
-        ):
-            bad = np.flatnonzero(status == code)
-            if bad.size:
-                raise ValueError(
-                    f"{text} {where(int(bad[0]))}! The step was not taken; parameters and "
-                    "optimizer state are unchanged. To mitigate, check the gradients, lower the "
-                    "learning rate, or use a higher-precision factor_matrix_dtype."
-                )
+        raise_non_finite(status, where, (
+            "Encountered nan values in bias-corrected factor matrix",
+            "Encountered inf values in bias-corrected factor matrix",
+            "Encountered nan or inf values in inverse factor matrix",
+        ))
         report_root_statuses(status, where, self.root_kwargs, self.shampoo_dtype, self.use_protected_eigh)
         self.root_commit.copy_(torch.from_numpy(np.isin(status, _ROOT_OK).astype(np.uint8)))

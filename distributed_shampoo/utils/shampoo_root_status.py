@@ -87,3 +87,16 @@ def report_root_statuses(
             if newton
             else "Higher order method did not converge and reached maximum number of iterations!"
         )
+
+
+def raise_non_finite(status: Any, where: Any, texts: tuple[str, str, str]) -> None:
+    """Raises ValueError for the first factor whose status says its (bias-corrected) factor
+    had a NaN, an Inf, or its result was non-finite; `texts` names them in that order."""
+    for code, text in zip((_backend.ROOT_FACTOR_NAN, _backend.ROOT_FACTOR_INF, _backend.ROOT_NONFINITE), texts):
+        bad = np.flatnonzero(status == code)
+        if bad.size:
+            raise ValueError(
+                f"{text} {where(int(bad[0]))}! The step was not taken; parameters and "
+                "optimizer state are unchanged. To mitigate, check the gradients, lower the "
+                "learning rate, or use a higher-precision factor_matrix_dtype."
+            )

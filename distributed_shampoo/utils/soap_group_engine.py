@@ -31,7 +31,7 @@ from distributed_shampoo.utils.shampoo_engine_setup import StepPlan
 from distributed_shampoo.utils.shampoo_group_engine import ShampooGroupEngine
 from distributed_shampoo.utils.shampoo_root_schedule import ChunkWork, PhasePlan, RootSchedule
 from distributed_shampoo.utils.shampoo_step_pipeline import PipeChunk, rebased_rows
-from distributed_shampoo.utils.shampoo_root_status import RootInverseError
+from distributed_shampoo.utils.shampoo_root_status import RootInverseError, raise_non_finite
 from distributed_shampoo.utils.shampoo_scalars import float32_bias_correction
 
 logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
@@ -218,18 +218,11 @@ class SOAPGroupEngine(ShampooGroupEngine):
         def where(factor: int) -> str:
             return f"{layout.factor_label(factor)} ({self.describe_block(int(layout.factor_block[factor]))})"
 
-        for code, text in (
-            (_backend.ROOT_FACTOR_NAN, "Encountered nan values in factor matrix"),
-            (_backend.ROOT_FACTOR_INF, "Encountered inf values in factor matrix"),
-            (_backend.ROOT_NONFINITE, "Encountered nan or inf values in eigenvectors of factor matrix"),
-        ):
-            bad = np.flatnonzero(status == code)
-            if bad.size:
-                raise ValueError(
-                    f"{text} {where(int(bad[0]))}! The step was not taken; parameters and "
-                    "optimizer state are unchanged. To mitigate, check the gradients, lower the "
-                    "learning rate, or use a higher-precision factor_matrix_dtype."
-                )
+        raise_non_finite(status, where, (
+            "Encountered nan values in factor matrix",
+            "Encountered inf values in factor matrix",
+            "Encountered nan or inf values in eigenvectors of factor matrix",
+        ))
         failed = np.flatnonzero(status == _backend.ROOT_FAILED)
         reason = "ArithmeticError('the symmetric eigendecomposition (LAPACK syevd) did not converge')"
         if failed.size and not self.use_protected_eigh:
