@@ -32,7 +32,6 @@ import torch
 
 from distributed_shampoo import _backend
 from distributed_shampoo.shampoo_types import StaggeredRootScheduleConfig
-from distributed_shampoo.utils.shampoo_packed_chunks import packed_offsets
 
 ALL = -1  # the key of the start step's plan: every factor
 
@@ -152,10 +151,6 @@ class RootSchedule:
             [d for shape in layout.block_shapes for d in shape], dtype=np.int64
         ) if layout.factor_count else np.zeros(0, np.int64)
         self.first_factor = rows[:, _backend.BF_FACTOR_INDEX] if len(rows) else np.zeros(0, np.int64)
-        # packed offset and size of every factor in the live packed storage: the staged
-        # factors and roots are copied there directly (no unpacking) where dtypes allow
-        self.packed_at = packed_offsets(layout)
-        self.packed_len = self.factor_dims * (self.factor_dims + 1) // 2
         self._phases: dict[int, np.ndarray] = {}
         self._plans: dict[tuple[int, int], PhasePlan | None] = {}
 
@@ -257,14 +252,7 @@ class RootSchedule:
                     num_threads=engine.num_threads, fail=engine.fail,
                 )
             # the phase blocks' factors, compact (the blocks table's own packed layout)
-            stage = factor_stage[w.factor_range[0] : w.factor_range[1]]
-            if chunk_packed is not None:  # copied from the packed update: no packing pass
-                at = 0
-                for lo, n in self._block_spans(w):
-                    stage[at : at + n].copy_(new[lo - c.packed_start : lo - c.packed_start + n])
-                    at += n
-            else:
-                _backend.sym_pack(stage, full, w.blocks_table)
+            _backend.sym_pack(factor_stage[w.factor_range[0] : w.factor_range[1]], full, w.blocks_table)
             out = roots[: c.full_numel]
             self.compute_roots(engine, w, full, out, bias_correction)
             self.stash_roots(w, out, root_stage)
@@ -294,32 +282,9 @@ class RootSchedule:
         # uncommitted roots (not OK, inactive) are staged too and skipped by the commit
         _backend.sym_pack(root_stage[w.root_range[0] : w.root_range[1]], out, w.roots_table, average=True)
 
-    def _block_spans(self, w: ChunkWork) -> list[tuple[int, int]]:
-        """(live packed offset, packed elements) of each of chunk w's phase blocks, in order."""
-        spans = []
-        for b in w.blocks.tolist():
-            first = int(self.first_factor[b])
-            order = len(self.layout.block_shapes[b])
-            spans.append((int(self.packed_at[first]) if order else 0,
-                          int(self.packed_len[first : first + order].sum())))
-        return spans
-
     def commit_roots(self, engine: Any, w: ChunkWork, root_stage: torch.Tensor, full: torch.Tensor) -> None:
         """The committed (engine.root_commit) staged results of chunk w over the live ones;
         `full` is chunk scratch."""
-        if engine.inv_factors.dtype == root_stage.dtype:
-            # packed to packed, factor by factor: no unpacking pass
-            commit = engine.root_commit.cpu().numpy()
-            active = engine.active.cpu().numpy()
-            at = w.root_range[0]
-            for row, block in zip(w.root_rows, w.root_blocks.tolist()):
-                f = w.chunk.factor_start + int(row[_backend.BF_FACTOR_INDEX])
-                n = int(self.packed_len[f])
-                if commit[f] and active[block]:
-                    lo = int(self.packed_at[f])
-                    engine.inv_factors[lo : lo + n].copy_(root_stage[at : at + n])
-                at += n
-            return
         _backend.sym_unpack(full, root_stage[w.root_range[0] : w.root_range[1]], w.roots_table,
                             engine.active[w.root_blocks])
         self.packing.pack(engine.inv_factors, full, w.chunk, engine.root_commit)
@@ -331,19 +296,10 @@ class RootSchedule:
         packing = self.packing
         staged_factors = engine.factor_active & plan.factor_mask
         scratch = packing.scratch()
-        direct = engine.factors.dtype == factor_stage.dtype
-        active = engine.active.cpu().numpy()
         for w in plan.work:
             c = w.chunk
             full = scratch[: c.full_numel]
-            stage = factor_stage[w.factor_range[0] : w.factor_range[1]]
-            if direct:  # packed to packed, block by block (an inactive block keeps its factors)
-                at = 0
-                for (lo, n), b in zip(self._block_spans(w), w.blocks.tolist()):
-                    if active[b]:
-                        engine.factors[lo : lo + n].copy_(stage[at : at + n])
-                    at += n
-            else:
-                _backend.sym_unpack(full, stage, w.blocks_table, engine.active[w.blocks])
-                packing.pack(engine.factors, full, c, staged_factors)
+            _backend.sym_unpack(full, factor_stage[w.factor_range[0] : w.factor_range[1]], w.blocks_table,
+                                engine.active[w.blocks])
+            packing.pack(engine.factors, full, c, staged_factors)
             self.commit_roots(engine, w, root_stage, full)
