@@ -96,30 +96,10 @@ shampoo_status eigenvectors(const shampoo_cuda_env *env, const S *factors, S *ou
     return SHAMPOO_OK;
 }
 
-/* The host side of one call, freed in one place. */
-struct basis_host {
-    factor_ref *refs = nullptr;
-    uint8_t *active = nullptr, *diagonal = nullptr;
-    int32_t *flags = nullptr;
-    int *info = nullptr;
-    int64_t *jobs = nullptr; /* offset, n, factor, (unused) alpha: nfactors each */
+/* The root step's host buffers plus the warm-started QR factors' jobs. */
+struct basis_host : root_host {
     int64_t *qr_jobs = nullptr; /* offset, n, factor per warm-started QR factor */
-    void *syevj_params = nullptr;
-    const shampoo_cuda_libs *libs = nullptr;
-    root_workspace ws = {};
-    ~basis_host()
-    {
-        release(&ws);
-        if (syevj_params != nullptr)
-            libs->syevj_info_destroy(syevj_params);
-        free(refs);
-        free(active);
-        free(diagonal);
-        free(flags);
-        free(info);
-        free(jobs);
-        free(qr_jobs);
-    }
+    ~basis_host() { free(qr_jobs); }
 };
 
 /* The CPU kernel's argument checks (soap.h), host side. */

@@ -29,30 +29,6 @@ shampoo_status fetch(void *host, const void *device, size_t bytes, cudaStream_t 
     return SHAMPOO_CUDA_CHECK(cudaStreamSynchronize, stream);
 }
 
-/* The host side of one call: every buffer it allocates, freed in one place. */
-struct root_host {
-    factor_ref *refs = nullptr;
-    uint8_t *active = nullptr, *diagonal = nullptr;
-    int32_t *flags = nullptr;
-    int *info = nullptr;
-    int64_t *jobs = nullptr; /* offset, n, factor: 3 x nfactors, then alpha (as doubles) */
-    void *syevj_params = nullptr;
-    const shampoo_cuda_libs *libs = nullptr;
-    root_workspace ws = {};
-    ~root_host()
-    {
-        release(&ws);
-        if (syevj_params != nullptr)
-            libs->syevj_info_destroy(syevj_params);
-        free(refs);
-        free(active);
-        free(diagonal);
-        free(flags);
-        free(info);
-        free(jobs);
-    }
-};
-
 bool config_ok(const shampoo_root_config *cfg)
 {
     return isfinite(cfg->bias_correction) && cfg->bias_correction != 0.0 &&

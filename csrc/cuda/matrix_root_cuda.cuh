@@ -6,6 +6,8 @@
 
 #include "eigensolver_cuda.cuh"
 
+#include <stdlib.h>
+
 namespace shampoo_root {
 
 enum { FLAG_NAN = 1, FLAG_INF = 2, FLAG_OFFDIAG = 4, FLAG_NONFINITE_ROOT = 8 };
@@ -67,6 +69,31 @@ shampoo_status eigen_roots(const shampoo_cuda_env *env, const S *factors, S *out
                            R *stage_a, R *stage_qs, R *stage_x, R *w, void *solver_work,
                            size_t solver_work_bytes, void *syevj_params, bool force_syevd,
                            int32_t *flags);
+
+/* The host side of one root (or eigenbasis) call: every buffer it allocates, freed in one
+   place. */
+struct root_host {
+    factor_ref *refs = nullptr;
+    uint8_t *active = nullptr, *diagonal = nullptr;
+    int32_t *flags = nullptr;
+    int *info = nullptr;
+    int64_t *jobs = nullptr; /* offset, n, factor: 3 x nfactors, then alpha (as doubles) if used */
+    void *syevj_params = nullptr;
+    const shampoo_cuda_libs *libs = nullptr;
+    root_workspace ws = {};
+    ~root_host()
+    {
+        release(&ws);
+        if (syevj_params != nullptr)
+            libs->syevj_info_destroy(syevj_params);
+        free(refs);
+        free(active);
+        free(diagonal);
+        free(flags);
+        free(info);
+        free(jobs);
+    }
+};
 
 } // namespace shampoo_root
 
