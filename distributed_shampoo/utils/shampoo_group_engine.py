@@ -472,14 +472,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
             increment_version(self._live_params)
         else:
             # staged: the updates (param layout, this step only) added by torch
-            update_flat = io.update_flat
-            views = [
-                update_flat[self.layout.param_offsets[i] : self.layout.param_offsets[i] + self.locals[i].numel()].view(
-                    self.locals[i].shape
-                )
-                for i in self._live
-            ]
-            torch._foreach_add_(self._live_params, views)
+            torch._foreach_add_(self._live_params, self._live_views(io.update_flat))
         plan.io = None
         # The step's chunk scratch and working copies are freed, not held between steps:
         # between steps the memory belongs to the model's activations (the optimizer step
@@ -531,4 +524,6 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
             "Encountered nan or inf values in inverse factor matrix",
         ))
         report_root_statuses(status, where, self.root_kwargs, self.shampoo_dtype, self.use_protected_eigh)
-        self.root_commit.copy_(torch.from_numpy(np.isin(status, _ROOT_OK).astype(np.uint8)))
+        # kept on the host too: the commits read it there without a device sync
+        self.root_commit_host = np.isin(status, _ROOT_OK).astype(np.uint8)
+        self.root_commit.copy_(torch.from_numpy(self.root_commit_host))

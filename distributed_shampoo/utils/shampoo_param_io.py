@@ -49,6 +49,7 @@ class ParamIO:
     device: torch.device
     on_cuda: bool
     _live: list[int]
+    _active_params: tuple[bool, ...] | None
 
     def _init_param_io(self) -> None:
         self.locator = IOLocator(self.layout.param_offsets, self.layout.block_param)
@@ -82,21 +83,18 @@ class ParamIO:
         return out
 
     def _live_mask(self) -> list[bool]:
-        mask = [False] * len(self.locals)
-        for i in self._live:
-            mask[i] = True
-        return mask
+        """Per parameter: has a gradient (the pattern set by _set_active)."""
+        return list(self._active_params or ())
+
+    def _live_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a param-layout buffer shaped as the live parameters."""
+        offsets = self.layout.param_offsets
+        return [flat[offsets[i] : offsets[i] + self.locals[i].numel()].view(self.locals[i].shape) for i in self._live]
 
     def _staged_flat(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """A param-layout buffer for this step only and its views of the live parameters."""
         flat = torch.empty(self.layout.param_numel, dtype=self.working_dtype, device=self.device)
-        views = [
-            flat[self.layout.param_offsets[i] : self.layout.param_offsets[i] + self.locals[i].numel()].view(
-                self.locals[i].shape
-            )
-            for i in self._live
-        ]
-        return flat, views
+        return flat, self._live_views(flat)
 
     def _block_scratch(self) -> torch.Tensor:
         """A block-layout buffer for this step only (parameters in block layout)."""

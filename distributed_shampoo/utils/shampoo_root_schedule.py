@@ -91,7 +91,7 @@ class ChunkWork:
     roots_table: Any  # KernelTable: one order-1 row per due factor (chunk scratch)
     root_blocks: torch.Tensor  # the due factors' blocks (global indices)
     factor_range: tuple[int, int]  # the blocks' packed factors in the factor staging
-    root_range: tuple[int, int]  # the due factors' packed roots in the root staging
+    root_range: tuple[int, int]  # the due factors' staged results (packed roots) in the root staging
     root_rows: np.ndarray  # roots_table's rows (one per due factor)
 
 
@@ -199,7 +199,7 @@ class RootSchedule:
                 b = int(layout.factor_block[f])
                 picks.append((b - c.block_start, int(f - self.first_factor[b])))
             block_rows, factor_rows = rows[blocks], _factor_rows(rows, picks)
-            f_numel, r_numel = _backend.packed_numel(block_rows), _backend.packed_numel(factor_rows)
+            f_numel, r_numel = _backend.packed_numel(block_rows), self.staged_root_numel(factor_rows)
             work.append(ChunkWork(
                 c, _backend.KernelTable(block_rows, self.device),
                 torch.as_tensor(blocks + c.block_start, device=self.device),
@@ -220,7 +220,7 @@ class RootSchedule:
         factors not due) and diagonal flags in diagonal_work. Live state is not touched."""
         packing = self.packing
         dtype = engine.shampoo_dtype
-        root_stage = torch.empty(self.root_stage_numel(plan), dtype=dtype, device=self.device)
+        root_stage = torch.empty(plan.root_numel, dtype=dtype, device=self.device)
         engine.root_status.fill_(_backend.ROOT_INACTIVE)
         blocks = engine.active & plan.block_mask
         scratch, roots = packing.scratch(), packing.scratch()
@@ -261,8 +261,10 @@ class RootSchedule:
     # What a root step computes for its due factors, and how it is staged and committed: the
     # inverse roots here (packed); eigenvalue-corrected Shampoo's eigenbases in
     # soap_group_engine.EigenbasisSchedule.
-    def root_stage_numel(self, plan: PhasePlan) -> int:
-        return plan.root_numel
+    @staticmethod
+    def staged_root_numel(rows: np.ndarray) -> int:
+        """Staged elements of the due factors of `rows` (one row per factor): packed roots."""
+        return _backend.packed_numel(rows)
 
     def compute_roots(self, engine: Any, w: ChunkWork, full: torch.Tensor, out: torch.Tensor,
                       bias_correction: float) -> None:

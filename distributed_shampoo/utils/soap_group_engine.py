@@ -29,7 +29,7 @@ from distributed_shampoo import _backend, _soap_backend
 from distributed_shampoo.matrix_functions_types import QRConfig
 from distributed_shampoo.utils.shampoo_engine_setup import StepPlan
 from distributed_shampoo.utils.shampoo_group_engine import ShampooGroupEngine
-from distributed_shampoo.utils.shampoo_root_schedule import ChunkWork, PhasePlan, RootSchedule
+from distributed_shampoo.utils.shampoo_root_schedule import ChunkWork, RootSchedule
 from distributed_shampoo.utils.shampoo_step_pipeline import PipeChunk, rebased_rows
 from distributed_shampoo.utils.shampoo_root_status import RootInverseError, raise_non_finite
 from distributed_shampoo.utils.shampoo_scalars import float32_bias_correction
@@ -57,21 +57,13 @@ class EigenbasisSchedule(RootSchedule):
     @staticmethod
     def _spans(w: ChunkWork) -> list[tuple[int, int, int]]:
         """(chunk-local full offset, d * d, chunk-local factor index) of each due factor."""
-        rows = w.root_rows
         return [(int(r[_backend.BF_FACTOR_OFFSET]), int(r[_backend.BF_DIMS]) ** 2, int(r[_backend.BF_FACTOR_INDEX]))
-                for r in rows]
+                for r in w.root_rows]
 
-    def root_stage_numel(self, plan: PhasePlan) -> int:
-        return sum(n for w in plan.work for _, n, _ in self._spans(w))
-
-    def _stage_start(self, plan_work: list[ChunkWork], w: ChunkWork) -> int:
-        """Where chunk w's due eigenbases start in the compact staging."""
-        at = 0
-        for v in plan_work:
-            if v is w:
-                return at
-            at += sum(n for _, n, _ in self._spans(v))
-        raise AssertionError("chunk not in the plan")
+    @staticmethod
+    def staged_root_numel(rows: np.ndarray) -> int:
+        """Whole eigenbases: d * d per due factor."""
+        return int((rows[:, _backend.BF_DIMS].astype(np.int64) ** 2).sum())
 
     def compute_roots(self, engine: Any, w: ChunkWork, full: torch.Tensor, out: torch.Tensor,
                       bias_correction: float) -> None:
@@ -87,24 +79,18 @@ class EigenbasisSchedule(RootSchedule):
             num_threads=engine.num_threads, **engine.eigen_kwargs,
         )
 
-    def stage(self, engine: Any, plan: PhasePlan, bias_correction: float) -> tuple[torch.Tensor, torch.Tensor]:
-        self._plan_work = plan.work  # stash_roots/commit_roots place each chunk by its order
-        return super().stage(engine, plan, bias_correction)
-
+    # No kernel copies whole d x d matrices between layouts (the packed ones are for
+    # symmetric matrices): one copy per due factor of a root step.
     def stash_roots(self, w: ChunkWork, out: torch.Tensor, root_stage: torch.Tensor) -> None:
-        at = self._stage_start(self._plan_work, w)
+        at = w.root_range[0]
         for offset, n, _ in self._spans(w):
             root_stage[at : at + n].copy_(out[offset : offset + n])
             at += n
 
-    def commit(self, engine: Any, plan: PhasePlan, factor_stage: torch.Tensor, root_stage: torch.Tensor) -> None:
-        self._plan_work = plan.work
-        super().commit(engine, plan, factor_stage, root_stage)
-
     def commit_roots(self, engine: Any, w: ChunkWork, root_stage: torch.Tensor, full: torch.Tensor) -> None:
-        at = self._stage_start(self._plan_work, w)
+        at = w.root_range[0]
         start = engine.basis_start(w.chunk)
-        commit = engine.root_commit.cpu().numpy()
+        commit = engine.root_commit_host
         for offset, n, factor in self._spans(w):
             if commit[w.chunk.factor_start + factor]:
                 engine.bases[start + offset : start + offset + n].copy_(root_stage[at : at + n])
@@ -241,14 +227,16 @@ class SOAPGroupEngine(ShampooGroupEngine):
                 f"Failed to compute eigendecomposition in {self.shampoo_dtype} precision for factor "
                 f"matrix {where(int(factor))}! Retried in double precision, which succeeded."
             )
-        self.root_commit.copy_(torch.from_numpy(np.isin(status, _COMMIT).astype(np.uint8)))
+        # kept on the host too: the commits read it there without a device sync
+        self.root_commit_host = np.isin(status, _COMMIT).astype(np.uint8)
+        self.root_commit.copy_(torch.from_numpy(self.root_commit_host))
 
     # ------------------------------------------------------------------ infallible half
     def _commit_roots(self, factor_work: torch.Tensor, root_work: torch.Tensor) -> torch.Tensor:
         """The new eigenbases where they succeeded (root_commit), the previous ones elsewhere.
         Failures are rare (protected fallbacks): their previous bases are copied into the
         staging first, then the staging is written over the live bases in one pass."""
-        for f in np.flatnonzero(self.root_commit.cpu().numpy() == 0):
+        for f in np.flatnonzero(self.root_commit_host == 0):
             at, n = self._factor_spans[f]
             root_work[at : at + n].copy_(self.bases[at : at + n])
         self.bases.copy_(root_work)
