@@ -116,7 +116,7 @@ def _psd_factors(bits: int, rng: np.random.Generator) -> torch.Tensor:
 # i is: "buf" (a float buffer), "table", "mask", "i32", "int", "float", "bool", "shape",
 # "list" (the per-parameter tensors the pointer-table kernels read or write in place).
 BASE_STEMS = ["factor_update", "finish", "gather", "moments", "precondition", "root_inverse",
-              "scatter", "sym_unpack", "sym_pack", "packed_commit",
+              "scatter", "sym_unpack", "sym_pack", "packed_commit", "packed_select",
               "factor_update_packed", "gather_io", "finish_io", "scatter_io",
               "soap_direction", "eigenbasis"]
 
@@ -179,6 +179,9 @@ def _base_calls(bits: int, rng: np.random.Generator, stem: str) -> tuple[list[An
                              "buf buf table mask bool"),
         "packed_commit": lambda: ([_packed(fac()), _packed(fac()), t,
                                    torch.ones(nf, dtype=torch.uint8)], "buf buf table mask"),
+        "packed_select": lambda: ([_packed(fac()), _packed(fac()), t, torch.ones(nf, dtype=torch.uint8),
+                                   (torch.arange(nf) % 2).to(torch.uint8), True],
+                                  "buf buf table mask mask bool"),
         "factor_update_packed": lambda: ([_packed(fac()), _packed(fac()), blk(), t, act(), 0.9, 2],
                                          "buf buf buf table mask float int"),
         "soap_direction": lambda: ([blk(), blk(), blk(), fac(), blk().abs(), t, act(), 0.99, 0.5,

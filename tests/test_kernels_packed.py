@@ -75,6 +75,40 @@ def test_pack_unpack_commit_match_numpy(dtype) -> None:
         at += size
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_select_moves_the_selected_factors_both_ways(dtype) -> None:
+    lay = T.make_layout(SHAPES, 4)
+    rng = np.random.default_rng(3)
+    sizes = packed_sizes(lay)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+    select = (rng.random(lay.factor_count) < 0.6).astype(np.uint8)
+    write = (rng.random(lay.factor_count) < 0.5).astype(np.uint8)
+    chosen = [f for f in range(lay.factor_count) if select[f]]
+    packed = rng.standard_normal(sum(sizes)).astype(dtype)
+    compact_numel = sum(sizes[f] for f in chosen)
+    # packed -> compact, every selected factor (write None); the spare tail is left alone
+    compact = np.full(compact_numel + 3, -5.0, dtype)
+    B.packed_select(compact, packed, lay.table, select, to_packed=False)
+    want = np.concatenate([packed[starts[f] : starts[f] + sizes[f]] for f in chosen] + [np.full(3, -5.0, dtype)])
+    np.testing.assert_array_equal(compact, want)
+    # compact -> packed, only where write: the others keep their packed values
+    src = rng.standard_normal(compact_numel).astype(dtype)
+    dst = packed.copy()
+    B.packed_select(src, dst, lay.table, select, write, to_packed=True)
+    at = 0
+    for f in range(lay.factor_count):
+        part = slice(starts[f], starts[f] + sizes[f])
+        if select[f]:
+            expect = src[at : at + sizes[f]] if write[f] else packed[part]
+            at += sizes[f]
+        else:
+            expect = packed[part]
+        np.testing.assert_array_equal(dst[part], expect)
+    # a compact buffer shorter than the selected factors is refused before anything is written
+    with pytest.raises(ValueError, match="packed_select_f.*argument 'compact' has .* selected factors need"):
+        B.packed_select(compact[: compact_numel - 1], dst, lay.table, select, to_packed=False)
+
+
 def test_symmetric_part_is_exact_for_symmetric_matrices() -> None:
     lay = T.make_layout([(6, 6)], 6)
     m = np.random.default_rng(1).standard_normal((6, 6)).astype(np.float32)

@@ -31,6 +31,22 @@ int64_t shampoo_packed_numel(const int64_t *table, int64_t nblocks)
     return total;
 }
 
+int64_t shampoo_packed_select_numel(const int64_t *table, int64_t nblocks, const uint8_t *select)
+{
+    if (shampoo_packed_numel(table, nblocks) < 0 || (nblocks > 0 && select == NULL))
+        return -1;
+    int64_t total = 0;
+    for (int64_t b = 0; b < nblocks; b++) {
+        const int64_t *row = shampoo_table_row(table, b);
+        for (int64_t k = 0; k < row[SHAMPOO_BF_ORDER]; k++) {
+            const int64_t n = row[SHAMPOO_BF_DIMS + k];
+            if (select[row[SHAMPOO_BF_FACTOR_INDEX] + k])
+                total += n * (n + 1) / 2;
+        }
+    }
+    return total;
+}
+
 #define SHAMPOO_REAL_IS_DOUBLE 0
 #include "real_template.h"
 #include "sym_pack.inc"

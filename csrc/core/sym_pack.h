@@ -38,4 +38,20 @@ shampoo_status shampoo_packed_commit_f32(float *dst, float *src, const int64_t *
 shampoo_status shampoo_packed_commit_f64(double *dst, double *src, const int64_t *table,
                                          int64_t nblocks, const uint8_t *commit);
 
+/* Per factor between the packed layout and a compact one that holds only the factors f with
+ * select[f] (one per factor, indexed by BF_FACTOR_INDEX), back to back in table order: those
+ * with write[f] (NULL = all selected) are copied, compact -> packed when to_packed, else
+ * packed -> compact (a staged root step's factors and roots, without unpacking). The two
+ * buffers must not overlap. */
+shampoo_status shampoo_packed_select_f32(float *compact, float *packed, const int64_t *table,
+                                         int64_t nblocks, const uint8_t *select,
+                                         const uint8_t *write, int to_packed);
+shampoo_status shampoo_packed_select_f64(double *compact, double *packed, const int64_t *table,
+                                         int64_t nblocks, const uint8_t *select,
+                                         const uint8_t *write, int to_packed);
+
+/* Elements of the compact layout of packed_select: the packed sizes of the selected factors
+ * (-1 for a malformed table). */
+int64_t shampoo_packed_select_numel(const int64_t *table, int64_t nblocks, const uint8_t *select);
+
 #endif

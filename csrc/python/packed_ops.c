@@ -123,6 +123,42 @@ static PyObject *packed_commit(PyObject *m, PyObject *args, int bits, const char
     return finish_call(&call, st);
 }
 
+static PyObject *packed_select(PyObject *m, PyObject *args, int bits, const char *fn)
+{
+    static const shampoo_arg_spec specs[] = {
+        {"compact", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_NONE, SHAMPOO_ARG_OUT},
+        {"packed", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_NONE, SHAMPOO_ARG_OUT},
+        TABLE_ARG,
+        {"select", SHAMPOO_ARG_MASK, SHAMPOO_LAYOUT_PER_FACTOR, 0},
+        {"write", SHAMPOO_ARG_MASK, SHAMPOO_LAYOUT_PER_FACTOR, SHAMPOO_ARG_OPTIONAL},
+    };
+    PyObject *o[5], *to_packed_obj;
+    shampoo_call call = {0};
+    if (!PyArg_ParseTuple(args, "OOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &to_packed_obj))
+        return NULL;
+    const int to_packed = flag_arg(fn, "to_packed", to_packed_obj);
+    if (to_packed < 0)
+        return NULL;
+    if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 5, bits) < 0 ||
+        check_packed(&call, 1, "packed", 2) < 0)
+        return shampoo_call_failed(&call);
+    const int64_t *table = shampoo_arg(&call, 2);
+    const uint8_t *select = shampoo_arg(&call, 3), *write = shampoo_arg(&call, 4);
+    const int64_t need = shampoo_packed_select_numel(table, call.nblocks, select);
+    if (call.views[0].numel < need) {
+        PyErr_Format(PyExc_ValueError, "%s: argument 'compact' has %lld elements, the selected "
+                     "factors need %lld", fn, (long long)call.views[0].numel, (long long)need);
+        return shampoo_call_failed(&call);
+    }
+    shampoo_status st;
+    void *compact = shampoo_arg(&call, 0), *packed = shampoo_arg(&call, 1);
+    Py_BEGIN_ALLOW_THREADS
+    st = bits == 32 ? shampoo_packed_select_f32(compact, packed, table, call.nblocks, select, write, to_packed)
+                    : shampoo_packed_select_f64(compact, packed, table, call.nblocks, select, write, to_packed);
+    Py_END_ALLOW_THREADS
+    return finish_call(&call, st);
+}
+
 static PyObject *factor_update_packed(PyObject *m, PyObject *args, int bits, const char *fn)
 {
     static const shampoo_arg_spec specs[] = {
@@ -180,12 +216,14 @@ static PyObject *packed_numel(PyObject *m, PyObject *args)
 SHAMPOO_TWINS(sym_unpack)
 SHAMPOO_TWINS(sym_pack)
 SHAMPOO_TWINS(packed_commit)
+SHAMPOO_TWINS(packed_select)
 SHAMPOO_TWINS(factor_update_packed)
 
 PyMethodDef shampoo_packed_methods[] = {
     SHAMPOO_TWIN_ENTRIES(sym_unpack, "packed symmetric -> full factor layout"),
     SHAMPOO_TWIN_ENTRIES(sym_pack, "full factor layout -> packed upper triangles"),
     SHAMPOO_TWIN_ENTRIES(packed_commit, "inverse-root commit, packed layout"),
+    SHAMPOO_TWIN_ENTRIES(packed_select, "packed layout <-> compact selected factors"),
     SHAMPOO_TWIN_ENTRIES(factor_update_packed, "factor update, packed layout"),
     {"packed_numel", packed_numel, METH_VARARGS, "elements of a table's packed layout"},
     {NULL, NULL, 0, NULL}

@@ -93,6 +93,7 @@ class ChunkWork:
     factor_range: tuple[int, int]  # the blocks' packed factors in the factor staging
     root_range: tuple[int, int]  # the due factors' staged results (packed roots) in the root staging
     root_rows: np.ndarray  # roots_table's rows (one per due factor)
+    due_mask: torch.Tensor  # uint8 per factor of the chunk: the due ones (packed_select)
 
 
 @dataclass
@@ -206,6 +207,7 @@ class RootSchedule:
                 _backend.KernelTable(factor_rows, self.device),
                 torch.as_tensor(layout.factor_block[local + c.factor_start], device=self.device),
                 (f_at, f_at + f_numel), (r_at, r_at + r_numel), factor_rows,
+                torch.as_tensor(due[c.factor_start : c.factor_stop].astype(np.uint8), device=self.device),
             ))
             f_at, r_at = f_at + f_numel, r_at + r_numel
         return PhasePlan(
@@ -226,7 +228,7 @@ class RootSchedule:
         scratch, roots = packing.scratch(), packing.scratch()
         # CPU, factors stored in the kernels' dtype: the phase blocks' new factors come from
         # the packed update (the kernel of a step without roots: half the flops of the full
-        # update) into a chunk-sized buffer, then through the full scratch the roots need
+        # update) into a chunk-sized buffer, and are staged and committed without unpacking
         packed = not engine.on_cuda and engine.factors.dtype == dtype
         factor_stage = torch.empty(plan.factor_numel, dtype=dtype, device=self.device)
         chunk_packed = (
@@ -238,21 +240,31 @@ class RootSchedule:
             active = blocks[c.block_start : c.block_stop]
             full = scratch[: c.full_numel]
             grads, grads_table = engine._root_step_grads(c)  # G of the chunk (chunk scratch)
+            factor_part = factor_stage[w.factor_range[0] : w.factor_range[1]]
             if chunk_packed is not None:
                 new = chunk_packed[: c.packed_stop - c.packed_start]
                 _backend.factor_update_packed(
                     new, engine.factors[c.packed_start : c.packed_stop], grads, grads_table, active,
                     engine.beta2, num_threads=engine.num_threads,
                 )
-                _backend.sym_unpack(full, new, c.table, active)
+                # the phase blocks' factors, compact, straight from the packed update; then
+                # the due factors alone unpacked for their roots, through their place in the
+                # root staging (compact in the same order; compute_roots does not read it)
+                chunk_factors = slice(c.factor_start, c.factor_stop)
+                _backend.packed_select(factor_part, new, c.table, plan.factor_mask[chunk_factors],
+                                       engine.factor_active[chunk_factors], to_packed=False)
+                due_packed = root_stage[w.root_range[0] : w.root_range[1]]
+                _backend.packed_select(due_packed, new, c.table, w.due_mask,
+                                       engine.factor_active[chunk_factors], to_packed=False)
+                _backend.sym_unpack(full, due_packed, w.roots_table, engine.active[w.root_blocks])
             else:
                 packing.unpack(scratch, engine.factors, c, blocks)
                 _backend.factor_update(
                     full, full, grads, grads_table, active, engine.beta2,
                     num_threads=engine.num_threads, fail=engine.fail,
                 )
-            # the phase blocks' factors, compact (the blocks table's own packed layout)
-            _backend.sym_pack(factor_stage[w.factor_range[0] : w.factor_range[1]], full, w.blocks_table)
+                # the phase blocks' factors, compact (the blocks table's own packed layout)
+                _backend.sym_pack(factor_part, full, w.blocks_table)
             out = roots[: c.full_numel]
             self.compute_roots(engine, w, full, out, bias_correction)
             self.stash_roots(w, out, root_stage)
@@ -284,12 +296,20 @@ class RootSchedule:
         # uncommitted roots (not OK, inactive) are staged too and skipped by the commit
         _backend.sym_pack(root_stage[w.root_range[0] : w.root_range[1]], out, w.roots_table, average=True)
 
-    def commit_roots(self, engine: Any, w: ChunkWork, root_stage: torch.Tensor, full: torch.Tensor) -> None:
+    def commit_roots(self, engine: Any, w: ChunkWork, root_stage: torch.Tensor, full: torch.Tensor | None) -> None:
         """The committed (engine.root_commit) staged results of chunk w over the live ones;
-        `full` is chunk scratch."""
-        _backend.sym_unpack(full, root_stage[w.root_range[0] : w.root_range[1]], w.roots_table,
-                            engine.active[w.root_blocks])
-        self.packing.pack(engine.inv_factors, full, w.chunk, engine.root_commit)
+        `full` is chunk scratch (None: allocated here if needed)."""
+        c = w.chunk
+        staged = root_stage[w.root_range[0] : w.root_range[1]]
+        live = engine.inv_factors[c.packed_start : c.packed_stop]
+        if not engine.on_cuda and live.dtype == staged.dtype:  # packed to packed, per factor
+            chunk_factors = slice(c.factor_start, c.factor_stop)
+            _backend.packed_select(staged, live, c.table, w.due_mask,
+                                   engine.root_commit[chunk_factors], to_packed=True)
+            return
+        full = (self.packing.scratch() if full is None else full)[: c.full_numel]
+        _backend.sym_unpack(full, staged, w.roots_table, engine.active[w.root_blocks])
+        self.packing.pack(engine.inv_factors, full, c, engine.root_commit)
 
     def commit(self, engine: Any, plan: PhasePlan, factor_stage: torch.Tensor, root_stage: torch.Tensor) -> None:
         """apply()'s half (nothing can fail): the staged factors and the committed roots
@@ -297,11 +317,18 @@ class RootSchedule:
         other blocks' factors in place, as a step without roots does."""
         packing = self.packing
         staged_factors = engine.factor_active & plan.factor_mask
-        scratch = packing.scratch()
+        packed = not engine.on_cuda and engine.factors.dtype == factor_stage.dtype
+        scratch = None if packed else packing.scratch()
         for w in plan.work:
             c = w.chunk
-            full = scratch[: c.full_numel]
-            _backend.sym_unpack(full, factor_stage[w.factor_range[0] : w.factor_range[1]], w.blocks_table,
-                                engine.active[w.blocks])
-            packing.pack(engine.factors, full, c, staged_factors)
-            self.commit_roots(engine, w, root_stage, full)
+            staged = factor_stage[w.factor_range[0] : w.factor_range[1]]
+            if packed:  # packed to packed, per factor
+                chunk_factors = slice(c.factor_start, c.factor_stop)
+                _backend.packed_select(staged, engine.factors[c.packed_start : c.packed_stop], c.table,
+                                       plan.factor_mask[chunk_factors], staged_factors[chunk_factors],
+                                       to_packed=True)
+            else:
+                full = scratch[: c.full_numel]
+                _backend.sym_unpack(full, staged, w.blocks_table, engine.active[w.blocks])
+                packing.pack(engine.factors, full, c, staged_factors)
+            self.commit_roots(engine, w, root_stage, scratch)

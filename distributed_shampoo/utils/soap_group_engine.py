@@ -87,7 +87,7 @@ class EigenbasisSchedule(RootSchedule):
             root_stage[at : at + n].copy_(out[offset : offset + n])
             at += n
 
-    def commit_roots(self, engine: Any, w: ChunkWork, root_stage: torch.Tensor, full: torch.Tensor) -> None:
+    def commit_roots(self, engine: Any, w: ChunkWork, root_stage: torch.Tensor, full: torch.Tensor | None) -> None:
         at = w.root_range[0]
         start = engine.basis_start(w.chunk)
         commit = engine.root_commit_host
