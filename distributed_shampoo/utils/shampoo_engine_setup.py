@@ -80,6 +80,9 @@ class StepPlan:
     due: Any = None
     # how the step reads gradients and writes parameters (shampoo_param_io.StepIO)
     io: Any = None
+    # the roots are computed in apply(), chunk by chunk, nothing staged
+    # (shampoo_roots_in_apply.py: the step provably cannot raise)
+    roots_in_apply: bool = False
 
 
 class GraftingSpec:

@@ -43,6 +43,7 @@ from distributed_shampoo.utils.shampoo_packed_chunks import PackedFactors
 from distributed_shampoo.utils.shampoo_param_io import ParamIO, StepIO
 from distributed_shampoo.utils.shampoo_residuals import log_root_inverse_residuals
 from distributed_shampoo.utils.shampoo_root_schedule import RootSchedule
+from distributed_shampoo.utils.shampoo_roots_in_apply import RootsInApply, certify, factors_known_sound, prove_roots_finite
 from distributed_shampoo.utils.shampoo_root_status import log_non_diagonal, raise_non_finite, report_root_statuses
 from distributed_shampoo.utils.shampoo_scalars import float32_bias_correction
 from distributed_shampoo.utils.shampoo_step_pipeline import StepPipeline
@@ -149,6 +150,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
         self.filtered_grad = zeros(n, precision.filtered_grad_dtype) if group["betas"][0] != 0 else None
         self.momentum = zeros(n, precision.momentum_dtype) if group["momentum"] != 0 else None
         self.step_count = torch.zeros((), dtype=torch.int64)
+        certify(self, True)  # zero factors: finite, diagonals >= 0 (shampoo_roots_in_apply.py)
         # proves before each factor update that no entry can overflow (shampoo_overflow.py)
         self.overflow = (
             FactorOverflowGuard(layout, self.factors.dtype, self.shampoo_dtype, self.beta2, self.device)
@@ -275,6 +277,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
             # (all ranks at the same step), so that no rank raises while others all-gather.
             self._raise_device_failure(wait=False)
         root_step = self._is_root_step(group)
+        self._sound_at_start = factors_known_sound(self)
         l2 = 0.0 if decoupled else weight_decay
         sq_norms = None if self.overflow is None else self.overflow.sq_norms
         communicate_params = self.exchange is not None and self.exchange.communicate_params
@@ -327,11 +330,16 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
         bias_correction = 1.0
         factor_work = root_work = None
         due = self._due_roots(group) if root_step and self.schedule is not None else None
-        if due is not None:
-            # staggered (shampoo_root_schedule.py): staging bounded by the phase's blocks
-            self.diagonal_work.copy_(self.diagonal)
+        in_apply = False
+        if root_step:
             if scalars.shampoo_bias_correction:
                 bias_correction = float32_bias_correction(self.beta2, t)
+            in_apply = self._roots_in_apply and prove_roots_finite(self, bias_correction)
+        if in_apply:
+            pass  # nothing to stage: apply() computes and commits the roots chunk by chunk
+        elif due is not None:
+            # staggered (shampoo_root_schedule.py): staging bounded by the phase's blocks
+            self.diagonal_work.copy_(self.diagonal)
             factor_work, root_work = self.schedule.stage(self, due, bias_correction)
             log_non_diagonal(self.layout, self.diagonal, self.diagonal_work)
             self._check_roots()
@@ -340,13 +348,12 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
             factor_work = torch.empty(self.packing.numel, dtype=self.shampoo_dtype, device=self.device)
             root_work = self._new_root_work(factor_work)
             self.diagonal_work.copy_(self.diagonal)
-            if scalars.shampoo_bias_correction:
-                bias_correction = float32_bias_correction(self.beta2, t)
             self._stage_root_step(factor_work, root_work, bias_correction)
             log_non_diagonal(self.layout, self.diagonal, self.diagonal_work)
             self._check_roots()
         self._step_io = None
-        return StepPlan(t, root_step, bias_correction, scalars, factor_work, root_work, io=io, due=due)
+        return StepPlan(t, root_step, bias_correction, scalars, factor_work, root_work, io=io, due=due,
+                        roots_in_apply=in_apply)
 
     def _is_root_step(self, group: dict[str, Any]) -> bool:
         """Whether the coming step computes inverse roots (SPEC B §4.6). `group`: validated
@@ -401,6 +408,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
     # Hooks where eigenvalue-corrected Shampoo (soap_group_engine.py) differs; the Shampoo
     # versions are these.
     _schedule_class = RootSchedule  # the staggered schedule's root-step half
+    _roots_in_apply = True  # whether a provably safe root step may skip staging
 
     def _new_root_work(self, factor_work: torch.Tensor) -> torch.Tensor:
         """A root step's staging buffer for what it computes (packed inverse roots)."""
@@ -411,17 +419,24 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
         preconditions with. factor_work (committed already) may serve as scratch."""
         if self.inv_factors.dtype == self.shampoo_dtype:
             _backend.packed_commit(self.inv_factors, root_work, self.table, self.root_commit)
-        else:
-            staged = factor_work.copy_(self.inv_factors)
-            _backend.packed_commit(staged, root_work, self.table, self.root_commit)
-            self.inv_factors.copy_(staged)
-        return root_work
+            return root_work
+        staged = factor_work.copy_(self.inv_factors)
+        _backend.packed_commit(staged, root_work, self.table, self.root_commit)
+        self.inv_factors.copy_(staged)
+        # the stored roots, rounded to their dtype, as every later step (and the reference,
+        # which preconditions with its stored inverse factor matrices) reads them
+        return self.inv_factors
 
     def apply(self, group: dict[str, Any], plan: "StepPlan", track_residuals: bool = False) -> None:
         """The infallible half of a step (SPEC B §4.4-§4.11): commits factors and roots,
         then moments, preconditioning, grafting, momentum and the parameter update."""
         t = plan.step
-        if plan.due is not None:
+        roots = None
+        if plan.roots_in_apply:
+            # computed and committed chunk by chunk in the pipeline below (nothing staged)
+            roots = RootsInApply(self, plan.bias_correction, plan.due)
+            inv_roots = self.inv_factors
+        elif plan.due is not None:
             # staggered: the staged factors and roots written over the live ones; the
             # pipeline below updates the other blocks' factors in place
             assert self.schedule is not None and plan.factor_work is not None and plan.root_work is not None
@@ -431,8 +446,6 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
             self.diagonal.copy_(self.diagonal_work)
             del factor_work, root_work
             inv_roots = self.inv_factors
-            if track_residuals:
-                log_root_inverse_residuals(self, plan.bias_correction, computed=plan.due.due)
         elif plan.root_step:
             factor_work, root_work = plan.factor_work, plan.root_work
             assert factor_work is not None and root_work is not None
@@ -441,8 +454,6 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
             self.diagonal.copy_(self.diagonal_work)
             inv_roots = self._commit_roots(factor_work, root_work)
             del factor_work
-            if track_residuals:
-                log_root_inverse_residuals(self, plan.bias_correction)
         else:
             inv_roots = self.inv_factors
         self.step_count.fill_(t)
@@ -454,16 +465,22 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
             io.update_flat = torch.zeros(self.layout.param_numel, dtype=self.working_dtype, device=self.device)
         # which blocks' factors the pipeline updates in place: all (no roots), none (a default
         # root step committed them all), or those without a due factor (staggered)
-        factor_blocks = None
-        if self.layout.factor_numel > 0 and not (plan.root_step and plan.due is None):
-            factor_blocks = self.active if plan.due is None else self.active & (1 - plan.due.block_mask)
+        factor_blocks, factor_mask = None, None
+        if self.layout.factor_numel > 0 and (roots is not None or not (plan.root_step and plan.due is None)):
+            factor_blocks = self.active
+            if plan.due is not None and roots is None:
+                factor_blocks = self.active & (1 - plan.due.block_mask)
+                factor_mask = self.factor_active & (1 - plan.due.factor_mask)
         if self.exchange is not None:
             self.payload = self.exchange.new_payload()
-        self._run_pipeline(
-            plan, None if plan.scalars.grafting_phase else inv_roots, factor_blocks,
-            None if plan.due is None else self.factor_active & (1 - plan.due.factor_mask),
-        )
+        self._run_pipeline(plan, None if plan.scalars.grafting_phase else inv_roots, factor_blocks, factor_mask,
+                           roots=roots)
         plan.factor_work = plan.root_work = None
+        if roots is not None:
+            roots.finish()
+        certify(self, self._sound_at_start)
+        if track_residuals and plan.root_step:
+            log_root_inverse_residuals(self, plan.bias_correction, computed=None if plan.due is None else plan.due.due)
         if self.exchange is not None:
             self._apply_exchanged(plan)
         elif io.grad_blocks is None:

@@ -145,9 +145,10 @@ class StepPipeline:
         self.packing.pack(factors, full, c, factor_active)
 
     def _run_pipeline(self, plan: Any, inv_roots: torch.Tensor | None, factor_blocks: torch.Tensor | None,
-                      factor_mask: torch.Tensor | None = None) -> None:
+                      factor_mask: torch.Tensor | None = None, roots: Any = None) -> None:
         """Factor update of the blocks `factor_blocks` (None: none; packed back where
-        `factor_mask`, default every active factor), moments, direction, finish; chunk by
+        `factor_mask`, default every active factor), the chunk's inverse roots when `roots`
+        (shampoo_roots_in_apply.RootsInApply) is given, moments, direction, finish; chunk by
         chunk."""
         update_factors = factor_blocks is not None
         if factor_mask is None:
@@ -166,7 +167,7 @@ class StepPipeline:
             momentum=momentum, dampening=sc.dampening, nesterov=sc.nesterov, lr=sc.lr,
         )
         fail = self.fail  # type: ignore[attr-defined]
-        needs_full = (update_factors and (self.on_cuda or self.factors.dtype != shampoo)) or (  # type: ignore[attr-defined]
+        needs_full = roots is not None or (update_factors and (self.on_cuda or self.factors.dtype != shampoo)) or (  # type: ignore[attr-defined]
             inv_roots is not None and not sc.grafting_phase and self._direction_needs_full
         )
         self._pipe_full = self.packing.scratch() if needs_full else None
@@ -179,6 +180,8 @@ class StepPipeline:
                     assert factor_blocks is not None
                     self._update_chunk_factors(pc, self._in_dtype("g_s", g, shampoo),
                                                factor_blocks[c.block_start : c.block_stop], factor_mask)
+                if roots is not None:  # from the factors just updated; the full scratch is free here
+                    roots.run(c, self._pipe_full)
                 self._chunk_before_moments(pc, g, active, sc)
                 # grafting accumulator and filtered gradient (SPEC B §4.5, §4.7), in place
                 v = f = None

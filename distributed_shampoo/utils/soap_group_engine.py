@@ -101,6 +101,7 @@ class SOAPGroupEngine(ShampooGroupEngine):
     """ShampooGroupEngine with eigenvalue-corrected Shampoo's preconditioner."""
 
     _schedule_class = EigenbasisSchedule
+    _roots_in_apply = False  # eigenbases are always staged (shampoo_roots_in_apply.py)
 
     def __init__(self, params: Sequence[torch.Tensor], group: dict[str, Any], group_index: int,
                  shampoo_dtype: torch.dtype | None, use_protected_eigh: bool, **kwargs: Any) -> None:

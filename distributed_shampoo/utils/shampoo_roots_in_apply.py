@@ -1,0 +1,165 @@
+"""Root steps without staging (issue 11 item 1): the inverse roots computed in apply(), chunk
+by chunk, right after the chunk's factors are updated in place, and committed factor by factor.
+
+A root step must leave parameters and state bitwise unchanged when it fails, so by default
+it stages: prepare() computes the new factors and roots into buffers of the packed factors'
+size and apply() commits them once every check of every group has passed. That staging is
+a root step's extra peak (twice the packed factors: 3.5x the parameters on an MLP). It is
+only needed for what can make the step raise. With `use_protected_eigh=True` a failed
+eigendecomposition keeps the previous root and raises nothing; what is left are the checks
+that raise ValueError: a non-finite bias-corrected factor or a non-finite root. Both are
+excluded before anything is written when prove_roots_finite() holds:
+
+* the factors are finite now and their diagonals are >= 0 (checked in one pass, or known:
+  see certify()), and the bound of the no-overflow
+  proof (shampoo_overflow.py: every entry of the new factor is at most its trace), divided
+  by the bias correction and widened by its rounding, stays below the Shampoo dtype's
+  largest value: the bias-corrected factor is finite;
+* the eigen method (the CPU kernels' root_eigen, its 1 x 1 and diagonal shortcuts) with
+  make_positive_semidefinite: every spectrum value is lambda' + epsilon with lambda' >= 0,
+  so with alpha = -exponent_multiplier / root < 0 each (lambda' + epsilon)^alpha is at most
+  epsilon^alpha, and every entry of Q diag(.) Q^T (Q orthonormal) is at most that; when
+  epsilon^alpha (alpha the most negative of the group, epsilon as the Shampoo dtype holds
+  it) stays below a quarter of the largest value of both the Shampoo and the roots' storage
+  dtype, no root can be non-finite. (A root below 1 is a failed factor: kept, not raised.)
+
+Then apply() computes the roots where the pipeline holds the chunk (shampoo_step_pipeline.py)
+and no model-sized buffer exists at any point of the step; a status the proof excludes is
+still never committed (the previous root is kept, with a warning). Otherwise (unprotected,
+Newton or higher-order roots, an epsilon too small for the root's power, a corrupted state,
+CUDA, eigenvalue-corrected Shampoo) the staged path runs unchanged. Both give the same bits.
+"""
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from distributed_shampoo import _backend
+from distributed_shampoo.utils.shampoo_root_status import log_non_diagonal, report_root_statuses
+
+logger = logging.getLogger(__name__)
+
+# statuses whose roots are committed (the staged path's _ROOT_OK)
+_COMMIT = (_backend.ROOT_OK, _backend.ROOT_MAX_ITERS, _backend.ROOT_RETRIED_DOUBLE)
+_EXCLUDED = (_backend.ROOT_FACTOR_NAN, _backend.ROOT_FACTOR_INF, _backend.ROOT_NONFINITE)
+
+
+def certify(engine: Any, certified: bool) -> None:
+    """After a step: remember the factors' version when they were known finite with
+    diagonals >= 0 at its start (`certified`). The step's own writes keep that (an in-place
+    update runs only under the no-overflow proof, and keeps diagonals >= 0); any other
+    in-place write through torch (a loaded checkpoint, an edit of optimizer.state) bumps the
+    version, and the next root step checks again."""
+    engine._certified_version = engine.factors._version if certified else -1
+
+
+def factors_known_sound(engine: Any) -> bool:
+    """Whether the factors are known finite with diagonals >= 0: unchanged since a step
+    that knew it."""
+    return getattr(engine, "_certified_version", -1) == engine.factors._version
+
+
+def _check_factors(engine: Any) -> bool:
+    """One pass: every factor entry finite and every diagonal entry >= 0."""
+    factors = engine.factors
+    if not bool(torch.isfinite(factors).all()):
+        return False
+    diagonal = factors[engine.overflow.diag_index]
+    return not (diagonal.numel() and bool((diagonal < 0).any()))
+
+
+def prove_roots_finite(engine: Any, bias_correction: float) -> bool:
+    """Whether this root step provably cannot raise (see the module doc)."""
+    kwargs = engine.root_kwargs
+    if (engine.on_cuda or not engine.use_protected_eigh or kwargs["method"] != "eigen"
+            or not kwargs["make_positive_semidefinite"] or engine.overflow is None):
+        return False
+    roots = engine.layout.table.numpy()[:, _backend.BF_ROOT]
+    roots = roots[roots >= 1]
+    if engine.exponent_multiplier <= 0.0 or not np.isfinite(engine.exponent_multiplier):
+        return False
+    epsilon = float(torch.tensor(engine.epsilon, dtype=engine.shampoo_dtype))
+    if not epsilon > 0.0:
+        return False
+    limit = min(float(torch.finfo(engine.shampoo_dtype).max), float(torch.finfo(engine.inv_factors.dtype).max))
+    if roots.size:
+        alpha = -engine.exponent_multiplier / float(roots.min())
+        with np.errstate(over="ignore"):
+            largest = float(np.float64(epsilon) ** np.float64(alpha))
+        if not largest <= limit / 4:
+            return False
+    if not factors_known_sound(engine):
+        if not _check_factors(engine):
+            return False
+        engine._sound_at_start = True
+    bound, _ = engine.overflow.bounds(engine.factors)
+    # a / bc rounds once more: the widening of a few ulps covers it
+    eps = float(torch.finfo(engine.shampoo_dtype).eps)
+    shampoo_limit = float(torch.finfo(engine.shampoo_dtype).max)
+    return bool((bound / bias_correction * (1.0 + 4 * eps) <= shampoo_limit).all())
+
+
+class RootsInApply:
+    """One root step's roots, computed and committed chunk by chunk inside the pipeline.
+
+    `due` is the staggered schedule's plan (shampoo_root_schedule.PhasePlan), or None for
+    every factor."""
+
+    def __init__(self, engine: Any, bias_correction: float, due: Any) -> None:
+        self.engine = engine
+        self.bias_correction = bias_correction
+        self.due = due
+        self.work = {} if due is None else {w.chunk.block_start: w for w in due.work}
+        engine.root_status.fill_(_backend.ROOT_INACTIVE)
+        engine.diagonal_work.copy_(engine.diagonal)
+        self._out: torch.Tensor | None = None
+
+    def run(self, chunk: Any, scratch: torch.Tensor) -> None:
+        """The chunk's due roots from its (already updated) factors, committed where their
+        status allows; the chunk's other roots are left as they are. `scratch`: a full-matrix
+        chunk scratch free until this returns (the pipeline's)."""
+        engine = self.engine
+        packing = engine.packing
+        if self.due is None:
+            table, active, blocks = chunk.table, engine.active[chunk.block_start : chunk.block_stop], engine.active
+        else:
+            w = self.work.get(chunk.block_start)
+            if w is None:
+                return
+            table, active, blocks = w.roots_table, engine.active[w.root_blocks], engine.active & self.due.block_mask
+        if self._out is None:
+            self._out = packing.scratch()
+        full = packing.unpack(scratch, engine.factors, chunk, blocks)
+        out = self._out[: chunk.full_numel]
+        factors = slice(chunk.factor_start, chunk.factor_stop)
+        _backend.root_inverse(
+            out, full, table, active,
+            epsilon=engine.epsilon, exponent_multiplier=engine.exponent_multiplier,
+            bias_correction=self.bias_correction,
+            is_diagonal=engine.diagonal_work[factors], status_out=engine.root_status[factors],
+            num_threads=engine.num_threads, **engine.root_kwargs,
+        )
+        status = engine.root_status[factors].numpy()
+        engine.root_commit[factors] = torch.from_numpy(np.isin(status, _COMMIT).astype(np.uint8))
+        packing.pack(engine.inv_factors, out, chunk, engine.root_commit, average=True)
+
+    def finish(self) -> None:
+        """After the pipeline: scratch dropped, diagonal flags and statuses reported (as the
+        staged path reports them in prepare(), nothing raised: the proof held)."""
+        engine = self.engine
+        self._out = None
+        log_non_diagonal(engine.layout, engine.diagonal, engine.diagonal_work)
+        engine.diagonal.copy_(engine.diagonal_work)
+        status = engine.root_status.numpy()
+        layout = engine.layout
+
+        def where(factor: int) -> str:
+            return f"{layout.factor_label(factor)} ({engine.describe_block(int(layout.factor_block[factor]))})"
+
+        for factor in np.flatnonzero(np.isin(status, _EXCLUDED)):  # excluded by the proof
+            logger.warning(f"Root of factor matrix {where(int(factor))} was not finite although the "
+                           "step proved it would be; the previous inverse root was kept.")
+        report_root_statuses(status, where, engine.root_kwargs, engine.shampoo_dtype, True)
+        engine.root_commit_host = np.isin(status, _COMMIT).astype(np.uint8)
