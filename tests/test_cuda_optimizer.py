@@ -404,3 +404,36 @@ def test_iterative_root_configs_are_refused_on_cuda(config) -> None:
     with pytest.raises(ValueError):  # as one param group's override
         DistributedShampoo([{"params": [weight]}, {"params": [bias], "root_inv_config": config}])
     DistributedShampoo([nn.Parameter(torch.zeros(4, 3))], root_inv_config=config)  # CPU: fine
+
+
+@pytest.mark.parametrize("staggered", [False, True])
+def test_unstaged_root_steps_equal_the_staged_ones_bitwise(staggered: bool) -> None:
+    """shampoo_roots_in_apply.py on the GPU: a provably safe root step (use_protected_eigh)
+    computes its roots in the pipeline, nothing staged; the bits are those of the staged
+    path (use_protected_eigh=False), for the default and the staggered schedule."""
+    from distributed_shampoo.shampoo_types import StaggeredRootScheduleConfig
+    from distributed_shampoo.utils import shampoo_group_engine
+
+    runs, proofs = [], []
+    original = shampoo_group_engine.prove_roots_finite
+
+    def spy(engine: Any, bias_correction: float) -> bool:
+        proofs.append(original(engine, bias_correction))
+        return proofs[-1]
+
+    for protected in (True, False):
+        params, optimizer = _make(
+            use_protected_eigh=protected, precondition_frequency=3, start_preconditioning_step=3,
+            root_schedule_config=StaggeredRootScheduleConfig() if staggered else None,
+        )
+        shampoo_group_engine.prove_roots_finite = spy
+        try:
+            for seed in range(7):
+                _set_grads(params, seed)
+                optimizer.step()
+        finally:
+            shampoo_group_engine.prove_roots_finite = original
+        runs.append(_snapshot(params, optimizer))
+        if protected:
+            assert proofs and all(proofs), proofs
+    assert_bitwise_equal(runs[0], runs[1], "unstaged vs staged on CUDA")

@@ -25,9 +25,11 @@ excluded before anything is written when prove_roots_finite() holds:
 
 Then apply() computes the roots where the pipeline holds the chunk (shampoo_step_pipeline.py)
 and no model-sized buffer exists at any point of the step; a status the proof excludes is
-still never committed (the previous root is kept, with a warning). Otherwise (unprotected,
-Newton or higher-order roots, an epsilon too small for the root's power, a corrupted state,
-CUDA, eigenvalue-corrected Shampoo) the staged path runs unchanged. Both give the same bits.
+still never committed (the previous root is kept, with a warning). On CUDA the commit masks
+are formed on the device and the statuses read once, after the pipeline. Otherwise
+(unprotected, Newton or higher-order roots, an epsilon too small for the root's power, a
+corrupted state, eigenvalue-corrected Shampoo) the staged path runs unchanged. Both give the
+same bits.
 """
 
 import logging
@@ -73,7 +75,7 @@ def _check_factors(engine: Any) -> bool:
 def prove_roots_finite(engine: Any, bias_correction: float) -> bool:
     """Whether this root step provably cannot raise (see the module doc)."""
     kwargs = engine.root_kwargs
-    if (engine.on_cuda or not engine.use_protected_eigh or kwargs["method"] != "eigen"
+    if (not engine.use_protected_eigh or kwargs["method"] != "eigen"
             or not kwargs["make_positive_semidefinite"] or engine.overflow is None):
         return False
     roots = engine.layout.table.numpy()[:, _backend.BF_ROOT]
@@ -141,8 +143,12 @@ class RootsInApply:
             is_diagonal=engine.diagonal_work[factors], status_out=engine.root_status[factors],
             num_threads=engine.num_threads, **engine.root_kwargs,
         )
-        status = engine.root_status[factors].numpy()
-        engine.root_commit[factors] = torch.from_numpy(np.isin(status, _COMMIT).astype(np.uint8))
+        status = engine.root_status[factors]
+        # on the device (no host wait on CUDA): the statuses whose roots are committed
+        commit = status == _COMMIT[0]
+        for code in _COMMIT[1:]:
+            commit |= status == code
+        engine.root_commit[factors] = commit.to(torch.uint8)
         packing.pack(engine.inv_factors, out, chunk, engine.root_commit, average=True)
 
     def finish(self) -> None:
@@ -152,7 +158,7 @@ class RootsInApply:
         self._out = None
         log_non_diagonal(engine.layout, engine.diagonal, engine.diagonal_work)
         engine.diagonal.copy_(engine.diagonal_work)
-        status = engine.root_status.numpy()
+        status = engine.root_status.cpu().numpy()  # CUDA: the step's one wait for its roots
         layout = engine.layout
 
         def where(factor: int) -> str:

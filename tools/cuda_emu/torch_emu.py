@@ -59,6 +59,12 @@ class EmuCudaTensor(torch.Tensor):
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
+    @property
+    def _version(self) -> int:  # type: ignore[override]
+        # a real CUDA view shares its base's version counter; the wrappers of a view do not
+        # (each is a new subclass instance), their CPU tensors do
+        return self._inner._version
+
     def __repr__(self) -> str:
         return f"EmuCudaTensor({self._inner!r}, device='{self.device}')"
 
