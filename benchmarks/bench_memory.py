@@ -9,13 +9,15 @@ given (`--reference-git DIR`, a git directory of facebookresearch/optimizers), i
 and newest versions measured in the same run with the same walk. Each measurement runs in its
 own subprocess, so the versions never meet (they share the package name) and allocations of
 one case never inflate another. Then per-rank state under DDP (gloo, 1, 2 and 4 ranks) and
-the peak extra resident memory during a root step (VmHWM reset through /proc/self/clear_refs;
-page granularity, CPU only).
+the peak extra resident memory during a root step (VmHWM reset through /proc/self/clear_refs
+after glibc's malloc_trim, so that every page the step touches counts; page granularity, CPU
+only; the same figure within 0.2 MiB from run to run).
 
     python benchmarks/bench_memory.py [--reference-git /path/to/optimizers/repo] [--quick]
 """
 
 import argparse
+import ctypes
 import json
 import os
 import socket
@@ -62,6 +64,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "bf16 params": {"param_dtype": "bfloat16"},
     "bf16 factors + roots": {"precision": {"factor_matrix_dtype": "bfloat16", "inv_factor_matrix_dtype": "bfloat16"}},
     "float64 factors": {"precision": {"factor_matrix_dtype": "float64"}},
+    # a failed root must raise: root steps stage their new factors and roots (the peak)
+    "use_protected_eigh=False": {"use_protected_eigh": False},
 }
 
 
@@ -108,6 +112,16 @@ def resident_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def release_free_heap() -> None:
+    """glibc's malloc_trim(0): free heap pages go back to the system, so that the root step's
+    peak counts every page it touches (without it, pages freed by earlier steps and kept by
+    the allocator hide part of the peak, differently from run to run)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak may read low
+        pass
+
+
 def build_optimizer(impl: str, model: nn.Module, mpd: int, config: dict[str, Any]) -> torch.optim.Optimizer:
     common = dict(lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12, weight_decay=config.get("weight_decay", 0.0),
                   max_preconditioner_dim=mpd, precondition_frequency=1, start_preconditioning_step=1)
@@ -128,6 +142,8 @@ def build_optimizer(impl: str, model: nn.Module, mpd: int, config: dict[str, Any
         from distributed_shampoo.shampoo_types import PrecisionConfig
 
         kwargs["precision_config"] = PrecisionConfig(**{k: getattr(torch, v) for k, v in config["precision"].items()})
+    if "use_protected_eigh" in config:
+        kwargs["use_protected_eigh"] = config["use_protected_eigh"]
     if "distributed" in config:
         from distributed_shampoo.shampoo_types import DDPShampooConfig
 
@@ -163,6 +179,7 @@ def measure(impl: str, model_name: str, config: dict[str, Any]) -> dict[str, flo
     state = held_bytes(optimizer, exclude)
     optimizer.zero_grad()
     model(inputs).float().square().mean().backward()
+    release_free_heap()  # so the step's allocations are fresh pages, whatever came before
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = resident_kib("VmRSS")
     optimizer.step()
@@ -248,18 +265,21 @@ def main() -> None:
                 soap = run_case(args, "soap", model_name, config, dict(os.environ))
                 adamw = run_case(args, "adamw", model_name, config, dict(os.environ))
                 row = [model_name, config, ours and ours["ratio"], soap and soap["ratio"], adamw and adamw["ratio"]]
+                ref_peaks = []
                 for name, tree in trees.items():
                     # Only the configs both versions express the same way.
                     ref = (run_case(args, name, model_name, config, dict(os.environ, PYTHONPATH=tree))
                            if config in ("base", "weight decay 1e-2") else None)
                     row.append(ref["ratio"] if ref else "-")
                     row.append(ours["ratio"] / ref["ratio"] if ref and ours else "-")
-                row += [ours and ours["peak_mib"], soap and soap["peak_mib"], ours and ours["params_mib"]]
+                    ref_peaks.append(ref["peak_mib"] if ref else "-")
+                row += [ours and ours["peak_mib"], soap and soap["peak_mib"], *ref_peaks, ours and ours["params_mib"]]
                 rows.append(row)
     headers = ["model", "config", "this package", "SOAP (ours)", "AdamW"]
     for name in trees:
         headers += [name, f"ours ÷ {name}"]
-    headers += ["root-step peak MiB (ours)", "SOAP root-step peak MiB", "param MiB"]
+    headers += ["root-step peak MiB (ours)", "SOAP root-step peak MiB", *[f"{name} root-step peak MiB" for name in trees],
+                "param MiB"]
     print_table(headers, rows, title="Optimizer state ÷ parameter bytes after the first root steps "
                 "(Adam grafting, betas (0.9, 0.999); scratch included)")
     worlds = [2] if args.quick else [1, 2, 4]
