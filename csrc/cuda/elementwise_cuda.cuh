@@ -97,27 +97,17 @@ static inline bool finish_args_ok(const shampoo_finish_params *p, const void *gr
            (p->momentum != 0.0) == (momentum_state != nullptr);
 }
 
-/* Whether block b takes part: its `active` entry or, for the pointer-table ops (active
- * NULL), whether it has a pointer (the binding leaves inactive blocks' pointers NULL). */
-__device__ static inline bool block_on(const uint8_t *active, const void *const *ptrs, int64_t b)
-{
-    return active != nullptr ? active[b] != 0 : ptrs[b] != nullptr;
-}
-
-/* Phase 1: one thread block per table block writes its grafting ratio (SPEC §4.8) into
- * ratio[b]. Deterministic: each thread sums a fixed strided subset in order, then a fixed
- * tree combines the partial sums. */
+/* Phase 1, the body of each op's norms kernel (launched from the op's own file): one
+ * thread block per table block writes its grafting ratio (SPEC §4.8) into ratio[b].
+ * Deterministic: each thread sums a fixed strided subset in order, then a fixed tree
+ * combines the partial sums. Every thread of the block calls it (it has barriers). */
 template <typename real>
-__global__ static void finish_norms_kernel(double *ratio, const real *grads,
-                                           const real *shampoo_dir, const real *V,
-                                           const int64_t *table, const uint8_t *active,
-                                           const void *const *ptrs, real bcg, real eps,
-                                           const int64_t *fail)
+__device__ static inline void finish_norms_block(double *ratio, const real *grads,
+                                                 const real *shampoo_dir, const real *V,
+                                                 const int64_t *table, real bcg, real eps)
 {
     __shared__ double gs[SHAMPOO_CUDA_THREADS], ps[SHAMPOO_CUDA_THREADS];
     const int64_t b = blockIdx.x;
-    if (!block_on(active, ptrs, b) || shampoo_step_failed(fail))
-        return; /* phase 2 writes nothing that needs the ratio when the step failed */
     const int64_t *row = shampoo_table_row(table, b);
     const int64_t off = row[SHAMPOO_BF_BLOCK_OFFSET], numel = row[SHAMPOO_BF_NUMEL];
     const unsigned t = threadIdx.x;

@@ -5,6 +5,18 @@
 
 /* ---- finish ---------------------------------------------------------------------------- */
 
+/* Phase 1: the grafting ratio of every active block (finish_norms_block). */
+template <typename real>
+__global__ static void finish_norms_kernel(double *ratio, const real *grads,
+                                           const real *shampoo_dir, const real *V,
+                                           const int64_t *table, const uint8_t *active,
+                                           real bcg, real eps, const int64_t *fail)
+{
+    if (!active[blockIdx.x] || shampoo_step_failed(fail))
+        return; /* phase 2 writes -0.0 without the ratio when the step failed */
+    finish_norms_block<real>(ratio, grads, shampoo_dir, V, table, bcg, eps);
+}
+
 /* Phase 2: the CPU's elementwise loop; ratio is NULL when the CPU does not rescale. */
 template <typename real>
 __global__ static void finish_kernel(real *update_flat, const real *grads,
@@ -68,7 +80,7 @@ static shampoo_status finish(const shampoo_cuda_env *env, real *update_flat, con
     const cudaStream_t stream = shampoo_stream(env);
     if (rescale) {
         finish_norms_kernel<real><<<(unsigned)nblocks, SHAMPOO_CUDA_THREADS, 0, stream>>>(
-            ratio, grads, shampoo_dir, V, table, active, nullptr, s.bcg, s.eps, fail);
+            ratio, grads, shampoo_dir, V, table, active, s.bcg, s.eps, fail);
         /* finish must not run on norms that were never computed */
         SHAMPOO_TRY(SHAMPOO_LAUNCHED("finish_norms_kernel"));
     }

@@ -243,6 +243,18 @@ static shampoo_status gather_io(const shampoo_cuda_env *env, real *grad_blocks,
 
 /* ---- finish_io -------------------------------------------------------------------------- */
 
+/* Phase 1 as finish's: the grafting ratio of every block with a pointer. */
+template <typename real>
+__global__ static void finish_io_norms_kernel(double *ratio, const real *grads,
+                                              const real *shampoo_dir, const real *V,
+                                              const int64_t *table, void *const *ptrs,
+                                              real bcg, real eps, const int64_t *fail)
+{
+    if (ptrs[blockIdx.x] == nullptr || shampoo_step_failed(fail))
+        return; /* uniform over the block; phase 2 writes nothing when the step failed */
+    finish_norms_block<real>(ratio, grads, shampoo_dir, V, table, bcg, eps);
+}
+
 /* finish_kernel with W read and written through the pointers: W <- W + update, rounded once
  * to the parameters' dtype (torch's add_ of the staged step). */
 template <typename real>
@@ -295,9 +307,9 @@ static shampoo_status finish_io(const shampoo_cuda_env *env, void *const *params
     SHAMPOO_TRY(upload_tables(env, ptrs, tables, 1, nblocks));
     const cudaStream_t stream = shampoo_stream(env);
     if (rescale) {
-        finish_norms_kernel<real><<<(unsigned)nblocks, SHAMPOO_CUDA_THREADS, 0, stream>>>(
-            ratio, grads, shampoo_dir, V, table, nullptr, ptrs, s.bcg, s.eps, fail);
-        SHAMPOO_TRY(SHAMPOO_LAUNCHED("finish_norms_kernel"));
+        finish_io_norms_kernel<real><<<(unsigned)nblocks, SHAMPOO_CUDA_THREADS, 0, stream>>>(
+            ratio, grads, shampoo_dir, V, table, ptrs, s.bcg, s.eps, fail);
+        SHAMPOO_TRY(SHAMPOO_LAUNCHED("finish_io_norms_kernel"));
     }
     finish_io_kernel<real><<<block_grid(table_host, nblocks), SHAMPOO_CUDA_THREADS, 0, stream>>>(
         ptrs, dtype == SHAMPOO_IO_BF16, grads, shampoo_dir, V, momentum_state,

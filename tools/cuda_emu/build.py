@@ -96,23 +96,22 @@ def _functions(text: str, qualifier: str) -> dict[str, str]:
 
 
 def barrier_kernels(text: str, helpers_text: str = "") -> set[str]:
-    """Kernels that reach __syncthreads* (directly or through a __device__ helper): they
-    run on fibers; the others run thread after thread on one stack."""
+    """Kernels that reach __syncthreads* (directly or through a __device__ helper, called
+    as `helper(` or `helper<T>(`): they run on fibers; the others run thread after thread on
+    one stack."""
     helpers = {**_functions(helpers_text, "__device__"), **_functions(text, "__device__")}
     barrier = {name for name, body in helpers.items() if "__syncthreads" in body}
     changed = True
     while changed:
         changed = False
         for name, body in helpers.items():
-            if name not in barrier and any(re.search(rf"\b{b}\s*\(", body) for b in barrier):
+            if name not in barrier and any(re.search(rf"\b{b}\s*(<[^<>;]*>)?\s*\(", body) for b in barrier):
                 barrier.add(name)
                 changed = True
-    # kernels defined in a shared header (.cuh) and launched from this file count too
-    kernels = {**_functions(helpers_text, "__global__"), **_functions(text, "__global__")}
     return {
         name
-        for name, body in kernels.items()
-        if "__syncthreads" in body or any(re.search(rf"\b{b}\s*\(", body) for b in barrier)
+        for name, body in _functions(text, "__global__").items()
+        if "__syncthreads" in body or any(re.search(rf"\b{b}\s*(<[^<>;]*>)?\s*\(", body) for b in barrier)
     }
 
 
