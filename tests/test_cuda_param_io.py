@@ -296,3 +296,40 @@ def test_a_tensor_on_another_gpu_is_refused():
     params[1] = params[1].to("cuda:1")
     with pytest.raises(ValueError, match="GPU"):
         scatter_io(params, pb.loc, pb.blocks().to(DEVICE), pb.kt, pb.active, True)
+
+
+# --------------------------------------------------------------------------------------------
+# the pointer tables' upload failing (emulator only: failure injection)
+# --------------------------------------------------------------------------------------------
+
+
+def _emulator():
+    import sys
+
+    module = sys.modules.get("torch_emu")
+    return None if module is None else module._installed
+
+
+@pytest.mark.skipif(_emulator() is None, reason="failure injection needs the CUDA emulator")
+@pytest.mark.parametrize("call", ["cudaMemcpyAsync", "cudaEventRecord"])
+def test_a_failed_upload_is_reported_and_writes_nothing(call):
+    emu = _emulator()
+    emu.reset()
+    pb = Problem(torch.float32, 9)
+    params = to_dev(pb.tensors())
+    before = [p.clone() for p in params]
+    blocks = pb.blocks().to(DEVICE)
+    try:
+        emu.rt.emu_rt_fail(call.encode(), 1, 2)  # cudaErrorMemoryAllocation
+        with pytest.raises(RuntimeError, match=call):
+            scatter_io(params, pb.loc, blocks, pb.kt, pb.active, True)
+    finally:
+        emu.reset()
+    if call == "cudaMemcpyAsync":  # nothing was launched
+        assert_lists_bitwise(params, before, "parameters after a failed upload")
+    # the staging pool is still usable afterwards
+    scatter_io(params, pb.loc, blocks, pb.kt, pb.active, True)
+    want = [p.cpu().clone() for p in before]
+    scatter_io(want, pb.loc, blocks.cpu(), pb.table, pb.active, True)
+    if call == "cudaMemcpyAsync":
+        assert_lists_bitwise(params, want, "parameters after the retry")

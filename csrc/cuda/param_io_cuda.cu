@@ -4,12 +4,10 @@
  * element; only where an element is read or written differs: through block b's pointer at
  * offset shampoo_param_index(row, i) - PARAM_OFFSET, in the tensor's own dtype. So the
  * results are bitwise those of the staged CUDA step (copy in, op, torch's add_). */
-#include <stdlib.h>
 #include <string.h>
 
-#include <mutex>
-
 #include "elementwise_cuda.cuh"
+#include "io_staging_cuda.cuh"
 #include "param_io_cuda.h"
 
 /* ---- element access --------------------------------------------------------------------- */
@@ -51,88 +49,6 @@ __device__ static inline void io_store(void *base, int64_t i, real x, int bf16)
 __device__ static inline int64_t io_offset(const int64_t *row, int64_t i)
 {
     return shampoo_param_index(row, i) - row[SHAMPOO_BF_PARAM_OFFSET];
-}
-
-/* ---- pointer tables onto the device ------------------------------------------------------ */
-
-/* Host copies of pointer tables whose upload may still be in flight, each freed once its
- * event has completed. Looked at (never waited for) at every upload: a step must not wait
- * for the GPU, and cudaMemcpyAsync reads its host source when the stream gets there. */
-namespace {
-struct staged_copy {
-    void *host;
-    cudaEvent_t done;
-};
-std::mutex g_staged_mu;
-staged_copy *g_staged = nullptr;
-size_t g_staged_n = 0, g_staged_cap = 0;
-
-void reap_staged_locked()
-{
-    size_t k = 0;
-    for (size_t i = 0; i < g_staged_n; i++) {
-        const cudaError_t e = cudaEventQuery(g_staged[i].done);
-        if (e == cudaSuccess) {
-            cudaEventDestroy(g_staged[i].done);
-            free(g_staged[i].host);
-            continue;
-        }
-        if (e == cudaErrorNotReady)
-            (void)cudaGetLastError(); /* "not yet" is no failure: keep it out of launch checks */
-        g_staged[k++] = g_staged[i]; /* other errors: kept (a leak, never a use after free) */
-    }
-    g_staged_n = k;
-}
-} // namespace
-
-/* The `ntables` host tables (NULL: all NULL) into dst (device, ntables * nblocks pointers),
- * on the stream. */
-static shampoo_status upload_tables(const shampoo_cuda_env *env, void **dst,
-                                    const void *const *const *tables, int ntables,
-                                    int64_t nblocks)
-{
-    const size_t per = (size_t)nblocks * sizeof(void *), bytes = per * (size_t)ntables;
-    if (bytes == 0)
-        return SHAMPOO_OK;
-    void *host = malloc(bytes);
-    if (host == nullptr)
-        return SHAMPOO_ERR_NO_MEMORY;
-    for (int t = 0; t < ntables; t++) {
-        if (tables[t] != nullptr)
-            memcpy((char *)host + per * t, tables[t], per);
-        else
-            memset((char *)host + per * t, 0, per);
-    }
-    const cudaStream_t stream = shampoo_stream(env);
-    cudaEvent_t done;
-    shampoo_status st = SHAMPOO_CUDA_CHECK(cudaEventCreateWithFlags, &done,
-                                           cudaEventDisableTiming);
-    if (st != SHAMPOO_OK) {
-        free(host);
-        return st;
-    }
-    st = SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, dst, host, bytes, cudaMemcpyHostToDevice, stream);
-    if (st == SHAMPOO_OK)
-        st = SHAMPOO_CUDA_CHECK(cudaEventRecord, done, stream);
-    std::lock_guard<std::mutex> lock(g_staged_mu);
-    reap_staged_locked();
-    if (st == SHAMPOO_OK && g_staged_n == g_staged_cap) {
-        const size_t cap = g_staged_cap ? 2 * g_staged_cap : 16;
-        staged_copy *grown = (staged_copy *)realloc(g_staged, cap * sizeof(staged_copy));
-        if (grown != nullptr) {
-            g_staged = grown;
-            g_staged_cap = cap;
-        }
-    }
-    if (st == SHAMPOO_OK && g_staged_n < g_staged_cap) {
-        g_staged[g_staged_n++] = staged_copy{host, done};
-        return SHAMPOO_OK;
-    }
-    /* a failed enqueue, or no room to remember the copy: wait for it, then free */
-    cudaStreamSynchronize(stream);
-    cudaEventDestroy(done);
-    free(host);
-    return st;
 }
 
 /* The host checks every io op shares: the tables' arguments, the dtype, and that the
@@ -230,7 +146,7 @@ static shampoo_status gather_io(const shampoo_cuda_env *env, real *grad_blocks,
         return SHAMPOO_ERR_UNSUPPORTED;
     void **ptrs = (void **)env->workspace;
     const void *const *tables[2] = {grads, need_w ? params : nullptr};
-    SHAMPOO_TRY(upload_tables(env, ptrs, tables, 2, nblocks));
+    SHAMPOO_TRY(shampoo_cuda_upload_tables(env, ptrs, tables, 2, nblocks));
     const cudaStream_t stream = shampoo_stream(env);
     if (sq_norms != nullptr)
         SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemsetAsync, sq_norms, 0,
@@ -304,7 +220,7 @@ static shampoo_status finish_io(const shampoo_cuda_env *env, void *const *params
     double *ratio = (double *)env->workspace;
     void **ptrs = (void **)((char *)env->workspace + shampoo_cuda_finish_workspace(nblocks));
     const void *const *tables[1] = {(const void *const *)params};
-    SHAMPOO_TRY(upload_tables(env, ptrs, tables, 1, nblocks));
+    SHAMPOO_TRY(shampoo_cuda_upload_tables(env, ptrs, tables, 1, nblocks));
     const cudaStream_t stream = shampoo_stream(env);
     if (rescale) {
         finish_io_norms_kernel<real><<<(unsigned)nblocks, SHAMPOO_CUDA_THREADS, 0, stream>>>(
@@ -355,7 +271,7 @@ static shampoo_status scatter_io(const shampoo_cuda_env *env, void *const *param
         return SHAMPOO_ERR_UNSUPPORTED;
     void **ptrs = (void **)env->workspace;
     const void *const *tables[1] = {(const void *const *)params};
-    SHAMPOO_TRY(upload_tables(env, ptrs, tables, 1, nblocks));
+    SHAMPOO_TRY(shampoo_cuda_upload_tables(env, ptrs, tables, 1, nblocks));
     scatter_io_kernel<real><<<block_grid(table_host, nblocks), SHAMPOO_CUDA_THREADS, 0,
                               shampoo_stream(env)>>>(ptrs, dtype == SHAMPOO_IO_BF16, blocks,
                                                      table, accumulate != 0);

@@ -7,8 +7,9 @@
  * binding from its tensor list: ptrs[b] points at block b's first element (the element at
  * the row's PARAM_OFFSET) in the tensor holding it, NULL exactly for inactive blocks (the
  * binding has proved every active block inside its tensor). The call copies them into its
- * workspace on the stream; the host copy it makes for that stays alive until the copy has
- * completed (freed later, never waited for), so the caller's arrays may go at once. There is
+ * workspace on the stream through a pinned staging buffer that is reused only once that
+ * copy has completed (io_staging_cuda.cu; never waited for), so the caller's arrays may go
+ * at once. There is
  * no device `active` mask: a block takes part when it has a pointer (`active_host`, the
  * mask the binding built the tables from, is checked against them on the host).
  *

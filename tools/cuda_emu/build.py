@@ -8,7 +8,9 @@
   _C_cuda<EXT_SUFFIX>        distributed_shampoo._C_cuda from the UNMODIFIED csrc sources:
                              csrc/cuda/*.cu compiled as host C++ after one mechanical rewrite
                              (every `k<<<cfg>>>(args)` -> `::emu::cfg(__FILE__, __LINE__,
-                             cfg).run("k", barriers, k, args)`), the binding's C as it is.
+                             cfg).run("k", barriers, k, args)`), the binding's C as it is
+                             but for dlpack_state.c's known-exporter test, which also
+                             accepts torch_emu.EmuCudaTensor (accept_emu_tensors).
 
 Options: --asan (AddressSanitizer + UBSan, for a process started with libasan preloaded),
 --small-caps (the launch-planning constants rewritten small, so every grid-stride loop and
@@ -226,7 +228,7 @@ KNOWN_RETURN = "return type == st->known_types[0] || type == st->known_types[1];
 
 def accept_emu_tensors(path: Path) -> None:
     """Rewrites the copied dlpack_state.c so that shampoo_known_exporter accepts the
-    emulator's tensors too (the only change besides the launches)."""
+    emulator's tensors too (the one change to the binding)."""
     text = path.read_text()
     if KNOWN_RETURN not in text or "\nint shampoo_known_exporter(" not in text:
         raise RuntimeError(f"cuda_emu: {path.name} no longer has the known-exporter test to extend")
