@@ -4,7 +4,7 @@ with the staged I/O it replaced (param-layout copies, updates added by torch), f
 making ShampooGroupEngine._direct_io answer False. Both must agree bit for bit at every
 step: parameters, every state tensor, step counters; including L2 and decoupled weight
 decay, momentum / Nesterov, SGD and no grafting, bfloat16 parameters, a parameter without a
-gradient, eigenvalue-corrected Shampoo, the staggered root schedule, and a NaN gradient
+gradient, a non-contiguous gradient, eigenvalue-corrected Shampoo, the staggered root schedule, and a NaN gradient
 (a failed step changes nothing on either path)."""
 
 from __future__ import annotations
@@ -72,6 +72,13 @@ def _grads(step: int, dtype: torch.dtype, skip: int | None) -> list[torch.Tensor
     return out
 
 
+def _on_device(g: torch.Tensor, i: int) -> torch.Tensor:
+    """Parameter 0's gradient as a transposed (non-contiguous) view, the others as they are."""
+    if i == 0:
+        return g.t().contiguous().to(DEVICE).t()
+    return g.to(DEVICE)
+
+
 def _run(staged: bool, dtype: torch.dtype, overrides: dict[str, Any], monkeypatch,
          skip_at: int | None = None, nan_at: int | None = None):
     """STEPS steps; a snapshot after each (parameters and optimizer state)."""
@@ -86,8 +93,8 @@ def _run(staged: bool, dtype: torch.dtype, overrides: dict[str, Any], monkeypatc
             grads = _grads(t, dtype, 2 if t == skip_at else None)
             if t == nan_at:
                 grads[1][3] = float("nan")
-            for p, g in zip(params, grads):
-                p.grad = None if g is None else g.to(DEVICE)
+            for i, (p, g) in enumerate(zip(params, grads)):
+                p.grad = None if g is None else _on_device(g, i)
             try:
                 optimizer.step()
                 errors.append(None)
