@@ -64,5 +64,7 @@ def test_kernels_that_reach_a_barrier_run_on_fibers() -> None:
     assert found >= 3  # gather's __syncthreads_or, the finish norms, eigen_scales
     helper = ("__device__ inline void wait_all() { __syncthreads(); }\n"
               "__global__ void k(int *x) { wait_all(); x[0] = 1; }\n"
-              "__global__ void plain(int *x) { x[0] = 1; }\n")
-    assert build.barrier_kernels(helper) == {"k"}
+              "__global__ void plain(int *x) { x[0] = 1; }\n"
+              "template <typename T> __device__ inline void wait_t(T *x) { __syncthreads(); }\n"
+              "__global__ void kt(float *x) { wait_t<float>(x); }\n")
+    assert build.barrier_kernels(helper) == {"k", "kt"}

@@ -10,7 +10,8 @@
  * `dtype` says how those tensors store their elements: SHAMPOO_IO_REAL (the kernel's own
  * float or double) or SHAMPOO_IO_BF16 (bfloat16, float kernels only: widened exactly on read,
  * rounded to nearest even on write, as torch's bfloat16 arithmetic does). The arithmetic is
- * that of gather / finish / scatter (elementwise.h), element for element. */
+ * that of gather / finish / scatter (elementwise.h), element for element. The CUDA twins
+ * (csrc/cuda/param_io_cuda.h) read and write CUDA parameters in place the same way. */
 #ifndef SHAMPOO_PARAM_IO_H
 #define SHAMPOO_PARAM_IO_H
 

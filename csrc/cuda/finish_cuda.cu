@@ -5,48 +5,16 @@
 
 /* ---- finish ---------------------------------------------------------------------------- */
 
-/* The CPU's scalars of shampoo_finish, converted to `real` once on the host. */
-template <typename real> struct finish_scalars {
-    int grafting_phase, use_wd, nesterov;
-    real bcg, eps, wd, mom, one_minus_damp, neg_lr;
-};
-
-/* Phase 1: one thread block per table block writes its grafting ratio (SPEC §4.8) into
- * ratio[b]. Deterministic: each thread sums a fixed strided subset in order, then a fixed
- * tree combines the partial sums. */
+/* Phase 1: the grafting ratio of every active block (finish_norms_block). */
 template <typename real>
 __global__ static void finish_norms_kernel(double *ratio, const real *grads,
                                            const real *shampoo_dir, const real *V,
                                            const int64_t *table, const uint8_t *active,
                                            real bcg, real eps, const int64_t *fail)
 {
-    __shared__ double gs[SHAMPOO_CUDA_THREADS], ps[SHAMPOO_CUDA_THREADS];
-    const int64_t b = blockIdx.x;
-    if (!active[b] || shampoo_step_failed(fail))
+    if (!active[blockIdx.x] || shampoo_step_failed(fail))
         return; /* phase 2 writes -0.0 without the ratio when the step failed */
-    const int64_t *row = shampoo_table_row(table, b);
-    const int64_t off = row[SHAMPOO_BF_BLOCK_OFFSET], numel = row[SHAMPOO_BF_NUMEL];
-    const unsigned t = threadIdx.x;
-    double gsum = 0.0, psum = 0.0;
-    for (int64_t i = off + t; i < off + numel; i += SHAMPOO_CUDA_THREADS) {
-        const real q = graft<real>(grads[i], V, i, bcg, eps);
-        gsum += (double)q * (double)q;
-        psum += (double)shampoo_dir[i] * (double)shampoo_dir[i];
-    }
-    gs[t] = gsum;
-    ps[t] = psum;
-    __syncthreads();
-    for (unsigned half = SHAMPOO_CUDA_THREADS / 2; half > 0; half /= 2) {
-        if (t < half) {
-            gs[t] += gs[t + half];
-            ps[t] += ps[t + half];
-        }
-        __syncthreads();
-    }
-    if (t == 0) {
-        const real gnorm = (real)sqrt(gs[0]), pnorm = (real)sqrt(ps[0]);
-        ratio[b] = (double)(gnorm / (pnorm + (real)1e-16));
-    }
+    finish_norms_block<real>(ratio, grads, shampoo_dir, V, table, bcg, eps);
 }
 
 /* Phase 2: the CPU's elementwise loop; ratio is NULL when the CPU does not rescale. */
@@ -72,20 +40,9 @@ __global__ static void finish_kernel(real *update_flat, const real *grads,
     const real r = ratio != nullptr ? (real)ratio[b] : (real)1;
     for (int64_t j = first_elem(); j < numel; j += elem_stride()) {
         const int64_t i = off + j;
-        real x;
-        if (s.grafting_phase)
-            x = graft<real>(grads[i], V, i, s.bcg, s.eps);
-        else
-            x = ratio != nullptr ? shampoo_dir[i] * r : shampoo_dir[i];
-        if (s.use_wd)
-            x = x + s.wd * param_blocks[i];             /* §4.9 */
-        if (momentum_state != nullptr) {                /* §4.10 */
-            real m = momentum_state[i] * s.mom;
-            m = m + s.one_minus_damp * x;
-            momentum_state[i] = m;
-            x = s.nesterov ? x * s.one_minus_damp + s.mom * m : m;
-        }
-        update_flat[shampoo_param_index(row, j)] = s.neg_lr * x; /* §4.11 */
+        const real w = s.use_wd ? param_blocks[i] : (real)0;
+        update_flat[shampoo_param_index(row, j)] =
+            finish_update<real>(s, grads, shampoo_dir, V, momentum_state, ratio != nullptr, r, i, w);
     }
 }
 
@@ -105,14 +62,8 @@ static shampoo_status finish(const shampoo_cuda_env *env, real *update_flat, con
                              const int64_t *fail)
 {
     if (!table_args_ok(env, nblocks, table, table_host, active) || update_flat == nullptr ||
-        grads == nullptr || p == nullptr ||
-        (p->graft != SHAMPOO_GRAFT_NONE && p->graft != SHAMPOO_GRAFT_SGD &&
-         p->graft != SHAMPOO_GRAFT_DIAGONAL) ||
-        (p->grafting_phase && p->graft == SHAMPOO_GRAFT_NONE) ||
-        (p->graft == SHAMPOO_GRAFT_DIAGONAL && grafting_state == nullptr) ||
-        (!p->grafting_phase && shampoo_dir == nullptr) ||
-        (p->decoupled_weight_decay != 0.0 && param_blocks == nullptr) ||
-        ((p->momentum != 0.0) != (momentum_state != nullptr)))
+        !finish_args_ok(p, grads, shampoo_dir, grafting_state, momentum_state) ||
+        (p->decoupled_weight_decay != 0.0 && param_blocks == nullptr))
         return SHAMPOO_ERR_INVALID_ARG;
     if (nblocks == 0)
         return SHAMPOO_OK;
@@ -124,16 +75,7 @@ static shampoo_status finish(const shampoo_cuda_env *env, real *update_flat, con
     if (!grid_fits(nblocks))
         return SHAMPOO_ERR_UNSUPPORTED;
     const real *V = p->graft == SHAMPOO_GRAFT_DIAGONAL ? grafting_state : nullptr;
-    finish_scalars<real> s;
-    s.grafting_phase = p->grafting_phase != 0;
-    s.use_wd = p->decoupled_weight_decay != 0.0;
-    s.nesterov = p->nesterov != 0;
-    s.bcg = (real)p->grafting_bias_correction;
-    s.eps = (real)p->grafting_epsilon;
-    s.wd = (real)p->decoupled_weight_decay;
-    s.mom = (real)p->momentum;
-    s.one_minus_damp = (real)(1.0 - p->dampening);
-    s.neg_lr = (real)-p->lr;
+    const finish_scalars<real> s = finish_scalars_of<real>(p);
     double *ratio = rescale ? (double *)env->workspace : nullptr;
     const cudaStream_t stream = shampoo_stream(env);
     if (rescale) {

@@ -19,7 +19,9 @@
  *     skip.
  *   - Device scratch comes from the caller (`shampoo_cuda_env.workspace`, allocated through
  *     torch); the *_workspace functions say how many bytes a call needs.
- * No entry point synchronises with the host except shampoo_cuda_root_inverse_*. */
+ * No entry point synchronises with the host except shampoo_cuda_root_inverse_*. The
+ * pointer-table passes that read gradients and write parameters in place are declared in
+ * param_io_cuda.h. */
 #ifndef SHAMPOO_CUDA_H
 #define SHAMPOO_CUDA_H
 

@@ -220,7 +220,8 @@ static int cuda_exec(PyObject *m)
     shampoo_cuda_module_state *st = shampoo_cuda_get_state(m);
     if (PyModule_AddFunctions(m, shampoo_cuda_kernel_methods) < 0 ||
         PyModule_AddFunctions(m, shampoo_cuda_packed_methods) < 0 ||
-        PyModule_AddFunctions(m, shampoo_cuda_soap_methods) < 0)
+        PyModule_AddFunctions(m, shampoo_cuda_soap_methods) < 0 ||
+        PyModule_AddFunctions(m, shampoo_cuda_io_methods) < 0)
         return -1;
     return shampoo_dlpack_state_init(&st->dl, 2 /* CUDA */);
 }

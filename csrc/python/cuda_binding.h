@@ -52,5 +52,6 @@ PyObject *shampoo_cuda_raise_status(const char *fn, shampoo_status status);
 extern PyMethodDef shampoo_cuda_kernel_methods[];
 extern PyMethodDef shampoo_cuda_packed_methods[]; /* cuda_packed_ops.c */
 extern PyMethodDef shampoo_cuda_soap_methods[];   /* cuda_soap_ops.c */
+extern PyMethodDef shampoo_cuda_io_methods[];     /* cuda_io_ops.c */
 
 #endif

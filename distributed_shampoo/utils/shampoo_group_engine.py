@@ -136,6 +136,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
             # (DDPExchange.new_payload, for the length of a step).
             self.payload: torch.Tensor | None = None
             self.full_active = torch.zeros(self.full_layout.num_blocks, dtype=torch.uint8, device=self.device)
+            self.full_active_host = self.full_active if not self.on_cuda else torch.zeros_like(self.full_active, device="cpu")
         # Live optimizer state (storage dtypes of SPEC B §3 / §6).
         # Factor matrices and inverse roots packed (upper triangles, shampoo_packed_chunks.py);
         # the kernels see them in full in a bounded scratch, chunk by chunk.
@@ -168,6 +169,9 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
         self.root_status = torch.zeros(layout.factor_count, dtype=torch.int32)
         self.root_commit = torch.zeros(layout.factor_count, dtype=torch.uint8, device=self.device)
         self.active = torch.zeros(layout.num_blocks, dtype=torch.uint8, device=self.device)
+        # the pointer-table kernels build their tables on the host from this copy (CUDA: a
+        # second, CPU copy, so that no step reads the device mask back)
+        self.active_host = self.active if not self.on_cuda else torch.zeros_like(self.active, device="cpu")
         self._scratch: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         self._init_pipeline()
         self._step_io: StepIO | None = None
@@ -203,9 +207,13 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
         self._active_params = active_params
         per_param = np.asarray(active_params, dtype=np.uint8)
         self.active.copy_(torch.from_numpy(per_param[self.layout.block_param]))
+        if self.active_host is not self.active:
+            self.active_host.copy_(torch.from_numpy(per_param[self.layout.block_param]))
         self.factor_active.copy_(torch.from_numpy(per_param[self.layout.block_param[self.layout.factor_block]]))
         if self.exchange is not None:
             self.full_active.copy_(torch.from_numpy(per_param[self.full_layout.block_param]))
+            if self.full_active_host is not self.full_active:
+                self.full_active_host.copy_(torch.from_numpy(per_param[self.full_layout.block_param]))
         self._live = [i for i, a in enumerate(active_params) if a]
         self._live_params = [self.locals[i] for i in self._live]
 
@@ -294,11 +302,11 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
             io.params = io.params_all if (l2 != 0.0 or io.param_blocks_wanted) else None
             # read only: the gradients are read again, chunk by chunk, when they are used
             bad = gather_io(
-                None, None, io.grads, io.params, self.locator, self.table, self.active, l2,
-                sq_norms=sq_norms,
+                None, None, io.grads, io.params, self.locator, self.table, self.active_host, l2,
+                sq_norms=sq_norms, step=t, fail=self.fail,
             )
         else:
-            # staged (CUDA kernels, odd dtypes): param-layout copies and G in block layout,
+            # staged (odd dtypes): param-layout copies and G in block layout,
             # for this step only
             grad_flat, grad_views = self._staged_flat()
             torch._foreach_copy_(grad_views, live_grads)
@@ -515,7 +523,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
             # every rank's blocks into the parameters in place (updates added, or parameters)
             scatter_io(
                 self._io_list(self.locals, self._live_mask()), self.full_locator, gathered,
-                self.exchange.receive_table, self.full_active, accumulate=not communicate_params,
+                self.exchange.receive_table, self.full_active_host, accumulate=not communicate_params,
             )
             increment_version(self._live_params)  # as add_ / copy_ would
             return

@@ -1,15 +1,19 @@
 """How one parameter group's step reads its gradients and writes its parameters (issue 11).
 
-Direct (CPU, every live parameter and gradient in the kernels' dtype or bfloat16 with float32
-kernels): the kernels read the gradients and write the parameters where they are, through a
-per-block pointer table (_backend_io), so the step holds no param-layout copy of either and
-makes no separate `params += update` pass. A non-contiguous gradient takes a transient
-contiguous copy (the block table's strides assume a row-major tensor).
+Direct (CPU and CUDA, every live parameter and gradient in the kernels' dtype or bfloat16 with
+float32 kernels): the kernels read the gradients and write the parameters where they are,
+through a per-block pointer table (_backend_io; on CUDA built on the host from the host copy
+of the active mask and copied to the device on the step's stream), so the step holds no
+param-layout copy of either and makes no separate `params += update` pass. On CUDA the
+non-finite check records into the device failure flag, as the staged gather does, and a
+failed step writes nothing. A non-contiguous gradient takes a transient contiguous copy (the
+block table's strides assume a row-major tensor).
 
-Staged (CUDA, whose kernels still take param-layout buffers, and odd dtypes such as float16
-parameters or a group mixing dtypes): the gradients (and parameters) are copied into
+Staged (odd dtypes such as float16 parameters or a group mixing dtypes, and CUDA builds
+without the pointer-table kernels): the gradients (and parameters) are copied into
 param-layout buffers allocated for that step only, and updates are added by torch. These are
-transient: nothing param-sized is kept between steps. A mixin of ShampooGroupEngine.
+transient: nothing param-sized is kept between steps. Both paths give the same bits. A mixin
+of ShampooGroupEngine.
 """
 
 from dataclasses import dataclass
@@ -17,7 +21,7 @@ from typing import Any
 
 import torch
 
-from distributed_shampoo._backend_io import IOLocator, io_dtype_ok
+from distributed_shampoo._backend_io import IOLocator, cuda_io_available, io_dtype_ok
 
 
 @dataclass
@@ -57,7 +61,7 @@ class ParamIO:
 
     def _direct_io(self, grads: list[torch.Tensor | None]) -> bool:
         """Whether this step's live parameters and gradients are read and written in place."""
-        if self.on_cuda:
+        if self.on_cuda and not cuda_io_available():
             return False
         dtype = None
         for i in self._live:

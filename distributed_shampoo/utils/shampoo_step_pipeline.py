@@ -116,7 +116,7 @@ class StepPipeline:
             w = self._chunk_buffer("w", self.working_dtype)[: pc.numel]
         gather_io(g, w, pc.tensors(io.grads), None if io.params is None else pc.tensors(io.params),
                   pc.locator, pc.table,
-                  self.active[pc.chunk.block_start : pc.chunk.block_stop], io.l2)  # type: ignore[attr-defined]
+                  self.active_host[pc.chunk.block_start : pc.chunk.block_stop], io.l2)  # type: ignore[attr-defined]
         io.chunk_params = w
         return g
 
@@ -218,7 +218,8 @@ class StepPipeline:
                     if self.exchange.communicate_params:
                         pc.rows(self.payload).add_(w)  # type: ignore[attr-defined]
                 elif io.grad_blocks is None:
-                    finish_io(pc.tensors(io.params_all), pc.locator, g, d, v_diag, m, pc.table, active,
+                    finish_io(pc.tensors(io.params_all), pc.locator, g, d, v_diag, m, pc.table,
+                              self.active_host[c.block_start : c.block_stop], fail=fail,  # type: ignore[attr-defined]
                               **finish_scalars)
                 else:
                     _backend.finish(io.update_flat, g, d, v_diag, w if decoupled else None, m, pc.table,

@@ -8,7 +8,9 @@
   _C_cuda<EXT_SUFFIX>        distributed_shampoo._C_cuda from the UNMODIFIED csrc sources:
                              csrc/cuda/*.cu compiled as host C++ after one mechanical rewrite
                              (every `k<<<cfg>>>(args)` -> `::emu::cfg(__FILE__, __LINE__,
-                             cfg).run("k", barriers, k, args)`), the binding's C as it is.
+                             cfg).run("k", barriers, k, args)`), the binding's C as it is
+                             but for dlpack_state.c's known-exporter test, which also
+                             accepts torch_emu.EmuCudaTensor (accept_emu_tensors).
 
 Options: --asan (AddressSanitizer + UBSan, for a process started with libasan preloaded),
 --small-caps (the launch-planning constants rewritten small, so every grid-stride loop and
@@ -96,21 +98,22 @@ def _functions(text: str, qualifier: str) -> dict[str, str]:
 
 
 def barrier_kernels(text: str, helpers_text: str = "") -> set[str]:
-    """Kernels that reach __syncthreads* (directly or through a __device__ helper): they
-    run on fibers; the others run thread after thread on one stack."""
+    """Kernels that reach __syncthreads* (directly or through a __device__ helper, called
+    as `helper(` or `helper<T>(`): they run on fibers; the others run thread after thread on
+    one stack."""
     helpers = {**_functions(helpers_text, "__device__"), **_functions(text, "__device__")}
     barrier = {name for name, body in helpers.items() if "__syncthreads" in body}
     changed = True
     while changed:
         changed = False
         for name, body in helpers.items():
-            if name not in barrier and any(re.search(rf"\b{b}\s*\(", body) for b in barrier):
+            if name not in barrier and any(re.search(rf"\b{b}\s*(<[^<>;]*>)?\s*\(", body) for b in barrier):
                 barrier.add(name)
                 changed = True
     return {
         name
         for name, body in _functions(text, "__global__").items()
-        if "__syncthreads" in body or any(re.search(rf"\b{b}\s*\(", body) for b in barrier)
+        if "__syncthreads" in body or any(re.search(rf"\b{b}\s*(<[^<>;]*>)?\s*\(", body) for b in barrier)
     }
 
 
@@ -199,6 +202,41 @@ def _sources_digest(options: dict) -> str:
     return h.hexdigest()[:16]
 
 
+# The tensor lists of the pointer-table ops (csrc/python/tensor_list.c) take exact
+# torch.Tensor entries only; the emulator's "cuda" tensors are a subclass (torch_emu.py), so
+# its build also counts torch_emu.EmuCudaTensor (once that module is loaded) as torch's own.
+EMU_EXPORTER = """
+/* cuda_emu (tools/cuda_emu/build.py): torch_emu.EmuCudaTensor counts as a torch.Tensor */
+static int emu_cuda_tensor_type(PyObject *type)
+{
+    static PyObject *emu_type = NULL;
+    if (emu_type == NULL) {
+        PyObject *mod = PyDict_GetItemString(PyImport_GetModuleDict(), "torch_emu");
+        PyObject *t = mod != NULL ? PyObject_GetAttrString(mod, "EmuCudaTensor") : NULL;
+        if (t == NULL) {
+            PyErr_Clear();
+            return 0;
+        }
+        emu_type = t; /* kept for the life of the process */
+    }
+    return type == emu_type;
+}
+
+int shampoo_known_exporter("""
+KNOWN_RETURN = "return type == st->known_types[0] || type == st->known_types[1];"
+
+
+def accept_emu_tensors(path: Path) -> None:
+    """Rewrites the copied dlpack_state.c so that shampoo_known_exporter accepts the
+    emulator's tensors too (the one change to the binding)."""
+    text = path.read_text()
+    if KNOWN_RETURN not in text or "\nint shampoo_known_exporter(" not in text:
+        raise RuntimeError(f"cuda_emu: {path.name} no longer has the known-exporter test to extend")
+    text = text.replace("\nint shampoo_known_exporter(", EMU_EXPORTER, 1)
+    text = text.replace(KNOWN_RETURN, KNOWN_RETURN[:-1] + " || emu_cuda_tensor_type(type);", 1)
+    path.write_text(text)
+
+
 def build(asan: bool = False, small_caps: bool = False, out_root: Path | None = None) -> Path:
     """Builds (if needed) and returns the build directory."""
     options = {"asan": asan, "small_caps": small_caps}
@@ -227,6 +265,8 @@ def build(asan: bool = False, small_caps: bool = False, out_root: Path | None = 
             text, n = rewrite_launches(text, barrier_kernels(text, helpers))
             launches += n
         p.write_text(text)
+
+    accept_emu_tensors(src / "python" / "dlpack_state.c")
 
     flags = ["-O1" if asan else "-O2", "-g", "-fPIC", "-pthread", "-fno-strict-aliasing"]
     if asan:

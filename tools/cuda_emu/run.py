@@ -25,7 +25,8 @@ sys.path.insert(0, str(HERE))
 import build  # noqa: E402
 
 TESTS = ["tests/test_cuda_kernels.py", "tests/test_cuda_emu.py", "tests/test_cuda_optimizer.py",
-         "tests/test_cuda_root_schedule.py", "tests/test_cuda_soap.py"]
+         "tests/test_cuda_root_schedule.py", "tests/test_cuda_soap.py",
+         "tests/test_cuda_param_io.py", "tests/test_cuda_direct_io.py"]
 # Minutes each on the emulator (cuSOLVER by Jacobi on the CPU): in --all only.
 SLOW = ["test_root_inverse_large_groups"]
 # Never on the emulator: they time host synchronisation with the GPU (torch's sync debug mode,

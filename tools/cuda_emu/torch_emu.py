@@ -355,7 +355,7 @@ def _checked_module(raw: types.ModuleType, rt: ctypes.CDLL) -> types.SimpleNames
         if name.startswith("_") or not callable(fn):
             setattr(ns, name, fn)
             continue
-        if name in ("load_libraries", "library_info", "soap_workspace_bytes"):  # no device work
+        if name in ("load_libraries", "library_info", "soap_workspace_bytes", "io_workspace_bytes"):  # no device work
             setattr(ns, name, fn)
             continue
 
