@@ -2,11 +2,12 @@
 # The one prepared GPU check, for a machine lent for minutes: torch with CUDA preinstalled
 # (Python 3.12, torch 2.11+cu130, nvcc 13.0, NVIDIA's cuBLAS/cuSOLVER wheels), no internet.
 # Builds the package from this working tree (offline: no build isolation, no dependencies),
-# runs the CUDA kernel tests, the CUDA optimizer tests and benchmarks/bench_cuda.py (then an
+# runs the CUDA kernel tests, the CUDA optimizer tests, the pointer-table I/O tests
+# (test_cuda_param_io, test_cuda_direct_io) and benchmarks/bench_cuda.py (then an
 # optional part: benchmarks/lm_convergence.py --quick --device cuda), each
 # under its own timeout, and writes ONE report file: device, versions, commands, pass/fail
 # counts, the benchmark tables, and the tail of any failure. Whole run: under 8 minutes on an
-# H100/H200: the part timeouts add up to 7 minutes, and a whole-run deadline (TOTAL) cuts
+# H100/H200: the part timeouts add up to 8 minutes, and a whole-run deadline (TOTAL) cuts
 # any part short so that the run ends in time even when early parts use their full limit.
 #
 # Usage: tools/gpu_check.sh [REPORT]   (default: $OUT/gpu_check_report.txt, else ./gpu_check_report.txt)
@@ -96,8 +97,13 @@ else
     exit 1
 fi
 
-for t in test_cuda_kernels test_cuda_optimizer; do
-    part "$t" "$TEST_TIMEOUT" "$PYTHON" -m pytest -q --maxfail=25 -p no:cacheprovider "tests/$t.py"
+# the pointer-table I/O kernels and the direct path (about 15 s on the emulator) share a part
+for t in test_cuda_kernels test_cuda_optimizer test_cuda_param_io+test_cuda_direct_io; do
+    files=()
+    for f in ${t//+/ }; do files+=("tests/$f.py"); done
+    limit=$TEST_TIMEOUT
+    [[ $t == *+* ]] && limit=${GPU_CHECK_IO_TIMEOUT:-60}
+    part "$t" "$limit" "$PYTHON" -m pytest -q --maxfail=25 -p no:cacheprovider "${files[@]}"
     rc=$?
     grep -E "passed|failed|error|skipped" "$LOGDIR/$t.log" | tail -1 | sed 's/^/summary: /' | tee -a "$REPORT"
     if [ $rc -ne 0 ]; then
