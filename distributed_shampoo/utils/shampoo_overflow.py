@@ -63,6 +63,7 @@ class FactorOverflowGuard:
         self.factor_count = layout.factor_count
         # made once: every step ranks the factors that fail the bound
         self.factor_index = torch.arange(self.factor_count, device=device)
+        self.last_bound: torch.Tensor | None = None  # of the latest first_overflow()
 
     def traces(self, factors: torch.Tensor) -> torch.Tensor:
         """trace of every factor (float64), from the stored diagonal."""
@@ -85,6 +86,7 @@ class FactorOverflowGuard:
         that is not finite already (a corrupted state) is left to the root step's check,
         which names it as such."""
         bound, finite = self.bounds(factors)
+        self.last_bound = bound  # the root step's proof reads it (shampoo_roots_in_apply.py)
         # "not <= limit": an Inf or NaN bound (a double sum of squares beyond 1.8e308) fails
         bad = ~(bound <= self.limit) & finite & active[self.factor_block].bool()
         if self.factor_count == 0:

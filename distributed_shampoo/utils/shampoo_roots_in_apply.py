@@ -72,35 +72,45 @@ def _check_factors(engine: Any) -> bool:
     return not (diagonal.numel() and bool((diagonal < 0).any()))
 
 
-def prove_roots_finite(engine: Any, bias_correction: float) -> bool:
-    """Whether this root step provably cannot raise (see the module doc)."""
+def _power_fits(engine: Any) -> bool:
+    """The configuration half of the proof (eigen method, protected, epsilon^alpha within the
+    dtypes): fixed at construction, so computed once per engine."""
+    cached = getattr(engine, "_power_fits", None)
+    if cached is not None:
+        return cached
     kwargs = engine.root_kwargs
-    if (not engine.use_protected_eigh or kwargs["method"] != "eigen"
-            or not kwargs["make_positive_semidefinite"] or engine.overflow is None):
-        return False
+    fits = (engine.use_protected_eigh and kwargs["method"] == "eigen" and kwargs["make_positive_semidefinite"]
+            and engine.overflow is not None and 0.0 < engine.exponent_multiplier < float("inf"))
+    epsilon = float(torch.tensor(engine.epsilon, dtype=engine.shampoo_dtype))
+    fits = fits and epsilon > 0.0
     roots = engine.layout.table.numpy()[:, _backend.BF_ROOT]
     roots = roots[roots >= 1]
-    if engine.exponent_multiplier <= 0.0 or not np.isfinite(engine.exponent_multiplier):
-        return False
-    epsilon = float(torch.tensor(engine.epsilon, dtype=engine.shampoo_dtype))
-    if not epsilon > 0.0:
-        return False
-    limit = min(float(torch.finfo(engine.shampoo_dtype).max), float(torch.finfo(engine.inv_factors.dtype).max))
-    if roots.size:
+    if fits and roots.size:
+        limit = min(float(torch.finfo(engine.shampoo_dtype).max), float(torch.finfo(engine.inv_factors.dtype).max))
         alpha = -engine.exponent_multiplier / float(roots.min())
         with np.errstate(over="ignore"):
             largest = float(np.float64(epsilon) ** np.float64(alpha))
-        if not largest <= limit / 4:
-            return False
+        fits = largest <= limit / 4
+    engine._power_fits = bool(fits)
+    return engine._power_fits
+
+
+def prove_roots_finite(engine: Any, bias_correction: float) -> bool:
+    """Whether this root step provably cannot raise (see the module doc). Called in
+    prepare(), after the no-overflow check of the same step (whose bound it reuses)."""
+    if not _power_fits(engine):
+        return False
     if not factors_known_sound(engine):
         if not _check_factors(engine):
             return False
         engine._sound_at_start = True
-    bound, _ = engine.overflow.bounds(engine.factors)
+    bound = engine.overflow.last_bound
+    if bound is None or bound.numel() == 0:
+        return bound is not None
     # a / bc rounds once more: the widening of a few ulps covers it
     eps = float(torch.finfo(engine.shampoo_dtype).eps)
     shampoo_limit = float(torch.finfo(engine.shampoo_dtype).max)
-    return bool((bound / bias_correction * (1.0 + 4 * eps) <= shampoo_limit).all())
+    return float(bound.max()) / bias_correction * (1.0 + 4 * eps) <= shampoo_limit
 
 
 class RootsInApply:
@@ -144,11 +154,13 @@ class RootsInApply:
             num_threads=engine.num_threads, **engine.root_kwargs,
         )
         status = engine.root_status[factors]
-        # on the device (no host wait on CUDA): the statuses whose roots are committed
-        commit = status == _COMMIT[0]
-        for code in _COMMIT[1:]:
-            commit |= status == code
-        engine.root_commit[factors] = commit.to(torch.uint8)
+        if engine.on_cuda:  # on the device (no host wait): the statuses whose roots are committed
+            commit = status == _COMMIT[0]
+            for code in _COMMIT[1:]:
+                commit |= status == code
+            engine.root_commit[factors] = commit.to(torch.uint8)
+        else:
+            engine.root_commit[factors].numpy()[:] = np.isin(status.numpy(), _COMMIT)
         packing.pack(engine.inv_factors, out, chunk, engine.root_commit, average=True)
 
     def finish(self) -> None:
@@ -159,6 +171,8 @@ class RootsInApply:
         log_non_diagonal(engine.layout, engine.diagonal, engine.diagonal_work)
         engine.diagonal.copy_(engine.diagonal_work)
         status = engine.root_status.cpu().numpy()  # CUDA: the step's one wait for its roots
+        if not ((status != _backend.ROOT_OK) & (status != _backend.ROOT_INACTIVE)).any():
+            return  # nothing to report (the usual case)
         layout = engine.layout
 
         def where(factor: int) -> str:
@@ -168,4 +182,3 @@ class RootsInApply:
             logger.warning(f"Root of factor matrix {where(int(factor))} was not finite although the "
                            "step proved it would be; the previous inverse root was kept.")
         report_root_statuses(status, where, engine.root_kwargs, engine.shampoo_dtype, True)
-        engine.root_commit_host = np.isin(status, _COMMIT).astype(np.uint8)
