@@ -127,6 +127,7 @@ class RootsInApply:
         engine.root_status.fill_(_backend.ROOT_INACTIVE)
         engine.diagonal_work.copy_(engine.diagonal)
         self._out: torch.Tensor | None = None
+        self._compact: torch.Tensor | None = None  # staggered, CPU: the due factors, packed
 
     def run(self, chunk: Any, scratch: torch.Tensor) -> None:
         """The chunk's due roots from its (already updated) factors, committed where their
@@ -143,7 +144,17 @@ class RootsInApply:
             table, active, blocks = w.roots_table, engine.active[w.root_blocks], engine.active & self.due.block_mask
         if self._out is None:
             self._out = packing.scratch()
-        full = packing.unpack(scratch, engine.factors, chunk, blocks)
+        if self.due is not None and not engine.on_cuda and engine.factors.dtype == engine.shampoo_dtype:
+            # CPU: the due factors alone, through a compact copy (not their blocks' others)
+            if self._compact is None:
+                self._compact = torch.empty(self.due.root_numel, dtype=engine.shampoo_dtype)
+            compact = self._compact[w.root_range[0] : w.root_range[1]]
+            _backend.packed_select(compact, engine.factors[chunk.packed_start : chunk.packed_stop], chunk.table,
+                                   w.due_mask, to_packed=False)
+            full = scratch[: chunk.full_numel]
+            _backend.sym_unpack(full, compact, table, active)
+        else:
+            full = packing.unpack(scratch, engine.factors, chunk, blocks)
         out = self._out[: chunk.full_numel]
         factors = slice(chunk.factor_start, chunk.factor_stop)
         _backend.root_inverse(
@@ -167,7 +178,7 @@ class RootsInApply:
         """After the pipeline: scratch dropped, diagonal flags and statuses reported (as the
         staged path reports them in prepare(), nothing raised: the proof held)."""
         engine = self.engine
-        self._out = None
+        self._out = self._compact = None
         log_non_diagonal(engine.layout, engine.diagonal, engine.diagonal_work)
         engine.diagonal.copy_(engine.diagonal_work)
         status = engine.root_status.cpu().numpy()  # CUDA: the step's one wait for its roots
