@@ -406,12 +406,13 @@ def test_iterative_root_configs_are_refused_on_cuda(config) -> None:
     DistributedShampoo([nn.Parameter(torch.zeros(4, 3))], root_inv_config=config)  # CPU: fine
 
 
+@pytest.mark.parametrize("soap", [False, True])
 @pytest.mark.parametrize("staggered", [False, True])
-def test_unstaged_root_steps_equal_the_staged_ones_bitwise(staggered: bool) -> None:
+def test_unstaged_root_steps_equal_the_staged_ones_bitwise(staggered: bool, soap: bool) -> None:
     """shampoo_roots_in_apply.py on the GPU: a provably safe root step (use_protected_eigh)
-    computes its roots in the pipeline, nothing staged; the bits are those of the staged
-    path (use_protected_eigh=False), for the default and the staggered schedule."""
-    from distributed_shampoo.shampoo_types import StaggeredRootScheduleConfig
+    computes its roots (SOAP: eigenbases) in the pipeline, nothing staged; the bits are those
+    of the staged path (use_protected_eigh=False), for the default and the staggered schedule."""
+    from distributed_shampoo.shampoo_types import DefaultSOAPConfig, StaggeredRootScheduleConfig
     from distributed_shampoo.utils import shampoo_group_engine
 
     runs, proofs = [], []
@@ -422,9 +423,10 @@ def test_unstaged_root_steps_equal_the_staged_ones_bitwise(staggered: bool) -> N
         return proofs[-1]
 
     for protected in (True, False):
+        extra: dict[str, Any] = dict(grafting_config=None, preconditioner_config=DefaultSOAPConfig) if soap else {}
         params, optimizer = _make(
             use_protected_eigh=protected, precondition_frequency=3, start_preconditioning_step=3,
-            root_schedule_config=StaggeredRootScheduleConfig() if staggered else None,
+            root_schedule_config=StaggeredRootScheduleConfig() if staggered else None, **extra,
         )
         shampoo_group_engine.prove_roots_finite = spy
         try:

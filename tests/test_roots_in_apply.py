@@ -46,7 +46,8 @@ def train(protected: bool, staggered: bool = False, dtype: torch.dtype = torch.f
     optimizer = DistributedShampoo(
         model.parameters(), lr=0.05, betas=(0.9, 0.999), epsilon=kwargs.pop("epsilon", 1e-10), momentum=0.3,
         weight_decay=1e-3, max_preconditioner_dim=8, precondition_frequency=3, start_preconditioning_step=3,
-        grafting_config=AdamGraftingConfig(beta2=0.999, epsilon=1e-8), use_protected_eigh=protected,
+        grafting_config=kwargs.pop("grafting_config", AdamGraftingConfig(beta2=0.999, epsilon=1e-8)),
+        use_protected_eigh=protected,
         root_schedule_config=StaggeredRootScheduleConfig() if staggered else None, **kwargs,
     )
     unstaged = []
@@ -156,3 +157,37 @@ def test_root_step_peak_is_bounded_by_a_chunk_unless_staged(protected: bool) -> 
         assert peak < packed_bytes, (peak, packed_bytes)  # chunk scratch only (12 chunks)
     else:
         assert peak >= 2 * packed_bytes, (peak, packed_bytes)  # new factors and roots staged
+
+
+@pytest.mark.parametrize("staggered", [False, True])
+@pytest.mark.parametrize("qr", [False, True])
+def test_soap_unstaged_root_steps_equal_the_staged_ones_bitwise(staggered: bool, qr: bool) -> None:
+    """Eigenvalue-corrected Shampoo: the eigenbases computed in the pipeline and committed
+    whole, per chunk (due factors: one copy each), equal the staged eigenbasis steps."""
+    from distributed_shampoo.shampoo_types import DefaultEigenvalueCorrectedShampooConfig, DefaultSOAPConfig
+
+    config = DefaultSOAPConfig if qr else DefaultEigenvalueCorrectedShampooConfig
+    runs = [train(protected, staggered, grafting_config=None, preconditioner_config=config)
+            for protected in (True, False)]
+    assert runs[0][1] and all(runs[0][1]), runs[0][1]
+    assert_bitwise_equal(runs[0][0], runs[1][0], "SOAP unstaged vs staged")
+
+
+def test_soap_root_step_peak_is_bounded_by_a_chunk() -> None:
+    from distributed_shampoo.shampoo_types import DefaultSOAPConfig
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = nn.Sequential(*[nn.Linear(256, 256, bias=False) for _ in range(12)])
+    optimizer = DistributedShampoo(model.parameters(), lr=0.01, max_preconditioner_dim=256,
+                                   precondition_frequency=2, start_preconditioning_step=2,
+                                   grafting_config=None, preconditioner_config=DefaultSOAPConfig)
+    x = torch.randn(4, 256)
+    optimizer.zero_grad()
+    model(x).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    model(x).square().mean().backward()
+    peak = torch_peak_bytes(optimizer.step)  # step 2: every eigenbasis
+    bases_bytes = optimizer._engines[0].bases.numel() * 4
+    assert peak < bases_bytes / 2, (peak, bases_bytes)  # staged: the whole bases once more

@@ -43,7 +43,9 @@ from distributed_shampoo.utils.shampoo_packed_chunks import PackedFactors
 from distributed_shampoo.utils.shampoo_param_io import ParamIO, StepIO
 from distributed_shampoo.utils.shampoo_residuals import log_root_inverse_residuals
 from distributed_shampoo.utils.shampoo_root_schedule import RootSchedule
-from distributed_shampoo.utils.shampoo_roots_in_apply import RootsInApply, certify, factors_known_sound, prove_roots_finite
+from distributed_shampoo.utils.shampoo_roots_in_apply import (
+    RootsInApply, ShampooRootsInApply, certify, factors_known_sound, prove_roots_finite,
+)
 from distributed_shampoo.utils.shampoo_root_status import log_non_diagonal, raise_non_finite, report_root_statuses
 from distributed_shampoo.utils.shampoo_scalars import float32_bias_correction
 from distributed_shampoo.utils.shampoo_step_pipeline import StepPipeline
@@ -58,7 +60,7 @@ logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
 _ROOT_OK = (_backend.ROOT_OK, _backend.ROOT_MAX_ITERS, _backend.ROOT_RETRIED_DOUBLE)
 
 
-class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipeline):
+class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipeline, ShampooRootsInApply):
     """Flat state buffers, block table and step of one parameter group on one device."""
 
     def __init__(
@@ -534,15 +536,19 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
         else:
             torch._foreach_add_(self._live_params, views)
 
-    def _check_roots(self) -> None:
-        """Raises for non-finite factors or roots; decides which roots to commit."""
-        status = self.root_status.numpy()
+    def _factor_where(self) -> Any:
+        """where(f): factor f's label and its block, for messages."""
         layout = self.layout
 
         def where(factor: int) -> str:
-            label = layout.factor_label(factor)
-            return f"{label} ({self.describe_block(int(layout.factor_block[factor]))})"
+            return f"{layout.factor_label(factor)} ({self.describe_block(int(layout.factor_block[factor]))})"
 
+        return where
+
+    def _check_roots(self) -> None:
+        """Raises for non-finite factors or roots; decides which roots to commit."""
+        status = self.root_status.numpy()
+        where = self._factor_where()
         raise_non_finite(status, where, (
             "Encountered nan values in bias-corrected factor matrix",
             "Encountered inf values in bias-corrected factor matrix",

@@ -8,7 +8,8 @@ a root step's extra peak (twice the packed factors: 3.5x the parameters on an ML
 only needed for what can make the step raise. With `use_protected_eigh=True` a failed
 eigendecomposition keeps the previous root and raises nothing; what is left are the checks
 that raise ValueError: a non-finite bias-corrected factor or a non-finite root. Both are
-excluded before anything is written when prove_roots_finite() holds:
+excluded before anything is written when prove_roots_finite() holds (Shampoo's conditions;
+the engine's hooks, ShampooRootsInApply, say what a preconditioner needs):
 
 * the factors are finite now and their diagonals are >= 0 (checked in one pass, or known:
   see certify()), and the bound of the no-overflow
@@ -26,10 +27,11 @@ excluded before anything is written when prove_roots_finite() holds:
 Then apply() computes the roots where the pipeline holds the chunk (shampoo_step_pipeline.py)
 and no model-sized buffer exists at any point of the step; a status the proof excludes is
 still never committed (the previous root is kept, with a warning). On CUDA the commit masks
-are formed on the device and the statuses read once, after the pipeline. Otherwise
+are formed on the device and the statuses read once, after the pipeline. Eigenvalue-corrected
+Shampoo (soap_group_engine.py) does the same with its eigenbases, whose only requirement
+besides sound factors is the protected fallback (an orthonormal basis is finite). Otherwise
 (unprotected, Newton or higher-order roots, an epsilon too small for the root's power, a
-corrupted state, eigenvalue-corrected Shampoo) the staged path runs unchanged. Both give the
-same bits.
+corrupted state) the staged path runs unchanged. Both give the same bits.
 """
 
 import logging
@@ -73,8 +75,8 @@ def _check_factors(engine: Any) -> bool:
 
 
 def _power_fits(engine: Any) -> bool:
-    """The configuration half of the proof (eigen method, protected, epsilon^alpha within the
-    dtypes): fixed at construction, so computed once per engine."""
+    """Shampoo's configuration half of the proof (eigen method, protected, epsilon^alpha
+    within the dtypes): fixed at construction, so computed once per engine."""
     cached = getattr(engine, "_power_fits", None)
     if cached is not None:
         return cached
@@ -98,7 +100,7 @@ def _power_fits(engine: Any) -> bool:
 def prove_roots_finite(engine: Any, bias_correction: float) -> bool:
     """Whether this root step provably cannot raise (see the module doc). Called in
     prepare(), after the no-overflow check of the same step (whose bound it reuses)."""
-    if not _power_fits(engine):
+    if not engine._roots_in_apply_config_ok():
         return False
     if not factors_known_sound(engine):
         if not _check_factors(engine):
@@ -155,24 +157,8 @@ class RootsInApply:
             _backend.sym_unpack(full, compact, table, active)
         else:
             full = packing.unpack(scratch, engine.factors, chunk, blocks)
-        out = self._out[: chunk.full_numel]
-        factors = slice(chunk.factor_start, chunk.factor_stop)
-        _backend.root_inverse(
-            out, full, table, active,
-            epsilon=engine.epsilon, exponent_multiplier=engine.exponent_multiplier,
-            bias_correction=self.bias_correction,
-            is_diagonal=engine.diagonal_work[factors], status_out=engine.root_status[factors],
-            num_threads=engine.num_threads, **engine.root_kwargs,
-        )
-        status = engine.root_status[factors]
-        if engine.on_cuda:  # on the device (no host wait): the statuses whose roots are committed
-            commit = status == _COMMIT[0]
-            for code in _COMMIT[1:]:
-                commit |= status == code
-            engine.root_commit[factors] = commit.to(torch.uint8)
-        else:
-            engine.root_commit[factors].numpy()[:] = np.isin(status.numpy(), _COMMIT)
-        packing.pack(engine.inv_factors, out, chunk, engine.root_commit, average=True)
+        engine._chunk_roots_in_apply(chunk, None if self.due is None else w, table, active, full,
+                                     self._out[: chunk.full_numel], self.bias_correction)
 
     def finish(self) -> None:
         """After the pipeline: scratch dropped, diagonal flags and statuses reported (as the
@@ -184,12 +170,51 @@ class RootsInApply:
         status = engine.root_status.cpu().numpy()  # CUDA: the step's one wait for its roots
         if not ((status != _backend.ROOT_OK) & (status != _backend.ROOT_INACTIVE)).any():
             return  # nothing to report (the usual case)
-        layout = engine.layout
+        engine._report_roots_in_apply(status)
 
-        def where(factor: int) -> str:
-            return f"{layout.factor_label(factor)} ({engine.describe_block(int(layout.factor_block[factor]))})"
 
-        for factor in np.flatnonzero(np.isin(status, _EXCLUDED)):  # excluded by the proof
-            logger.warning(f"Root of factor matrix {where(int(factor))} was not finite although the "
-                           "step proved it would be; the previous inverse root was kept.")
-        report_root_statuses(status, where, engine.root_kwargs, engine.shampoo_dtype, True)
+def commit_mask(engine: Any, factors: slice) -> None:
+    """root_commit over `factors` from their statuses (on the device on CUDA: no host wait)."""
+    status = engine.root_status[factors]
+    if engine.on_cuda:
+        commit = status == _COMMIT[0]
+        for code in _COMMIT[1:]:
+            commit |= status == code
+        engine.root_commit[factors] = commit.to(torch.uint8)
+    else:
+        engine.root_commit[factors].numpy()[:] = np.isin(status.numpy(), _COMMIT)
+
+
+def warn_excluded(status: np.ndarray, where: Any) -> None:
+    """A status the proof excludes (never committed): said, not raised."""
+    for factor in np.flatnonzero(np.isin(status, _EXCLUDED)):
+        logger.warning(f"Root of factor matrix {where(int(factor))} was not finite although the "
+                       "step proved it would be; the previous one was kept.")
+
+
+class ShampooRootsInApply:
+    """The engine's side of an unstaged root step (a mixin of ShampooGroupEngine): what the
+    proof requires of the configuration, the chunk's roots and their commit, the report."""
+
+    def _roots_in_apply_config_ok(self) -> bool:
+        return _power_fits(self)
+
+    def _chunk_roots_in_apply(self, chunk: Any, w: Any, table: Any, active: torch.Tensor, full: torch.Tensor,
+                              out: torch.Tensor, bias_correction: float) -> None:
+        """The inverse roots of the factors of `table` (chunk scratch `full`) into `out`,
+        committed (packed) where their status allows."""
+        factors = slice(chunk.factor_start, chunk.factor_stop)
+        _backend.root_inverse(
+            out, full, table, active,
+            epsilon=self.epsilon, exponent_multiplier=self.exponent_multiplier,  # type: ignore[attr-defined]
+            bias_correction=bias_correction,
+            is_diagonal=self.diagonal_work[factors], status_out=self.root_status[factors],  # type: ignore[attr-defined]
+            num_threads=self.num_threads, **self.root_kwargs,  # type: ignore[attr-defined]
+        )
+        commit_mask(self, factors)
+        self.packing.pack(self.inv_factors, out, chunk, self.root_commit, average=True)  # type: ignore[attr-defined]
+
+    def _report_roots_in_apply(self, status: np.ndarray) -> None:
+        where = self._factor_where()  # type: ignore[attr-defined]
+        warn_excluded(status, where)
+        report_root_statuses(status, where, self.root_kwargs, self.shampoo_dtype, True)  # type: ignore[attr-defined]

@@ -32,7 +32,11 @@ from distributed_shampoo.utils.shampoo_group_engine import ShampooGroupEngine
 from distributed_shampoo.utils.shampoo_root_schedule import ChunkWork, RootSchedule
 from distributed_shampoo.utils.shampoo_step_pipeline import PipeChunk, rebased_rows
 from distributed_shampoo.utils.shampoo_root_status import RootInverseError, raise_non_finite
+from distributed_shampoo.utils.shampoo_roots_in_apply import warn_excluded
 from distributed_shampoo.utils.shampoo_scalars import float32_bias_correction
+
+# the reference's exception text for a failed eigendecomposition
+_EIGH_FAILURE = "ArithmeticError('the symmetric eigendecomposition (LAPACK syevd) did not converge')"
 
 logger = logging.getLogger("distributed_shampoo.distributed_shampoo")
 preconditioner_logger = logging.getLogger("distributed_shampoo.utils.shampoo_preconditioner_list")
@@ -101,7 +105,6 @@ class SOAPGroupEngine(ShampooGroupEngine):
     """ShampooGroupEngine with eigenvalue-corrected Shampoo's preconditioner."""
 
     _schedule_class = EigenbasisSchedule
-    _roots_in_apply = False  # eigenbases are always staged (shampoo_roots_in_apply.py)
 
     def __init__(self, params: Sequence[torch.Tensor], group: dict[str, Any], group_index: int,
                  shampoo_dtype: torch.dtype | None, use_protected_eigh: bool, **kwargs: Any) -> None:
@@ -200,37 +203,72 @@ class SOAPGroupEngine(ShampooGroupEngine):
         """Raises for non-finite factors or eigenbases and, unprotected, for a failed
         eigendecomposition; logs the rest; decides which eigenbases to commit."""
         status = self.root_status.numpy()
-        layout = self.layout
-
-        def where(factor: int) -> str:
-            return f"{layout.factor_label(factor)} ({self.describe_block(int(layout.factor_block[factor]))})"
-
+        where = self._factor_where()
         raise_non_finite(status, where, (
             "Encountered nan values in factor matrix",
             "Encountered inf values in factor matrix",
             "Encountered nan or inf values in eigenvectors of factor matrix",
         ))
         failed = np.flatnonzero(status == _backend.ROOT_FAILED)
-        reason = "ArithmeticError('the symmetric eigendecomposition (LAPACK syevd) did not converge')"
         if failed.size and not self.use_protected_eigh:
             raise RootInverseError(
                 f"Matrix computation failed for factor matrix {where(int(failed[0]))} with "
-                f"exception={reason}. The step was not taken; parameters and optimizer state are "
+                f"exception={_EIGH_FAILURE}. The step was not taken; parameters and optimizer state are "
                 "unchanged (use_protected_eigh=True keeps the previous eigenvectors instead)."
             )
-        for factor in failed:
+        self._warn_eigen_statuses(status, where)
+        # kept on the host too: the commits read it there without a device sync
+        self.root_commit_host = np.isin(status, _COMMIT).astype(np.uint8)
+        self.root_commit.copy_(torch.from_numpy(self.root_commit_host))
+
+    def _warn_eigen_statuses(self, status: np.ndarray, where: Any) -> None:
+        """The protected fallbacks and double-precision retries, logged as the reference does."""
+        for factor in np.flatnonzero(status == _backend.ROOT_FAILED):
             preconditioner_logger.warning(
                 f"Matrix computation failed for factor matrix {where(int(factor))} with "
-                f"exception={reason}. Using previous factor matrix eigenvectors and continuing..."
+                f"exception={_EIGH_FAILURE}. Using previous factor matrix eigenvectors and continuing..."
             )
         for factor in np.flatnonzero(status == _backend.ROOT_RETRIED_DOUBLE):
             logger.warning(
                 f"Failed to compute eigendecomposition in {self.shampoo_dtype} precision for factor "
                 f"matrix {where(int(factor))}! Retried in double precision, which succeeded."
             )
-        # kept on the host too: the commits read it there without a device sync
-        self.root_commit_host = np.isin(status, _COMMIT).astype(np.uint8)
-        self.root_commit.copy_(torch.from_numpy(self.root_commit_host))
+
+    # ------------------------------------------------------------------ unstaged root steps
+    # (shampoo_roots_in_apply.py). The eigenbasis of a finite PSD factor is orthonormal, so
+    # finite: besides the factors' soundness (checked by the engine) the proof needs only the
+    # protected fallback. The eigenbases are committed whole, per chunk.
+    def _roots_in_apply_config_ok(self) -> bool:
+        return self.use_protected_eigh and self.overflow is not None
+
+    def _chunk_roots_in_apply(self, chunk: Any, w: Any, table: Any, active: torch.Tensor, full: torch.Tensor,
+                              out: torch.Tensor, bias_correction: float) -> None:
+        start = self.basis_start(chunk)
+        span = slice(start, start + chunk.full_numel)
+        previous = self.bases[span]
+        if previous.dtype != self.shampoo_dtype:
+            previous = previous.to(self.shampoo_dtype)  # bounded by the chunk
+        factors = slice(chunk.factor_start, chunk.factor_stop)
+        _soap_backend.eigenbasis(
+            out, full, previous, table, active if w is not None else self._eigenbasis_mask(chunk),
+            is_diagonal=self.diagonal_work[factors], status_out=self.root_status[factors],
+            num_threads=self.num_threads, **self.eigen_kwargs,
+        )
+        commit = np.isin(self.root_status[factors].cpu().numpy(), _COMMIT)  # CUDA: one wait per chunk
+        if w is not None:  # the due factors' bases, one copy each
+            for offset, n, factor in EigenbasisSchedule._spans(w):
+                if commit[factor]:
+                    self.bases[start + offset : start + offset + n].copy_(out[offset : offset + n])
+            return
+        for f in np.flatnonzero(~commit):  # not committed (inactive, failed): the previous basis
+            at, n = self._factor_spans[chunk.factor_start + f]
+            out[at - start : at - start + n].copy_(self.bases[at : at + n])
+        self.bases[span].copy_(out)
+
+    def _report_roots_in_apply(self, status: np.ndarray) -> None:
+        where = self._factor_where()
+        warn_excluded(status, where)
+        self._warn_eigen_statuses(status, where)
 
     # ------------------------------------------------------------------ infallible half
     def _commit_roots(self, factor_work: torch.Tensor, root_work: torch.Tensor) -> torch.Tensor:
