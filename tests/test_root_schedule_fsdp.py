@@ -26,12 +26,12 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import oracle as O
+from sharded_run import ShardedRunIO
 from test_atomicity import assert_bitwise_equal
 from test_root_schedule import expected_phases
 
@@ -102,7 +102,7 @@ def chunk_ranges(shape: torch.Size, shards: int) -> List[Tuple[int, int]]:
     return [(min(r * size, rows) * row, min((r + 1) * size, rows) * row) for r in range(shards)]
 
 
-class Run:
+class Run(ShardedRunIO):
     """One rank's wrapped model (mode fsdp, fsdp2, hsdp or hsdp2) and its scheduled optimizer."""
 
     def __init__(self, mode: str, rank: int, world: int, seed: int = 0) -> None:
@@ -175,35 +175,6 @@ class Run:
             status = engine.root_status.numpy()
             labels = self.labels()
             self.computed[int(engine.step_count)] = {labels[f] for f in np.flatnonzero(status != _backend.ROOT_INACTIVE)}
-
-    def named(self) -> List[Tuple[str, torch.Tensor]]:
-        return [(n.replace("_fsdp_wrapped_module.", ""), p) for n, p in self.module.named_parameters()]
-
-    def local_params(self) -> List[torch.Tensor]:
-        return [(p.to_local() if hasattr(p, "to_local") else p).detach().clone() for p in self.module.parameters()]
-
-    def flat_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        state = self.optimizer.distributed_state_dict(key_to_param=self.named(), save_param_groups=False)["state"]
-        return {n: {k: v.clone() for k, v in flat.items()} for n, flat in state.items()}
-
-    def _state(self) -> Dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        return {"model": get_model_state_dict(self.module),
-                "optim": self.optimizer.distributed_state_dict(key_to_param=self.named())}
-
-    def save(self, path: str) -> None:
-        dcp.save(self._state(), checkpoint_id=path)
-
-    def load(self, path: str) -> None:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        from distributed_shampoo.utils.shampoo_dcp import ShampooLoadPlanner
-
-        state = self._state()
-        dcp.load(state, checkpoint_id=path, planner=ShampooLoadPlanner())
-        self.optimizer.load_distributed_state_dict(state["optim"], key_to_param=self.named())
-        set_model_state_dict(self.module, state["model"])
 
 
 def run_mode(mode: str, rank: int, world: int, out: str) -> Dict[str, Any]:

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -31,6 +30,7 @@ from distributed_shampoo.distributed_shampoo import DistributedShampoo
 from distributed_shampoo.shampoo_types import FullyShardShampooConfig, HSDPShampooConfig, PrecisionConfig
 from distributed_shampoo.utils.shampoo_fsdp_utils import compile_fsdp_parameter_metadata, split_shard
 from tests.soap_oracle import OracleSOAP
+from tests.sharded_run import ShardedRunIO
 from tests.test_atomicity import assert_bitwise_equal
 from tests.dist_teardown import shutdown_process_group
 
@@ -60,7 +60,7 @@ def data() -> Tuple[torch.Tensor, torch.Tensor]:
             torch.randn(BATCH, 2, generator=g, dtype=torch.float64))
 
 
-class Run:
+class Run(ShardedRunIO):
     """One rank's hybrid-sharded model and its SOAP optimizer."""
 
     def __init__(self, mode: str, name: str, rank: int, seed: int = 0) -> None:
@@ -103,35 +103,6 @@ class Run:
             self.optimizer.zero_grad()
             nn.functional.mse_loss(self.module(self.x), self.y).backward()
             self.optimizer.step()
-
-    def named(self) -> List[Tuple[str, torch.Tensor]]:
-        return [(n.replace("_fsdp_wrapped_module.", ""), p) for n, p in self.module.named_parameters()]
-
-    def local_params(self) -> List[torch.Tensor]:
-        return [(p.to_local() if hasattr(p, "to_local") else p).detach().clone() for p in self.module.parameters()]
-
-    def flat_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        state = self.optimizer.distributed_state_dict(key_to_param=self.named(), save_param_groups=False)["state"]
-        return {n: {k: v.clone() for k, v in flat.items()} for n, flat in state.items()}
-
-    def _state(self) -> Dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        return {"model": get_model_state_dict(self.module),
-                "optim": self.optimizer.distributed_state_dict(key_to_param=self.named())}
-
-    def save(self, path: str) -> None:
-        dcp.save(self._state(), checkpoint_id=path)
-
-    def load(self, path: str) -> None:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        from distributed_shampoo.utils.shampoo_dcp import ShampooLoadPlanner
-
-        state = self._state()
-        dcp.load(state, checkpoint_id=path, planner=ShampooLoadPlanner())
-        self.optimizer.load_distributed_state_dict(state["optim"], key_to_param=self.named())
-        set_model_state_dict(self.module, state["model"])
 
 
 def run(mode: str, name: str, rank: int, out: str) -> Dict[str, Any]:
