@@ -5,6 +5,7 @@
 
 #include <math.h>
 
+#include "../core/elementwise.h"
 #include "../core/matrix_root.h"
 #include "../core/parallel.h"
 
@@ -83,4 +84,33 @@ int shampoo_check_sign_flags(const char *fn, const char *arg, PyObject *obj)
         }
     }
     return 0;
+}
+
+int shampoo_check_finish_args(const char *fn, const struct shampoo_finish_params *p, int has_dir,
+                              int has_grafting_state, int has_params, int has_momentum)
+{
+    const char *need = NULL, *when = NULL;
+    if (p->graft != SHAMPOO_GRAFT_NONE && p->graft != SHAMPOO_GRAFT_SGD &&
+        p->graft != SHAMPOO_GRAFT_DIAGONAL) {
+        PyErr_Format(PyExc_ValueError, "%s: argument 'graft' must be GRAFT_NONE, GRAFT_SGD or "
+                     "GRAFT_DIAGONAL, got %d", fn, (int)p->graft);
+        return -1;
+    }
+    if (p->grafting_phase && p->graft == SHAMPOO_GRAFT_NONE) {
+        PyErr_Format(PyExc_ValueError, "%s: argument 'grafting_phase' needs a grafting method "
+                     "(graft is GRAFT_NONE)", fn);
+        return -1;
+    }
+    if (!p->grafting_phase && !has_dir)
+        need = "shampoo_dir", when = "outside the grafting phase";
+    else if (p->graft == SHAMPOO_GRAFT_DIAGONAL && !has_grafting_state)
+        need = "grafting_state", when = "for diagonal grafting";
+    else if (p->decoupled_weight_decay != 0.0 && has_params == 0)
+        need = "param_blocks", when = "when decoupled_weight_decay != 0";
+    else if ((p->momentum != 0.0) != (has_momentum != 0))
+        need = "momentum_state", when = "exactly when momentum != 0";
+    if (need == NULL)
+        return 0;
+    PyErr_Format(PyExc_ValueError, "%s: argument '%s' must be given %s", fn, need, when);
+    return -1;
 }

@@ -120,6 +120,12 @@ int shampoo_check_root_config(const char *fn, const struct shampoo_root_config *
 /* num_threads of the parallel kernels: 1..SHAMPOO_PARALLEL_MAX_THREADS, else -1 and a
  * ValueError. */
 int shampoo_check_num_threads(const char *fn, int num_threads);
+/* The finish kernels' scalars against the buffers they need (has_*: that argument was given;
+ * has_params < 0: the kernel reads the parameters in place, nothing to give): 0, or -1 with
+ * a ValueError naming the argument (arg_checks.c). Shared by every finish binding. */
+struct shampoo_finish_params;
+int shampoo_check_finish_args(const char *fn, const struct shampoo_finish_params *p, int has_dir,
+                              int has_grafting_state, int has_params, int has_momentum);
 /* 0, or -1 with a ValueError when obj is a torch negative or conjugate view (arg_checks.c). */
 int shampoo_check_sign_flags(const char *fn, const char *arg, PyObject *obj);
 

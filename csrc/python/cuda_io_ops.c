@@ -184,22 +184,8 @@ static PyObject *finish_io(PyObject *m, PyObject *args, int bits, const char *fn
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 11, bits) < 0 ||
         check_fail(&call, 10) < 0)
         return failed(m, &scope, &call, lists, 1);
-    const char *need = NULL;
-    if (graft != SHAMPOO_GRAFT_NONE && graft != SHAMPOO_GRAFT_SGD &&
-        graft != SHAMPOO_GRAFT_DIAGONAL)
-        need = "'graft' must be GRAFT_NONE, GRAFT_SGD or GRAFT_DIAGONAL";
-    else if (p.grafting_phase && graft == SHAMPOO_GRAFT_NONE)
-        need = "'grafting_phase' needs a grafting method";
-    else if (!p.grafting_phase && o[4] == Py_None)
-        need = "'shampoo_dir' must be given outside the grafting phase";
-    else if (graft == SHAMPOO_GRAFT_DIAGONAL && o[5] == Py_None)
-        need = "'grafting_state' must be given for diagonal grafting";
-    else if ((p.momentum != 0.0) != (o[6] != Py_None))
-        need = "'momentum_state' must be given exactly when momentum != 0";
-    if (need != NULL) {
-        PyErr_Format(PyExc_ValueError, "%s: argument %s", fn, need);
+    if (shampoo_check_finish_args(fn, &p, o[4] != Py_None, o[5] != Py_None, -1, o[6] != Py_None) < 0)
         return failed(m, &scope, &call, lists, 1);
-    }
     const io_indices ix = {1, 2, 8, 9};
     if (bind_lists(&call, specs, m, lists, seqs, written, names, 1, ix) < 0 ||
         shampoo_cuda_env_for(m, &call, stream, &call.views[0], NULL, 0, &env, &scope) < 0)

@@ -206,6 +206,8 @@ static PyObject *finish(PyObject *m, PyObject *args, int bits, const char *fn)
     p.graft = (shampoo_graft_kind)graft;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 11, bits) < 0 ||
         check_fail(&call, 10) < 0 ||
+        shampoo_check_finish_args(fn, &p, o[3] != Py_None, o[4] != Py_None, o[5] != Py_None,
+                                  o[6] != Py_None) < 0 ||
         shampoo_cuda_env_for(m, &call, stream, &call.views[0], NULL, 0, &env, &scope) < 0)
         return failed(m, &scope, &call);
     shampoo_status st = bits == 32

@@ -207,30 +207,8 @@ static PyObject *moments(PyObject *m, PyObject *args, int bits, const char *fn)
 /* The finish parameters that need a companion buffer; names the first one missing. */
 static int finish_args_ok(shampoo_call *call, const shampoo_finish_params *p)
 {
-    const char *fn = call->fn, *need = NULL, *when = NULL;
-    if (p->graft != SHAMPOO_GRAFT_NONE && p->graft != SHAMPOO_GRAFT_SGD &&
-        p->graft != SHAMPOO_GRAFT_DIAGONAL) {
-        PyErr_Format(PyExc_ValueError, "%s: argument 'graft' must be GRAFT_NONE, GRAFT_SGD or "
-                     "GRAFT_DIAGONAL, got %d", fn, (int)p->graft);
-        return -1;
-    }
-    if (p->grafting_phase && p->graft == SHAMPOO_GRAFT_NONE) {
-        PyErr_Format(PyExc_ValueError, "%s: argument 'grafting_phase' needs a grafting method "
-                     "(graft is GRAFT_NONE)", fn);
-        return -1;
-    }
-    if (!p->grafting_phase && is_none(call, 2))
-        need = "shampoo_dir", when = "outside the grafting phase";
-    else if (p->graft == SHAMPOO_GRAFT_DIAGONAL && is_none(call, 3))
-        need = "grafting_state", when = "for diagonal grafting";
-    else if (p->decoupled_weight_decay != 0.0 && is_none(call, 4))
-        need = "param_blocks", when = "when decoupled_weight_decay != 0";
-    else if ((p->momentum != 0.0) != !is_none(call, 5))
-        need = "momentum_state", when = "exactly when momentum != 0";
-    if (need == NULL)
-        return 0;
-    PyErr_Format(PyExc_ValueError, "%s: argument '%s' must be given %s", fn, need, when);
-    return -1;
+    return shampoo_check_finish_args(call->fn, p, !is_none(call, 2), !is_none(call, 3),
+                                     !is_none(call, 4), !is_none(call, 5));
 }
 
 static PyObject *finish(PyObject *m, PyObject *args, int bits, const char *fn)

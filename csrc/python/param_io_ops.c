@@ -131,22 +131,8 @@ static PyObject *finish_io(PyObject *m, PyObject *args, int bits, const char *fn
     p.graft = (shampoo_graft_kind)graft;
     if (shampoo_call_bind(&call, &shampoo_get_state(m)->dl, fn, specs, o, 8, bits) < 0)
         return shampoo_call_failed(&call);
-    const char *need = NULL;
-    if (graft != SHAMPOO_GRAFT_NONE && graft != SHAMPOO_GRAFT_SGD &&
-        graft != SHAMPOO_GRAFT_DIAGONAL)
-        need = "'graft' must be GRAFT_NONE, GRAFT_SGD or GRAFT_DIAGONAL";
-    else if (p.grafting_phase && graft == SHAMPOO_GRAFT_NONE)
-        need = "'grafting_phase' needs a grafting method";
-    else if (!p.grafting_phase && o[3] == Py_None)
-        need = "'shampoo_dir' must be given outside the grafting phase";
-    else if (graft == SHAMPOO_GRAFT_DIAGONAL && o[4] == Py_None)
-        need = "'grafting_state' must be given for diagonal grafting";
-    else if ((p.momentum != 0.0) != (o[5] != Py_None))
-        need = "'momentum_state' must be given exactly when momentum != 0";
-    if (need != NULL) {
-        PyErr_Format(PyExc_ValueError, "%s: argument %s", fn, need);
+    if (shampoo_check_finish_args(fn, &p, o[3] != Py_None, o[4] != Py_None, -1, o[5] != Py_None) < 0)
         return failed(&call, lists, 1);
-    }
     if (bind_lists(&call, specs, m, lists, seqs, written, names, 1, 0, 1, 6, 7) < 0)
         return failed(&call, lists, 1);
     const shampoo_io_dtype dt = lists[0].bf16 ? SHAMPOO_IO_BF16 : SHAMPOO_IO_REAL;
