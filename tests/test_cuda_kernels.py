@@ -374,6 +374,33 @@ def test_finish(dtype, layout, case, with_flag):
     assert_bitwise(gpu_m, cpu_m, "momentum of inactive blocks", ~p.block_mask)
 
 
+@pytest.mark.parametrize("missing,kw,match", [
+    ("shampoo_dir", {}, "argument 'shampoo_dir' must be given outside the grafting phase"),
+    ("grafting_state", {"graft": "diagonal"}, "argument 'grafting_state' must be given for diagonal grafting"),
+    ("param_blocks", {"decoupled_weight_decay": 0.01}, "argument 'param_blocks' must be given when decoupled"),
+    ("momentum_state", {"momentum": 0.9}, "argument 'momentum_state' must be given exactly when momentum"),
+])
+def test_finish_refuses_a_missing_buffer_by_name(missing, kw, match):
+    """As the CPU finish: a scalar that needs a buffer not given is a ValueError naming it,
+    before anything runs (the output keeps its sentinel)."""
+    p = Problem("cut32", torch.float32, 8)
+    n = p.lay.block_numel
+    G, S, V, W, M = dev(p.randn(n), p.randn(n), p.rand(n) + 0.01, p.randn(n), p.randn(n))
+    buffers = {"shampoo_dir": S, "grafting_state": V, "param_blocks": W, "momentum_state": M}
+    buffers[missing] = None
+    if missing != "momentum_state" and not kw.get("momentum"):
+        buffers["momentum_state"] = None  # momentum 0: none given
+    update = dev(p.sentinel(p.lay.param_numel))
+    before = update.cpu().clone()
+    scalars = dict(graft="sgd", grafting_phase=False, grafting_bias_correction=1.0, grafting_epsilon=1e-8,
+                   decoupled_weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, lr=0.1)
+    scalars.update(kw)
+    with pytest.raises(ValueError, match=match):
+        B.finish(update, G, buffers["shampoo_dir"], buffers["grafting_state"], buffers["param_blocks"],
+                 buffers["momentum_state"], p.kt, p.active_dev, **scalars)
+    assert_bitwise(update, before, "update after a refused call")
+
+
 # --------------------------------------------------------------------------------------------
 # A set failure flag: no writes to state, finish writes -0.0.
 # --------------------------------------------------------------------------------------------
