@@ -25,7 +25,8 @@ the engine's hooks, ShampooRootsInApply, say what a preconditioner needs):
   dtype, no root can be non-finite. (A root below 1 is a failed factor: kept, not raised.)
 
 Then apply() computes the roots where the pipeline holds the chunk (shampoo_step_pipeline.py)
-and no model-sized buffer exists at any point of the step; a status the proof excludes is
+and no model-sized buffer exists at any point of the step (apply() cannot fail, short of
+running out of memory, as for the rest of the pipeline); a status the proof excludes is
 still never committed (the previous root is kept, with a warning). On CUDA the commit masks
 are formed on the device and the statuses read once, after the pipeline. Eigenvalue-corrected
 Shampoo (soap_group_engine.py) does the same with its eigenbases, whose only requirement
@@ -55,7 +56,10 @@ def certify(engine: Any, certified: bool) -> None:
     diagonals >= 0 at its start (`certified`). The step's own writes keep that (an in-place
     update runs only under the no-overflow proof, and keeps diagonals >= 0); any other
     in-place write through torch (a loaded checkpoint, an edit of optimizer.state) bumps the
-    version, and the next root step checks again."""
+    version, and the next root step checks again. A write that bypasses the version counter
+    (through .data or a NumPy view) is not seen: a non-finite entry written so reaches the
+    root kernel, whose status then keeps the previous root, with a warning, instead of
+    raising."""
     engine._certified_version = engine.factors._version if certified else -1
 
 
