@@ -413,29 +413,20 @@ def test_unstaged_root_steps_equal_the_staged_ones_bitwise(staggered: bool, soap
     computes its roots (SOAP: eigenbases) in the pipeline, nothing staged; the bits are those
     of the staged path (use_protected_eigh=False), for the default and the staggered schedule."""
     from distributed_shampoo.shampoo_types import DefaultSOAPConfig, StaggeredRootScheduleConfig
-    from distributed_shampoo.utils import shampoo_group_engine
+    from test_roots_in_apply import unstaged_root_steps
 
-    runs, proofs = [], []
-    original = shampoo_group_engine.prove_roots_finite
-
-    def spy(engine: Any, bias_correction: float) -> bool:
-        proofs.append(original(engine, bias_correction))
-        return proofs[-1]
-
+    runs = []
     for protected in (True, False):
         extra: dict[str, Any] = dict(grafting_config=None, preconditioner_config=DefaultSOAPConfig) if soap else {}
         params, optimizer = _make(
             use_protected_eigh=protected, precondition_frequency=3, start_preconditioning_step=3,
             root_schedule_config=StaggeredRootScheduleConfig() if staggered else None, **extra,
         )
-        shampoo_group_engine.prove_roots_finite = spy
-        try:
+        with unstaged_root_steps() as proofs:
             for seed in range(7):
                 _set_grads(params, seed)
                 optimizer.step()
-        finally:
-            shampoo_group_engine.prove_roots_finite = original
         runs.append(_snapshot(params, optimizer))
-        if protected:
-            assert proofs and all(proofs), proofs
+        # protected: every root step unstaged; unprotected: every one staged
+        assert proofs and all(p == protected for p in proofs), proofs
     assert_bitwise_equal(runs[0], runs[1], "unstaged vs staged on CUDA")

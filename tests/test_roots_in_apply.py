@@ -9,11 +9,12 @@ overflows, a corrupted state) take the staged path; and the peak of torch alloca
 a root step stays below one buffer of the packed factors' size, which the staged path needs
 twice (measured with torch.profiler's memory events, the allocator's running total)."""
 
+import contextlib
 import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from test_atomicity import _snapshot, assert_bitwise_equal  # noqa: E402
 from distributed_shampoo.distributed_shampoo import DistributedShampoo
 from distributed_shampoo.shampoo_types import AdamGraftingConfig, PrecisionConfig, StaggeredRootScheduleConfig
 from distributed_shampoo.utils import shampoo_roots_in_apply
+from distributed_shampoo.utils.shampoo_group_engine import ShampooGroupEngine
 
 
 def model_and_batches(seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, list[torch.Tensor]]:
@@ -39,6 +41,25 @@ FLOAT64 = PrecisionConfig(**{f: torch.float64 for f in (
     "momentum_dtype", "grafting_state_dtype")})
 
 
+@contextlib.contextmanager
+def unstaged_root_steps() -> Iterator[list[bool]]:
+    """Per root step taken inside, whether it ran unstaged (the plan prepare() made)."""
+    seen: list[bool] = []
+    original = ShampooGroupEngine._prepare_live
+
+    def recording(self: Any, group: Any, grads: Any) -> Any:
+        plan = original(self, group, grads)
+        if plan.root_step:
+            seen.append(plan.roots_in_apply)
+        return plan
+
+    ShampooGroupEngine._prepare_live = recording
+    try:
+        yield seen
+    finally:
+        ShampooGroupEngine._prepare_live = original
+
+
 def train(protected: bool, staggered: bool = False, dtype: torch.dtype = torch.float32, **kwargs: Any) -> tuple:
     model, batches = model_and_batches(dtype=dtype)
     if dtype == torch.float64:
@@ -50,22 +71,11 @@ def train(protected: bool, staggered: bool = False, dtype: torch.dtype = torch.f
         use_protected_eigh=protected,
         root_schedule_config=StaggeredRootScheduleConfig() if staggered else None, **kwargs,
     )
-    unstaged = []
-    original = shampoo_roots_in_apply.prove_roots_finite
-
-    def spy(engine: Any, bias_correction: float) -> bool:
-        unstaged.append(original(engine, bias_correction))
-        return unstaged[-1]
-
-    engine_module = sys.modules["distributed_shampoo.utils.shampoo_group_engine"]  # where the engine looks
-    engine_module.prove_roots_finite = spy
-    try:
+    with unstaged_root_steps() as unstaged:
         for x in batches:
             optimizer.zero_grad()
             model(x).square().mean().backward()
             optimizer.step()
-    finally:
-        engine_module.prove_roots_finite = original
     return _snapshot(list(model.parameters()), optimizer), unstaged
 
 
@@ -73,16 +83,17 @@ def train(protected: bool, staggered: bool = False, dtype: torch.dtype = torch.f
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_unstaged_root_steps_equal_the_staged_ones_bitwise(staggered: bool, dtype: torch.dtype) -> None:
     unstaged, proofs = train(True, staggered, dtype)
-    staged, _ = train(False, staggered, dtype)
-    assert proofs and all(proofs), proofs  # every root step here took the unstaged path
+    staged, staged_proofs = train(False, staggered, dtype)
+    # every root step took the unstaged path in one run and the staged path in the other
+    assert proofs and all(proofs) and staged_proofs and not any(staged_proofs), (proofs, staged_proofs)
     assert_bitwise_equal(unstaged, staged, "unstaged vs staged")
 
 
 def test_low_precision_roots_unstaged_equal_staged_bitwise() -> None:
     precision = PrecisionConfig(inv_factor_matrix_dtype=torch.bfloat16)
     unstaged, proofs = train(True, precision_config=precision)
-    staged, _ = train(False, precision_config=precision)
-    assert proofs and all(proofs)
+    staged, staged_proofs = train(False, precision_config=precision)
+    assert proofs and all(proofs) and not any(staged_proofs)
     assert_bitwise_equal(unstaged, staged, "bf16 roots")
 
 
@@ -169,7 +180,7 @@ def test_soap_unstaged_root_steps_equal_the_staged_ones_bitwise(staggered: bool,
     config = DefaultSOAPConfig if qr else DefaultEigenvalueCorrectedShampooConfig
     runs = [train(protected, staggered, grafting_config=None, preconditioner_config=config)
             for protected in (True, False)]
-    assert runs[0][1] and all(runs[0][1]), runs[0][1]
+    assert runs[0][1] and all(runs[0][1]) and not any(runs[1][1]), (runs[0][1], runs[1][1])
     assert_bitwise_equal(runs[0][0], runs[1][0], "SOAP unstaged vs staged")
 
 

@@ -42,21 +42,23 @@ class DeviceFailureFlag:
         self._fail_copied.record(torch.cuda.current_stream(self.device))
         self._fail_recorded = True
 
-    def _check_overflow(self, step: int) -> None:
+    def _check_overflow(self, step: int) -> torch.Tensor:
         """Raises (CPU) or records in the failure flag (CUDA, no host wait) when the coming
-        factor update could overflow (shampoo_overflow.py), before anything is written."""
+        factor update could overflow (shampoo_overflow.py), before anything is written.
+        Returns the per-factor bound of the new factors' entries."""
         assert self.overflow is not None
-        first = self.overflow.first_overflow(self.factors, self.active)
+        first, bound = self.overflow.first_overflow(self.factors, self.active)
         if self.on_cuda:
             # as gather does: only if no earlier failure is recorded; the block field holds
             # -2 - factor so that _raise_device_failure can tell this cause apart
             record = (first >= 0) & (self.fail[0] > step)
             self.fail[1] = torch.where(record, -2 - first, self.fail[1])
             self.fail[0] = torch.where(record, step, self.fail[0])
-            return
+            return bound
         factor = int(first)
         if factor >= 0:
             raise ValueError(self._overflow_message(factor))
+        return bound
 
     def _overflow_message(self, factor: int, step: int | None = None) -> str:
         layout = self.layout

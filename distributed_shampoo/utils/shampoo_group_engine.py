@@ -44,7 +44,7 @@ from distributed_shampoo.utils.shampoo_param_io import ParamIO, StepIO
 from distributed_shampoo.utils.shampoo_residuals import log_root_inverse_residuals
 from distributed_shampoo.utils.shampoo_root_schedule import RootSchedule
 from distributed_shampoo.utils.shampoo_roots_in_apply import (
-    RootsInApply, ShampooRootsInApply, certify, factors_known_sound, prove_roots_finite,
+    RootsInApply, ShampooRootsInApply, bias_corrected_fits, certify, check_factors, factors_known_sound,
 )
 from distributed_shampoo.utils.shampoo_root_status import log_non_diagonal, raise_non_finite, report_root_statuses
 from distributed_shampoo.utils.shampoo_scalars import float32_bias_correction
@@ -160,6 +160,8 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
             if layout.factor_numel > 0
             else None
         )
+        # what an unstaged root step needs of the configuration, fixed from here on
+        self._roots_config_proven = self._roots_in_apply_config_ok()
         # Scratch: gradients are read and parameters written where they are
         # (shampoo_param_io.py), and the per-block pipeline runs chunk by chunk
         # (shampoo_step_pipeline.py): its buffers are bounded by a chunk, not the model.
@@ -287,7 +289,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
             # (all ranks at the same step), so that no rank raises while others all-gather.
             self._raise_device_failure(wait=False)
         root_step = self._is_root_step(group)
-        self._sound_at_start = factors_known_sound(self)
+        sound = factors_known_sound(self)
         l2 = 0.0 if decoupled else weight_decay
         sq_norms = None if self.overflow is None else self.overflow.sq_norms
         communicate_params = self.exchange is not None and self.exchange.communicate_params
@@ -328,8 +330,7 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
                 f"Encountered nan or inf values in the gradient of {self.describe_block(bad)}. "
                 "The step was not taken; parameters and optimizer state are unchanged."
             )
-        if self.overflow is not None:
-            self._check_overflow(t)
+        bound = None if self.overflow is None else self._check_overflow(t)
         if self.on_cuda:
             if self.exchange is not None:
                 self.exchange.agree_on_device_failure(self.fail)
@@ -344,7 +345,11 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
         if root_step:
             if scalars.shampoo_bias_correction:
                 bias_correction = float32_bias_correction(self.beta2, t)
-            in_apply = self._roots_in_apply and prove_roots_finite(self, bias_correction)
+            # unstaged when the step provably cannot raise (shampoo_roots_in_apply.py)
+            if self._roots_config_proven and bound is not None:
+                sound = sound or check_factors(self)
+                in_apply = sound and bias_corrected_fits(self, bound, bias_correction)
+        self._sound_at_start = sound
         if in_apply:
             pass  # nothing to stage: apply() computes and commits the roots chunk by chunk
         elif due is not None:
@@ -418,7 +423,6 @@ class ShampooGroupEngine(GroupStateLayout, DeviceFailureFlag, ParamIO, StepPipel
     # Hooks where eigenvalue-corrected Shampoo (soap_group_engine.py) differs; the Shampoo
     # versions are these.
     _schedule_class = RootSchedule  # the staggered schedule's root-step half
-    _roots_in_apply = True  # whether a provably safe root step may skip staging
 
     def _new_root_work(self, factor_work: torch.Tensor) -> torch.Tensor:
         """A root step's staging buffer for what it computes (packed inverse roots)."""

@@ -63,7 +63,6 @@ class FactorOverflowGuard:
         self.factor_count = layout.factor_count
         # made once: every step ranks the factors that fail the bound
         self.factor_index = torch.arange(self.factor_count, device=device)
-        self.last_bound: torch.Tensor | None = None  # of the latest first_overflow()
 
     def traces(self, factors: torch.Tensor) -> torch.Tensor:
         """trace of every factor (float64), from the stored diagonal."""
@@ -81,15 +80,15 @@ class FactorOverflowGuard:
             new = self.beta2 * trace + (1.0 - self.beta2) * sq
         return torch.maximum(new, sq) * self.widen, torch.isfinite(trace)
 
-    def first_overflow(self, factors: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """Device scalar: the first active factor whose update could overflow, or -1. A factor
-        that is not finite already (a corrupted state) is left to the root step's check,
-        which names it as such."""
+    def first_overflow(self, factors: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device scalar: the first active factor whose update could overflow, or -1; and the
+        per-factor bound (bounds()), which a root step's proof reuses. A factor that is not
+        finite already (a corrupted state) is left to the root step's check, which names it
+        as such."""
         bound, finite = self.bounds(factors)
-        self.last_bound = bound  # the root step's proof reads it (shampoo_roots_in_apply.py)
         # "not <= limit": an Inf or NaN bound (a double sum of squares beyond 1.8e308) fails
         bad = ~(bound <= self.limit) & finite & active[self.factor_block].bool()
         if self.factor_count == 0:
-            return torch.full((), -1, dtype=torch.int64, device=factors.device)
+            return torch.full((), -1, dtype=torch.int64, device=factors.device), bound
         first = torch.where(bad, self.factor_index, self.factor_count).min()
-        return torch.where(first == self.factor_count, -1, first)
+        return torch.where(first == self.factor_count, -1, first), bound

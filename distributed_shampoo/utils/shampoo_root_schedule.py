@@ -116,6 +116,15 @@ def _chunk_rows(layout: Any, chunk: Any) -> np.ndarray:
     return rows
 
 
+def unpack_due(w: "ChunkWork", packed: torch.Tensor, compact: torch.Tensor, full: torch.Tensor,
+               active_blocks: torch.Tensor, write: torch.Tensor | None = None) -> None:
+    """Chunk w's due factors alone (packed: the chunk's packed factors, CPU) into the full
+    scratch `full`, through `compact` (their packed copy, in due order, root_range-sized): not
+    their blocks' other factors. `write`: the factors to copy (None: every due one)."""
+    _backend.packed_select(compact, packed, w.chunk.table, w.due_mask, write, to_packed=False)
+    _backend.sym_unpack(full, compact, w.roots_table, active_blocks[w.root_blocks])
+
+
 def _factor_rows(rows: np.ndarray, picks: list[tuple[int, int]]) -> np.ndarray:
     """One order-1 row per (row, dim k): that factor alone, at its place in the chunk
     scratch and the chunk's per-factor arrays, with its block's root."""
@@ -253,10 +262,8 @@ class RootSchedule:
                 chunk_factors = slice(c.factor_start, c.factor_stop)
                 _backend.packed_select(factor_part, new, c.table, plan.factor_mask[chunk_factors],
                                        engine.factor_active[chunk_factors], to_packed=False)
-                due_packed = root_stage[w.root_range[0] : w.root_range[1]]
-                _backend.packed_select(due_packed, new, c.table, w.due_mask,
-                                       engine.factor_active[chunk_factors], to_packed=False)
-                _backend.sym_unpack(full, due_packed, w.roots_table, engine.active[w.root_blocks])
+                unpack_due(w, new, root_stage[w.root_range[0] : w.root_range[1]], full, engine.active,
+                           engine.factor_active[chunk_factors])
             else:
                 packing.unpack(scratch, engine.factors, c, blocks)
                 _backend.factor_update(
@@ -298,7 +305,7 @@ class RootSchedule:
 
     def commit_roots(self, engine: Any, w: ChunkWork, root_stage: torch.Tensor, full: torch.Tensor | None) -> None:
         """The committed (engine.root_commit) staged results of chunk w over the live ones;
-        `full` is chunk scratch (None: allocated here if needed)."""
+        `full` is chunk scratch (None where the packed-to-packed route needs none)."""
         c = w.chunk
         staged = root_stage[w.root_range[0] : w.root_range[1]]
         live = engine.inv_factors[c.packed_start : c.packed_stop]
@@ -307,7 +314,8 @@ class RootSchedule:
             _backend.packed_select(staged, live, c.table, w.due_mask,
                                    engine.root_commit[chunk_factors], to_packed=True)
             return
-        full = (self.packing.scratch() if full is None else full)[: c.full_numel]
+        assert full is not None
+        full = full[: c.full_numel]
         _backend.sym_unpack(full, staged, w.roots_table, engine.active[w.root_blocks])
         self.packing.pack(engine.inv_factors, full, c, engine.root_commit)
 
@@ -318,7 +326,9 @@ class RootSchedule:
         packing = self.packing
         staged_factors = engine.factor_active & plan.factor_mask
         packed = not engine.on_cuda and engine.factors.dtype == factor_stage.dtype
-        scratch = None if packed else packing.scratch()
+        roots_packed = not engine.on_cuda and engine.inv_factors.dtype == root_stage.dtype
+        # one full scratch for the step's commits, only where a route unpacks
+        scratch = None if packed and roots_packed else packing.scratch()
         for w in plan.work:
             c = w.chunk
             staged = factor_stage[w.factor_range[0] : w.factor_range[1]]

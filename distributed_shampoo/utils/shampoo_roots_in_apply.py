@@ -8,15 +8,15 @@ a root step's extra peak (twice the packed factors: 3.5x the parameters on an ML
 only needed for what can make the step raise. With `use_protected_eigh=True` a failed
 eigendecomposition keeps the previous root and raises nothing; what is left are the checks
 that raise ValueError: a non-finite bias-corrected factor or a non-finite root. Both are
-excluded before anything is written when prove_roots_finite() holds (Shampoo's conditions;
-the engine's hooks, ShampooRootsInApply, say what a preconditioner needs):
+excluded before anything is written when these hold (Shampoo's conditions; the engine's hooks,
+ShampooRootsInApply, say what a preconditioner needs; the engine's prepare() asks them):
 
 * the factors are finite now and their diagonals are >= 0 (checked in one pass, or known:
-  see certify()), and the bound of the no-overflow
+  see certify()), and (bias_corrected_fits) the bound of the no-overflow
   proof (shampoo_overflow.py: every entry of the new factor is at most its trace), divided
   by the bias correction and widened by its rounding, stays below the Shampoo dtype's
   largest value: the bias-corrected factor is finite;
-* the eigen method (the CPU kernels' root_eigen, its 1 x 1 and diagonal shortcuts) with
+* (roots_fit_dtypes, once per engine) the eigen method (the CPU kernels' root_eigen, its 1 x 1 and diagonal shortcuts) with
   make_positive_semidefinite: every spectrum value is lambda' + epsilon with lambda' >= 0,
   so with alpha = -exponent_multiplier / root < 0 each (lambda' + epsilon)^alpha is at most
   epsilon^alpha, and every entry of Q diag(.) Q^T (Q orthonormal) is at most that; when
@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from distributed_shampoo import _backend
+from distributed_shampoo.utils.shampoo_root_schedule import unpack_due
 from distributed_shampoo.utils.shampoo_root_status import log_non_diagonal, report_root_statuses
 
 logger = logging.getLogger(__name__)
@@ -66,10 +67,10 @@ def certify(engine: Any, certified: bool) -> None:
 def factors_known_sound(engine: Any) -> bool:
     """Whether the factors are known finite with diagonals >= 0: unchanged since a step
     that knew it."""
-    return getattr(engine, "_certified_version", -1) == engine.factors._version
+    return engine._certified_version == engine.factors._version
 
 
-def _check_factors(engine: Any) -> bool:
+def check_factors(engine: Any) -> bool:
     """One pass: every factor entry finite and every diagonal entry >= 0."""
     factors = engine.factors
     if not bool(torch.isfinite(factors).all()):
@@ -78,45 +79,35 @@ def _check_factors(engine: Any) -> bool:
     return not (diagonal.numel() and bool((diagonal < 0).any()))
 
 
-def _power_fits(engine: Any) -> bool:
+def roots_fit_dtypes(engine: Any) -> bool:
     """Shampoo's configuration half of the proof (eigen method, protected, epsilon^alpha
-    within the dtypes): fixed at construction, so computed once per engine."""
-    cached = getattr(engine, "_power_fits", None)
-    if cached is not None:
-        return cached
+    within the dtypes): fixed at construction, where the engine evaluates it once."""
     kwargs = engine.root_kwargs
-    fits = (engine.use_protected_eigh and kwargs["method"] == "eigen" and kwargs["make_positive_semidefinite"]
-            and engine.overflow is not None and 0.0 < engine.exponent_multiplier < float("inf"))
+    if not (engine.use_protected_eigh and kwargs["method"] == "eigen" and kwargs["make_positive_semidefinite"]
+            and engine.overflow is not None and 0.0 < engine.exponent_multiplier < float("inf")):
+        return False
     epsilon = float(torch.tensor(engine.epsilon, dtype=engine.shampoo_dtype))
-    fits = fits and epsilon > 0.0
+    if not epsilon > 0.0:
+        return False
     roots = engine.layout.table.numpy()[:, _backend.BF_ROOT]
     roots = roots[roots >= 1]
-    if fits and roots.size:
-        limit = min(float(torch.finfo(engine.shampoo_dtype).max), float(torch.finfo(engine.inv_factors.dtype).max))
-        alpha = -engine.exponent_multiplier / float(roots.min())
-        with np.errstate(over="ignore"):
-            largest = float(np.float64(epsilon) ** np.float64(alpha))
-        fits = largest <= limit / 4
-    engine._power_fits = bool(fits)
-    return engine._power_fits
+    if not roots.size:
+        return True
+    limit = min(float(torch.finfo(engine.shampoo_dtype).max), float(torch.finfo(engine.inv_factors.dtype).max))
+    alpha = -engine.exponent_multiplier / float(roots.min())
+    with np.errstate(over="ignore"):
+        largest = float(np.float64(epsilon) ** np.float64(alpha))
+    return largest <= limit / 4
 
 
-def prove_roots_finite(engine: Any, bias_correction: float) -> bool:
-    """Whether this root step provably cannot raise (see the module doc). Called in
-    prepare(), after the no-overflow check of the same step (whose bound it reuses)."""
-    if not engine._roots_in_apply_config_ok():
-        return False
-    if not factors_known_sound(engine):
-        if not _check_factors(engine):
-            return False
-        engine._sound_at_start = True
-    bound = engine.overflow.last_bound
-    if bound is None or bound.numel() == 0:
-        return bound is not None
-    # a / bc rounds once more: the widening of a few ulps covers it
+def bias_corrected_fits(engine: Any, bound: torch.Tensor, bias_correction: float) -> bool:
+    """The step's half of the proof: the no-overflow bound of the new factors (this step's,
+    from _check_overflow) over the bias correction, widened by a few ulps for that division,
+    fits the Shampoo dtype."""
+    if bound.numel() == 0:
+        return True
     eps = float(torch.finfo(engine.shampoo_dtype).eps)
-    shampoo_limit = float(torch.finfo(engine.shampoo_dtype).max)
-    return float(bound.max()) / bias_correction * (1.0 + 4 * eps) <= shampoo_limit
+    return float(bound.max()) / bias_correction * (1.0 + 4 * eps) <= float(torch.finfo(engine.shampoo_dtype).max)
 
 
 class RootsInApply:
@@ -154,11 +145,9 @@ class RootsInApply:
             # CPU: the due factors alone, through a compact copy (not their blocks' others)
             if self._compact is None:
                 self._compact = torch.empty(self.due.root_numel, dtype=engine.shampoo_dtype)
-            compact = self._compact[w.root_range[0] : w.root_range[1]]
-            _backend.packed_select(compact, engine.factors[chunk.packed_start : chunk.packed_stop], chunk.table,
-                                   w.due_mask, to_packed=False)
             full = scratch[: chunk.full_numel]
-            _backend.sym_unpack(full, compact, table, active)
+            unpack_due(w, engine.factors[chunk.packed_start : chunk.packed_stop],
+                       self._compact[w.root_range[0] : w.root_range[1]], full, engine.active)
         else:
             full = packing.unpack(scratch, engine.factors, chunk, blocks)
         engine._chunk_roots_in_apply(chunk, None if self.due is None else w, table, active, full,
@@ -201,7 +190,7 @@ class ShampooRootsInApply:
     proof requires of the configuration, the chunk's roots and their commit, the report."""
 
     def _roots_in_apply_config_ok(self) -> bool:
-        return _power_fits(self)
+        return roots_fit_dtypes(self)
 
     def _chunk_roots_in_apply(self, chunk: Any, w: Any, table: Any, active: torch.Tensor, full: torch.Tensor,
                               out: torch.Tensor, bias_correction: float) -> None:
