@@ -51,11 +51,14 @@ def _kernel(op: str, bits: int) -> Any:
     return getattr(_C, f"{op}_f{bits}")
 
 
+def _like(float_buffer: Any, tensors: Sequence[Any]) -> Any:
+    """What a call is dispatched by: its float buffer, else its first tensor."""
+    return float_buffer if float_buffer is not None else next((t for t in tensors if t is not None), None)
+
+
 def _on_cuda(float_buffer: Any, tensors: Sequence[Any]) -> torch.device | None:
-    """The CUDA device of the call (by its float buffer, else its first tensor), or None."""
-    like = float_buffer
-    if like is None:
-        like = next((t for t in tensors if t is not None), None)
+    """The CUDA device of the call, or None."""
+    like = _like(float_buffer, tensors)
     return like.device if isinstance(like, torch.Tensor) and like.is_cuda else None
 
 
@@ -73,10 +76,7 @@ def _cuda_call(op: str, device: torch.device, table: Any, active: Any) -> tuple[
 
 
 def _bits(op: str, float_buffer: Any, tensors: Sequence[Any]) -> int:
-    like = float_buffer
-    if like is None:
-        like = next((t for t in tensors if t is not None), None)
-    bits = _KERNEL_BITS.get(getattr(like, "dtype", None))
+    bits = _KERNEL_BITS.get(getattr(_like(float_buffer, tensors), "dtype", None))
     if bits is None:
         raise TypeError(f"{op}: no float32, bfloat16 or float64 buffer to choose the kernels by")
     return bits
