@@ -466,6 +466,35 @@ def test_no_psd_shift_negative_spectrum_is_nonfinite(dtype):
     assert np.isnan(x).any() and not np.any(x == SENTINEL)  # written anyway
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_psd_shift_odd_integer_power_keeps_negative_eigenvalues(dtype):
+    # root 1, multiplier 1: (lambda + eps)^-1 of a negative eigenvalue is a finite negative
+    # number, so the result is A^-1 (the kernel cannot form it as Y Y^T: its gemm path).
+    rng = np.random.default_rng(13)
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    indefinite = ((q * np.array([-2.0, -0.5, 0.5, 1.0, 2.0, 4.0])) @ q.T).astype(dtype)
+    x, st = run_one(indefinite, 1, dtype, make_positive_semidefinite=False, epsilon=0.0)
+    assert st == OK
+    ref = oracle_eigen(indefinite, 1, 0.0, psd=False)
+    np.testing.assert_allclose(x, ref, atol=200 * np.finfo(dtype).eps * np.abs(ref).max())
+    np.testing.assert_allclose(ref, np.linalg.inv(np.asarray(indefinite, np.float64)), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [2, 63, 64, 65, 150])
+def test_eigen_root_is_exactly_symmetric(dtype, n):
+    # the root is formed on one triangle and mirrored (in 64 x 64 tiles): both triangles
+    # equal bit for bit, every entry written, and the values those of the oracle
+    rng = np.random.default_rng(n)
+    kappa = 20.0
+    a = spd(rng, n, kappa).astype(dtype)
+    x, st = run_one(a, 4, dtype, epsilon=1e-12)
+    assert st == OK
+    assert not np.any(x == SENTINEL)
+    np.testing.assert_array_equal(x, x.T)
+    assert_root_close(x, oracle_eigen(a, 4, 1e-12), rel_tol(dtype, n, kappa, 0.25))
+
+
 # ------------------------------------------------------------------------------------------
 # Diagonal flags.
 # ------------------------------------------------------------------------------------------

@@ -35,6 +35,22 @@ static void root_gemm_f64(const shampoo_linalg *la, char transa, char transb, in
               &n);
 }
 
+/* c = a a^T on n x n column-major matrices, lower triangle only (the upper one is not
+ * written; beta = 0, so c need not be initialised). */
+static void root_syrk_lower_f32(const shampoo_linalg *la, int n, const float *a, float *c)
+{
+    char uplo = 'L', trans = 'N';
+    float one = 1.0f, zero = 0.0f;
+    la->ssyrk(&uplo, &trans, &n, &n, &one, (float *)a, &n, &zero, c, &n);
+}
+
+static void root_syrk_lower_f64(const shampoo_linalg *la, int n, const double *a, double *c)
+{
+    char uplo = 'L', trans = 'N';
+    double one = 1.0, zero = 0.0;
+    la->dsyrk(&uplo, &trans, &n, &n, &one, (double *)a, &n, &zero, c, &n);
+}
+
 /* syevd, jobz 'V', uplo 'U' (see root_eigen), on the n x n matrix a; returns LAPACK's info.
  * lwork = liwork = -1 is the workspace query. */
 static int root_syevd_f32(const shampoo_linalg *la, int n, float *a, float *w, float *work,
@@ -59,12 +75,13 @@ static int root_syevd_f64(const shampoo_linalg *la, int n, double *a, double *w,
  * also needs the double ones for its float64 retry). */
 static int root_linalg_missing_f64(const shampoo_linalg *la)
 {
-    return la->dgemm == NULL || la->dsyevd == NULL;
+    return la->dgemm == NULL || la->dsyrk == NULL || la->dsyevd == NULL;
 }
 
 static int root_linalg_missing_f32(const shampoo_linalg *la)
 {
-    return la->sgemm == NULL || la->ssyevd == NULL || root_linalg_missing_f64(la);
+    return la->sgemm == NULL || la->ssyrk == NULL || la->ssyevd == NULL ||
+           root_linalg_missing_f64(la);
 }
 
 static int root_config_valid(const shampoo_root_config *cfg)
