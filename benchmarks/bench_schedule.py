@@ -16,7 +16,11 @@ measure of the step's own work, so the table reports it, with the wall-clock max
 mean ratio in the last columns. The speed of a shared machine also drifts from period to
 period, which the whole run's max picks up: so the table also says in how many periods the
 target held (each period's max/median against 1 + that period's root / median, or 1.5) and the
-median over periods of the period's mean ratio. No assertions: this prints a table.
+median over periods of the period's mean ratio. The step a schedule makes expensive is the same
+step of every period, so the table also gives max/median with each step of the period taken as
+its median over the periods ("per-step medians"): the schedule's own spike, without the single
+slowest sample of a noisy machine; both are checked against the target. No assertions: this
+prints a table.
 
     python benchmarks/bench_schedule.py [--periods 4] [--threads 1] [--models mlp,...]
 """
@@ -101,6 +105,50 @@ def largest_root_seconds(optimizer: DistributedShampoo, repeats: int = 7) -> flo
     return statistics.median(times)
 
 
+def target_for(root: float, median: float) -> float:
+    """The issue's bound on max/median: 1.5 when the largest root is under half a median step,
+    else 1 + root / median."""
+    ratio = root / median
+    return 1.5 if ratio < 0.5 else 1.0 + ratio
+
+
+def position_medians(ts: List[float], periods: int) -> List[float]:
+    """For each step of the period (0 .. FREQUENCY-1), its median time over the periods."""
+    return [statistics.median(ts[p * FREQUENCY + i] for p in range(periods)) for i in range(FREQUENCY)]
+
+
+def schedule_rows(name: str, cpu: Dict[str, List[float]], wall: Dict[str, List[float]],
+                  roots: List[float], periods: int) -> List[List[str]]:
+    root = statistics.median(roots)
+    base_mean = statistics.mean(cpu["default"])
+    base_wall = statistics.mean(wall["default"])
+    rows = []
+    for key, ts in cpu.items():
+        med, top, mean = statistics.median(ts), max(ts), statistics.mean(ts)
+        target = target_for(root, med)  # against this schedule's own median step
+        typical_top = max(position_medians(ts, periods))
+        mean_ok = mean <= 1.05 * base_mean
+        ws = wall[key]
+        # period by period (each with the root timed after it): the machine's speed drifts
+        # between periods on a shared machine, which the whole-run max picks up
+        within, mean_ratios = 0, []
+        for p in range(periods):
+            part, part_default = ts[p * FREQUENCY : (p + 1) * FREQUENCY], cpu["default"][p * FREQUENCY : (p + 1) * FREQUENCY]
+            part_med = statistics.median(part)
+            within += max(part) / part_med <= target_for(roots[p], part_med)
+            mean_ratios.append(statistics.mean(part) / statistics.mean(part_default))
+        staggered = key != "default"
+        rows.append([name, key, f"{med * 1e3:.1f}", f"{top * 1e3:.1f}", f"{mean * 1e3:.1f}",
+                     f"{top / med:.2f}", f"{typical_top / med:.2f}", f"{mean / base_mean:.3f}",
+                     f"{root * 1e3:.0f}", f"{root / med:.2f}", f"{target:.2f}",
+                     ("yes" if typical_top / med <= target and mean_ok else "NO") if staggered else "-",
+                     ("yes" if top / med <= target and mean_ok else "NO") if staggered else "-",
+                     f"{within}/{periods}" if staggered else "-",
+                     f"{statistics.median(mean_ratios):.3f}" if staggered else "-",
+                     f"{max(ws) / statistics.median(ws):.2f}", f"{statistics.mean(ws) / base_wall:.3f}"])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--periods", type=int, default=4)
@@ -131,34 +179,12 @@ def main() -> None:
                     wall[key].append(time.perf_counter() - start)
             # the root alone between periods: under the same load of the machine as the steps
             roots.append(largest_root_seconds(optimizers["default"], repeats=1))
-        root = statistics.median(roots)
-        base_mean = statistics.mean(cpu["default"])
-        base_wall = statistics.mean(wall["default"])
-        for key, ts in cpu.items():
-            med, top, mean = statistics.median(ts), max(ts), statistics.mean(ts)
-            ratio = root / med  # against this schedule's own median step
-            target = 1.5 if ratio < 0.5 else 1.0 + ratio
-            ok = key == "default" or (top / med <= target and mean <= 1.05 * base_mean)
-            ws = wall[key]
-            # period by period (each with the root timed after it): the machine's speed drifts
-            # between periods on a shared machine, which the whole-run max picks up
-            within, mean_ratios = 0, []
-            for p in range(args.periods):
-                part, part_default = ts[p * FREQUENCY : (p + 1) * FREQUENCY], cpu["default"][p * FREQUENCY : (p + 1) * FREQUENCY]
-                part_med = statistics.median(part)
-                part_ratio = roots[p] / part_med
-                within += max(part) / part_med <= (1.5 if part_ratio < 0.5 else 1.0 + part_ratio)
-                mean_ratios.append(statistics.mean(part) / statistics.mean(part_default))
-            rows.append([name, key, f"{med * 1e3:.1f}", f"{top * 1e3:.1f}", f"{mean * 1e3:.1f}",
-                         f"{top / med:.2f}", f"{mean / base_mean:.3f}", f"{root * 1e3:.0f}",
-                         f"{ratio:.2f}", f"{target:.2f}", "-" if key == "default" else ("yes" if ok else "NO"),
-                         "-" if key == "default" else f"{within}/{args.periods}",
-                         "-" if key == "default" else f"{statistics.median(mean_ratios):.3f}",
-                         f"{max(ws) / statistics.median(ws):.2f}", f"{statistics.mean(ws) / base_wall:.3f}"])
+        rows += schedule_rows(name, cpu, wall, roots, args.periods)
     print(f"precondition_frequency={FREQUENCY}, {args.periods} periods, {args.threads} thread(s); "
           "CPU ms per step; root = the largest factor's root alone, from packed storage to packed storage")
-    print_table(["model", "schedule", "median", "max", "mean", "max/median", "mean/default",
-                 "root", "root/median", "target max/median", "met", "periods within target",
+    print_table(["model", "schedule", "median", "max", "mean", "max/median",
+                 "max/median (per-step medians)", "mean/default", "root", "root/median",
+                 "target max/median", "met (per-step medians)", "met (raw max)", "periods within target",
                  "per-period mean/default (median)", "wall max/median", "wall mean/default"], rows)
 
 
