@@ -35,22 +35,6 @@ static void root_gemm_f64(const shampoo_linalg *la, char transa, char transb, in
               &n);
 }
 
-/* c = a a^T on n x n column-major matrices, lower triangle only (the upper one is not
- * written; beta = 0, so c need not be initialised). */
-static void root_syrk_lower_f32(const shampoo_linalg *la, int n, const float *a, float *c)
-{
-    char uplo = 'L', trans = 'N';
-    float one = 1.0f, zero = 0.0f;
-    la->ssyrk(&uplo, &trans, &n, &n, &one, (float *)a, &n, &zero, c, &n);
-}
-
-static void root_syrk_lower_f64(const shampoo_linalg *la, int n, const double *a, double *c)
-{
-    char uplo = 'L', trans = 'N';
-    double one = 1.0, zero = 0.0;
-    la->dsyrk(&uplo, &trans, &n, &n, &one, (double *)a, &n, &zero, c, &n);
-}
-
 /* syevd, jobz 'V', uplo 'U' (see root_eigen), on the n x n matrix a; returns LAPACK's info.
  * lwork = liwork = -1 is the workspace query. */
 static int root_syevd_f32(const shampoo_linalg *la, int n, float *a, float *w, float *work,

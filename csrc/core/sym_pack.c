@@ -7,9 +7,6 @@
 #include "block_table.h"
 #include "sym_pack.h"
 
-/* Side of the square tiles of the transposed copies (32 x 32 doubles: 8 KiB per side). */
-#define SHAMPOO_PACK_TILE 32
-
 int64_t shampoo_packed_numel(const int64_t *table, int64_t nblocks)
 {
     if (nblocks < 0 || (nblocks > 0 && table == NULL))
