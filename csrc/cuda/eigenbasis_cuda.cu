@@ -4,8 +4,8 @@
  *      also a nonzero previous basis), and the host reads the flags back and sets the
  *      statuses;
  *   2. one kernel writes the identity for every 1x1 and diagonal factor;
- *   3. the dense factors, grouped by size n, go through cuSOLVER in batches (copy into
- *      contiguous staging -> eigensolver_cuda.cuh's solve -> the column-major eigenvectors
+ *   3. the dense factors, grouped by size n, go through cuSOLVER in batches (the root
+ *      step's pack into contiguous staging -> eigensolver_cuda.cuh's solve -> the column-major eigenvectors
  *      transposed into the row-major Q of soap.h, column j for the j-th smallest eigenvalue);
  *   4. float32 factors whose eigensolver failed are redone one by one in float64 (syevd);
  *      with QR, the factors with a previous basis take its warm-started step instead of 3-4
@@ -21,8 +21,6 @@ namespace {
 
 using namespace shampoo_root;
 using namespace shampoo_eig;
-using shampoo_qr::fetch;
-using shampoo_qr::matrix_grid;
 
 /* Step 2: Q = I for the 1x1 and diagonal jobs [0, ndiag). */
 template <typename real>
@@ -33,18 +31,6 @@ __global__ void identity_bases(const int64_t *job_offset, const int64_t *job_n, 
     for (int64_t e = blockIdx.y * (int64_t)blockDim.x + threadIdx.x; e < n * n;
          e += (int64_t)gridDim.y * blockDim.x)
         o[e] = e / n == e % n ? (real)1 : (real)0;
-}
-
-/* Step 3a: jobs first.. copied (as type R) into contiguous n x n slots. */
-template <typename S, typename R>
-__global__ void stage_factors(const int64_t *job_offset, int64_t first, int64_t n,
-                              const S *factors, R *staging)
-{
-    const int64_t j = blockIdx.x;
-    const S *f = factors + job_offset[first + j];
-    for (int64_t e = blockIdx.y * (int64_t)blockDim.x + threadIdx.x; e < n * n;
-         e += (int64_t)gridDim.y * blockDim.x)
-        staging[j * n * n + e] = (R)f[e];
 }
 
 /* Step 3c: out[i][j] = eigenvector j's entry i (column-major staging: a[j * n + i]) for the
@@ -83,10 +69,9 @@ shampoo_status eigenvectors(const shampoo_cuda_env *env, const S *factors, S *ou
         const int64_t batch = count - done < batch_max ? count - done : batch_max;
         const int64_t at = first + done;
         const dim3 grid = matrix_grid(batch, n);
-        stage_factors<S, R><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(job_offset, at, n,
-                                                                       factors, stage);
-        /* cuSOLVER reads the staging next: checked before it runs */
-        SHAMPOO_TRY(SHAMPOO_LAUNCHED("stage_factors"));
+        /* no bias correction: the eigenvectors do not depend on it */
+        SHAMPOO_TRY((launch_pack<S, R>(stream, grid, job_offset, at, n, factors, false, (S)1,
+                                       stage)));
         SHAMPOO_TRY(solve<R>(env, kind, (int)n, (int)batch, stage, w, info + done, work,
                              work_bytes, syevj_params));
         store_bases<R, S><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(
@@ -180,18 +165,10 @@ shampoo_status eigenbasis(const shampoo_cuda_env *env, real *out, const real *fa
     void *retry_work = (p += ws.retry_w);
 
     int64_t nfactors = 0;
-    h.refs = list_factors(table_host, nblocks, &nfactors);
-    h.active = (uint8_t *)malloc((size_t)nblocks);
-    h.diagonal = (uint8_t *)malloc((size_t)ws.factor_count);
-    h.flags = (int32_t *)malloc((size_t)ws.factor_count * sizeof(int32_t));
-    h.info = (int *)malloc((size_t)(nfactors + 1) * sizeof(int));
-    h.jobs = (int64_t *)calloc(4 * (size_t)(nfactors > 0 ? nfactors : 1), 8);
+    SHAMPOO_TRY(alloc_host(&h, table_host, nblocks, &nfactors));
     h.qr_jobs = (int64_t *)malloc(3 * (size_t)(nfactors > 0 ? nfactors : 1) * 8);
-    if (h.refs == NULL || h.active == NULL || h.diagonal == NULL || h.flags == NULL ||
-        h.info == NULL || h.jobs == NULL || h.qr_jobs == NULL)
+    if (h.qr_jobs == NULL)
         return SHAMPOO_ERR_NO_MEMORY;
-    SHAMPOO_TRY(SHAMPOO_SOLVER_CHECK("cusolverDnCreateSyevjInfo",
-                                     env->libs->syevj_info_create(&h.syevj_params)));
     if (qr)
         SHAMPOO_TRY(shampoo_blas_bind(env));
 
@@ -203,33 +180,16 @@ shampoo_status eigenbasis(const shampoo_cuda_env *env, real *out, const real *fa
     if (qr)
         SHAMPOO_TRY(shampoo_qr::launch_warm_scan<real>(stream, table, table_host, nblocks, active,
                                                        previous, d_flags));
-    SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, h.active, active, (size_t)nblocks,
-                                   cudaMemcpyDeviceToHost, stream));
-    SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, h.diagonal, is_diagonal,
-                                   (size_t)ws.factor_count, cudaMemcpyDeviceToHost, stream));
-    SHAMPOO_TRY(fetch(h.flags, d_flags, flag_bytes, stream));
+    SHAMPOO_TRY(read_scan(&h, active, is_diagonal, d_flags, nblocks, stream));
 
     /* statuses and jobs: identity (1x1, diagonal) jobs first, then dense jobs by size */
     int64_t *job_offset = h.jobs, *job_n = h.jobs + nfactors, *job_factor = h.jobs + 2 * nfactors;
-    double *job_alpha = (double *)(h.jobs + 3 * nfactors);
     int64_t njobs = 0, ndiag = 0, nqr = 0;
     for (int pass = 0; pass < 2; pass++) {
         for (int64_t f = 0; f < nfactors; f++) {
             const factor_ref r = h.refs[f];
-            if (pass == 0) {
-                if (!h.active[r.block]) {
-                    status_out[r.index] = SHAMPOO_ROOT_INACTIVE;
-                    continue;
-                }
-                status_out[r.index] = SHAMPOO_ROOT_OK;
-                if (r.n == 0)
-                    continue;
-                if (h.diagonal[r.index] && (h.flags[r.index] & FLAG_OFFDIAG))
-                    h.diagonal[r.index] = 0;
-                if (h.flags[r.index] & (FLAG_NAN | FLAG_INF))
-                    status_out[r.index] = (h.flags[r.index] & FLAG_NAN) ? SHAMPOO_ROOT_FACTOR_NAN
-                                                                        : SHAMPOO_ROOT_FACTOR_INF;
-            }
+            if (pass == 0 && !scan_status(&h, r, status_out))
+                continue;
             if (!h.active[r.block] || r.n == 0 || status_out[r.index] != SHAMPOO_ROOT_OK)
                 continue;
             if ((r.n == 1 || h.diagonal[r.index]) != (pass == 0))
@@ -247,34 +207,22 @@ shampoo_status eigenbasis(const shampoo_cuda_env *env, real *out, const real *fa
         if (pass == 0)
             ndiag = njobs;
     }
-    if (!sort_dense_jobs(job_offset, job_n, job_factor, job_alpha, ndiag, njobs))
-        return SHAMPOO_ERR_NO_MEMORY;
-    if (njobs > 0)
-        SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, d_jobs, h.jobs, 4 * (size_t)nfactors * 8,
-                                       cudaMemcpyHostToDevice, stream));
+    SHAMPOO_TRY(upload_jobs(&h, nfactors, ndiag, njobs, d_jobs, stream));
     const int64_t *d_offset = d_jobs, *d_n = d_jobs + nfactors, *d_factor = d_jobs + 2 * nfactors;
 
     /* 2. identity bases */
     if (ndiag > 0) {
-        int64_t widest = 1;
-        for (int64_t j = 0; j < ndiag; j++)
-            widest = job_n[j] > widest ? job_n[j] : widest;
-        identity_bases<real><<<matrix_grid(ndiag, widest), SHAMPOO_CUDA_THREADS, 0, stream>>>(
-            d_offset, d_n, out);
+        identity_bases<real><<<matrix_grid(ndiag, widest_job(job_n, ndiag)), SHAMPOO_CUDA_THREADS,
+                               0, stream>>>(d_offset, d_n, out);
         SHAMPOO_TRY(SHAMPOO_LAUNCHED("identity_bases"));
     }
     /* 3. dense factors, one size at a time; dense job j's info at d_info[j - ndiag] */
-    for (int64_t j = ndiag; j < njobs;) {
-        int64_t end = j;
-        while (end < njobs && job_n[end] == job_n[j])
-            end++;
-        SHAMPOO_TRY((eigenvectors<real, real>(env, factors, out, d_offset, d_factor,
-                                              d_info + (j - ndiag), j, end - j, job_n[j],
-                                              planned_batch(&ws, job_n[j]), stage, d_w,
-                                              solver_work, ws.solver, h.syevj_params, false,
-                                              d_flags)));
-        j = end;
-    }
+    SHAMPOO_TRY(for_each_size(job_n, ndiag, njobs, [&](int64_t j, int64_t end) {
+        return eigenvectors<real, real>(env, factors, out, d_offset, d_factor,
+                                        d_info + (j - ndiag), j, end - j, job_n[j],
+                                        planned_batch(&ws, job_n[j]), stage, d_w, solver_work,
+                                        ws.solver, h.syevj_params, false, d_flags);
+    }));
     const int64_t ndense = njobs - ndiag;
     if (ndense > 0)
         SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, h.info, d_info,
@@ -283,27 +231,14 @@ shampoo_status eigenbasis(const shampoo_cuda_env *env, real *out, const real *fa
     SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaStreamSynchronize, stream));
 
     /* 4. the float64 retry of failed float32 factors, one at a time */
-    for (int64_t d = 0; d < ndense; d++) {
-        const int64_t j = ndiag + d;
-        if (h.info[d] < 0)
-            return SHAMPOO_ERR_LINALG;
-        if (h.info[d] == 0)
-            continue;
-        status_out[job_factor[j]] = SHAMPOO_ROOT_FAILED;
-        if (sizeof(real) != 4 || !cfg->retry_double_precision)
-            continue;
-        st = eigenvectors<real, double>(env, factors, out, d_offset, d_factor, d_info + ndense,
-                                        j, 1, job_n[j], 1, retry_a, retry_w, retry_work,
-                                        ws.retry_solver, h.syevj_params, true, d_flags);
-        if (st != SHAMPOO_OK)
-            return st;
-        int retry_info = 0;
-        SHAMPOO_TRY(fetch(&retry_info, d_info + ndense, sizeof(int), stream));
-        if (retry_info < 0)
-            return SHAMPOO_ERR_LINALG;
-        if (retry_info == 0)
-            status_out[job_factor[j]] = SHAMPOO_ROOT_RETRIED_DOUBLE;
-    }
+    const bool retry = sizeof(real) == 4 && cfg->retry_double_precision;
+    SHAMPOO_TRY(retry_failed(h, ndiag, ndense, job_factor, retry, d_info + ndense, status_out,
+                             stream, [&](int64_t j) {
+        return eigenvectors<real, double>(env, factors, out, d_offset, d_factor,
+                                          d_info + ndense, j, 1, job_n[j], 1, retry_a, retry_w,
+                                          retry_work, ws.retry_solver, h.syevj_params, true,
+                                          d_flags);
+    }));
     /* 4'. the warm-started QR factors, one at a time */
     for (int64_t j = 0; j < nqr; j++) {
         const int64_t offset = h.qr_jobs[3 * j], n = h.qr_jobs[3 * j + 1];
@@ -314,17 +249,10 @@ shampoo_status eigenbasis(const shampoo_cuda_env *env, real *out, const real *fa
     SHAMPOO_TRY(fetch(h.flags, d_flags, flag_bytes, stream));
 
     /* 5. non-finite bases, and the updated diagonal flags back to the device */
-    for (int64_t j = ndiag; j < njobs; j++) {
-        int32_t *s = &status_out[job_factor[j]];
-        if (*s != SHAMPOO_ROOT_FAILED && (h.flags[job_factor[j]] & FLAG_NONFINITE_ROOT))
-            *s = SHAMPOO_ROOT_NONFINITE;
-    }
     for (int64_t j = 0; j < nqr; j++)
         if (h.flags[h.qr_jobs[3 * j + 2]] & FLAG_NONFINITE_ROOT)
             status_out[h.qr_jobs[3 * j + 2]] = SHAMPOO_ROOT_NONFINITE;
-    SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, is_diagonal, h.diagonal,
-                                   (size_t)ws.factor_count, cudaMemcpyHostToDevice, stream));
-    return SHAMPOO_CUDA_CHECK(cudaStreamSynchronize, stream);
+    return finish_statuses(h, job_factor, ndiag, njobs, status_out, is_diagonal, stream);
 }
 
 template <typename real>

@@ -11,23 +11,8 @@ namespace shampoo_qr {
 /* A flag bit beside matrix_root_cuda.cuh's FLAG_*: the factor's previous basis is nonzero. */
 enum { FLAG_WARM = 16 };
 
-/* Copies device -> host and waits (an eigenbasis call synchronises anyway). */
-static inline shampoo_status fetch(void *host, const void *device, size_t bytes,
-                                   cudaStream_t stream)
-{
-    if (bytes > 0)
-        SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, host, device, bytes,
-                                       cudaMemcpyDeviceToHost, stream));
-    return SHAMPOO_CUDA_CHECK(cudaStreamSynchronize, stream);
-}
-
-/* Grid of one thread block row per matrix and chunks of its n*n elements. */
-static inline dim3 matrix_grid(int64_t matrices, int64_t n)
-{
-    int64_t chunks = (n * n + SHAMPOO_CUDA_THREADS - 1) / SHAMPOO_CUDA_THREADS;
-    chunks = chunks < SHAMPOO_CUDA_MAX_GRID_Y ? chunks : SHAMPOO_CUDA_MAX_GRID_Y;
-    return dim3((unsigned)matrices, (unsigned)(chunks > 0 ? chunks : 1));
-}
+using shampoo_root::fetch;
+using shampoo_root::matrix_grid;
 
 /* Device bytes of the QR step's own scratch for the factors of this table (0 when none has
  * n >= 2); asks cuSOLVER for geqrf/orgqr buffer sizes (env->solver). */

@@ -117,14 +117,6 @@ __global__ void unpack(const int64_t *job_offset, const int64_t *job_factor, int
     }
 }
 
-/* Grid of one thread block row per matrix and chunks of its n*n elements. */
-dim3 matrix_grid(int64_t matrices, int64_t n)
-{
-    int64_t chunks = (n * n + SHAMPOO_CUDA_THREADS - 1) / SHAMPOO_CUDA_THREADS;
-    chunks = chunks < SHAMPOO_CUDA_MAX_GRID_Y ? chunks : SHAMPOO_CUDA_MAX_GRID_Y;
-    return dim3((unsigned)matrices, (unsigned)(chunks > 0 ? chunks : 1));
-}
-
 } // namespace
 
 template <typename real>
@@ -152,6 +144,16 @@ shampoo_status launch_diagonal_roots(cudaStream_t stream, const int64_t *job_off
     return SHAMPOO_LAUNCHED("diagonal_roots");
 }
 
+template <typename S, typename R>
+shampoo_status launch_pack(cudaStream_t stream, dim3 grid, const int64_t *job_offset,
+                           int64_t first, int64_t n, const S *factors, bool divide, S bc,
+                           R *staging)
+{
+    pack<S, R><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(job_offset, first, n, factors, divide,
+                                                          bc, staging);
+    return SHAMPOO_LAUNCHED("pack");
+}
+
 /* Step 3 for jobs [first, first + count) of size n, batch_max at a time: the eigen root of
  * each into out. S is the factors' type, R the type the eigensolver works in (R = double for
  * the float32 retry). Every launch whose output cuSOLVER or cuBLAS reads next is checked
@@ -172,9 +174,8 @@ shampoo_status eigen_roots(const shampoo_cuda_env *env, const S *factors, S *out
         const int64_t batch = count - done < batch_max ? count - done : batch_max;
         const int64_t at = first + done;
         const dim3 grid = matrix_grid(batch, n);
-        pack<S, R><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(job_offset, at, n, factors, divide,
-                                                              bc, stage_a);
-        SHAMPOO_TRY(SHAMPOO_LAUNCHED("pack"));
+        SHAMPOO_TRY((launch_pack<S, R>(stream, grid, job_offset, at, n, factors, divide, bc,
+                                       stage_a)));
         SHAMPOO_TRY(solve<R>(env, kind, (int)n, (int)batch, stage_a, w, info + done, solver_work,
                              solver_work_bytes, syevj_params));
         eigen_scales<R><<<(unsigned)batch, SHAMPOO_CUDA_THREADS, 0, stream>>>(
@@ -205,6 +206,8 @@ SHAMPOO_ROOT_LAUNCHERS(float)
 SHAMPOO_ROOT_LAUNCHERS(double)
 
 #define SHAMPOO_EIGEN_ROOTS(S, R)                                                              \
+    template shampoo_status launch_pack<S, R>(cudaStream_t, dim3, const int64_t *, int64_t,  \
+                                              int64_t, const S *, bool, S, R *);              \
     template shampoo_status eigen_roots<S, R>(                                                 \
         const shampoo_cuda_env *, const S *, S *, bool, S, const shampoo_root_config *,       \
         const int64_t *, const int64_t *, const double *, int *, int64_t, int64_t, int64_t,   \

@@ -20,15 +20,6 @@ namespace {
 
 using namespace shampoo_root;
 
-/* Copies device -> host and waits (a root step synchronises anyway). */
-shampoo_status fetch(void *host, const void *device, size_t bytes, cudaStream_t stream)
-{
-    if (bytes > 0)
-        SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, host, device, bytes,
-                                       cudaMemcpyDeviceToHost, stream));
-    return SHAMPOO_CUDA_CHECK(cudaStreamSynchronize, stream);
-}
-
 bool config_ok(const shampoo_root_config *cfg)
 {
     return isfinite(cfg->bias_correction) && cfg->bias_correction != 0.0 &&
@@ -82,17 +73,7 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
     void *retry_work = p;
 
     int64_t nfactors = 0;
-    h.refs = list_factors(table_host, nblocks, &nfactors);
-    h.active = (uint8_t *)malloc((size_t)nblocks);
-    h.diagonal = (uint8_t *)malloc((size_t)ws.factor_count);
-    h.flags = (int32_t *)malloc((size_t)ws.factor_count * sizeof(int32_t));
-    h.info = (int *)malloc((size_t)(nfactors + 1) * sizeof(int));
-    h.jobs = (int64_t *)malloc(4 * (size_t)(nfactors > 0 ? nfactors : 1) * 8);
-    if (h.refs == NULL || h.active == NULL || h.diagonal == NULL || h.flags == NULL ||
-        h.info == NULL || h.jobs == NULL)
-        return SHAMPOO_ERR_NO_MEMORY;
-    SHAMPOO_TRY(SHAMPOO_SOLVER_CHECK("cusolverDnCreateSyevjInfo",
-                                     env->libs->syevj_info_create(&h.syevj_params)));
+    SHAMPOO_TRY(alloc_host(&h, table_host, nblocks, &nfactors));
     SHAMPOO_TRY(SHAMPOO_SOLVER_CHECK("cusolverDnSetStream",
                                      env->libs->cusolver_set_stream(env->solver, env->stream)));
     SHAMPOO_TRY(shampoo_blas_bind(env));
@@ -100,17 +81,11 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
     /* 1. scan */
     const bool divide = cfg->bias_correction != 1.0;
     const real bc = (real)cfg->bias_correction;
-    SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemsetAsync, d_flags, 0,
-                                   (size_t)ws.factor_count * sizeof(int32_t), stream));
+    const size_t flag_bytes = (size_t)ws.factor_count * sizeof(int32_t);
+    SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemsetAsync, d_flags, 0, flag_bytes, stream));
     SHAMPOO_TRY(launch_scan_factors<real>(stream, table, table_host, nblocks, active, factors,
                                           divide, bc, d_flags));
-    SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, h.active, active, (size_t)nblocks,
-                                   cudaMemcpyDeviceToHost, stream));
-    SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, h.diagonal, is_diagonal,
-                                   (size_t)ws.factor_count, cudaMemcpyDeviceToHost, stream));
-    if ((st = fetch(h.flags, d_flags, (size_t)ws.factor_count * sizeof(int32_t), stream)) !=
-        SHAMPOO_OK)
-        return st;
+    SHAMPOO_TRY(read_scan(&h, active, is_diagonal, d_flags, nblocks, stream));
 
     /* statuses and jobs: diagonal/1x1 jobs first, then dense jobs sorted by size */
     int64_t *job_offset = h.jobs, *job_n = h.jobs + nfactors, *job_factor = h.jobs + 2 * nfactors;
@@ -121,20 +96,8 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
             const factor_ref r = h.refs[f];
             const int64_t root = table_host[r.block * SHAMPOO_BF_COUNT + SHAMPOO_BF_ROOT];
             if (pass == 0) {
-                if (!h.active[r.block]) {
-                    status_out[r.index] = SHAMPOO_ROOT_INACTIVE;
+                if (!scan_status(&h, r, status_out))
                     continue;
-                }
-                status_out[r.index] = SHAMPOO_ROOT_OK;
-                if (r.n == 0)
-                    continue;
-                if (h.diagonal[r.index] && (h.flags[r.index] & FLAG_OFFDIAG))
-                    h.diagonal[r.index] = 0;
-                if (h.flags[r.index] & (FLAG_NAN | FLAG_INF)) {
-                    status_out[r.index] = (h.flags[r.index] & FLAG_NAN) ? SHAMPOO_ROOT_FACTOR_NAN
-                                                                        : SHAMPOO_ROOT_FACTOR_INF;
-                    continue;
-                }
                 if (root < 1) {
                     status_out[r.index] = SHAMPOO_ROOT_FAILED; /* as the reference raises */
                     continue;
@@ -157,85 +120,43 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
         if (pass == 0)
             ndiag = njobs;
     }
-    /* dense jobs sorted by size, so each size is one contiguous range (stable: table order) */
-    if (!sort_dense_jobs(job_offset, job_n, job_factor, job_alpha, ndiag, njobs))
-        return SHAMPOO_ERR_NO_MEMORY;
-    if (njobs > 0)
-        SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, d_jobs, h.jobs, 4 * (size_t)nfactors * 8,
-                                       cudaMemcpyHostToDevice, stream));
+    SHAMPOO_TRY(upload_jobs(&h, nfactors, ndiag, njobs, d_jobs, stream));
     const int64_t *d_offset = d_jobs, *d_n = d_jobs + nfactors, *d_factor = d_jobs + 2 * nfactors;
     const double *d_alpha = (const double *)(d_jobs + 3 * nfactors);
 
     /* 2. diagonal and 1x1 factors */
-    if (ndiag > 0) {
-        int64_t widest = 1;
-        for (int64_t j = 0; j < ndiag; j++)
-            widest = job_n[j] > widest ? job_n[j] : widest;
-        SHAMPOO_TRY(launch_diagonal_roots<real>(stream, d_offset, d_n, d_factor, d_alpha,
-                                                ndiag, widest, factors, divide, bc,
+    if (ndiag > 0)
+        SHAMPOO_TRY(launch_diagonal_roots<real>(stream, d_offset, d_n, d_factor, d_alpha, ndiag,
+                                                widest_job(job_n, ndiag), factors, divide, bc,
                                                 (real)cfg->epsilon, out, d_flags));
-    }
-    /* 3. dense factors, one size at a time; infos indexed by dense job */
-    for (int64_t j = ndiag; j < njobs;) {
-        int64_t end = j;
-        while (end < njobs && job_n[end] == job_n[j])
-            end++;
-        st = eigen_roots<real, real>(env, factors, out, divide, bc, cfg, d_offset, d_factor,
-                                     d_alpha, d_info + (j - ndiag), j, end - j, job_n[j],
-                                     planned_batch(&ws, job_n[j]), stage_a, stage_qs,
-                                     stage_x, d_w, solver_work, ws.solver, h.syevj_params,
-                                     false, d_flags);
-        if (st != SHAMPOO_OK)
-            return st;
-        j = end;
-    }
-    /* dense job j's solver info sits at d_info[j - ndiag] */
+    /* 3. dense factors, one size at a time; dense job j's solver info at d_info[j - ndiag] */
+    SHAMPOO_TRY(for_each_size(job_n, ndiag, njobs, [&](int64_t j, int64_t end) {
+        return eigen_roots<real, real>(env, factors, out, divide, bc, cfg, d_offset, d_factor,
+                                       d_alpha, d_info + (j - ndiag), j, end - j, job_n[j],
+                                       planned_batch(&ws, job_n[j]), stage_a, stage_qs, stage_x,
+                                       d_w, solver_work, ws.solver, h.syevj_params, false,
+                                       d_flags);
+    }));
     const int64_t ndense = njobs - ndiag;
     if (ndense > 0)
         SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, h.info, d_info,
                                        (size_t)ndense * sizeof(int), cudaMemcpyDeviceToHost,
                                        stream));
-    if ((st = fetch(h.flags, d_flags, (size_t)ws.factor_count * sizeof(int32_t), stream)) !=
-        SHAMPOO_OK)
-        return st;
+    SHAMPOO_TRY(fetch(h.flags, d_flags, flag_bytes, stream));
 
     /* 4. the float64 retry of failed float32 factors, one at a time */
-    for (int64_t d = 0; d < ndense; d++) {
-        const int64_t j = ndiag + d;
-        if (h.info[d] < 0)
-            return SHAMPOO_ERR_LINALG;
-        if (h.info[d] == 0)
-            continue;
-        status_out[job_factor[j]] = SHAMPOO_ROOT_FAILED;
-        if (sizeof(real) != 4 || !cfg->retry_double_precision)
-            continue;
-        st = eigen_roots<real, double>(env, factors, out, divide, bc, cfg, d_offset, d_factor,
-                                       d_alpha, d_info + ndense, j, 1, job_n[j], 1, retry_a,
-                                       retry_qs, retry_x, retry_w, retry_work, ws.retry_solver,
-                                       h.syevj_params, true, d_flags);
-        if (st != SHAMPOO_OK)
-            return st;
-        int retry_info = 0;
-        if ((st = fetch(&retry_info, d_info + ndense, sizeof(int), stream)) != SHAMPOO_OK)
-            return st;
-        if (retry_info < 0)
-            return SHAMPOO_ERR_LINALG;
-        if (retry_info == 0)
-            status_out[job_factor[j]] = SHAMPOO_ROOT_RETRIED_DOUBLE;
-    }
-    if ((st = fetch(h.flags, d_flags, (size_t)ws.factor_count * sizeof(int32_t), stream)) !=
-        SHAMPOO_OK)
-        return st;
+    const bool retry = sizeof(real) == 4 && cfg->retry_double_precision;
+    SHAMPOO_TRY(retry_failed(h, ndiag, ndense, job_factor, retry, d_info + ndense, status_out,
+                             stream, [&](int64_t j) {
+        return eigen_roots<real, double>(env, factors, out, divide, bc, cfg, d_offset, d_factor,
+                                         d_alpha, d_info + ndense, j, 1, job_n[j], 1, retry_a,
+                                         retry_qs, retry_x, retry_w, retry_work,
+                                         ws.retry_solver, h.syevj_params, true, d_flags);
+    }));
+    SHAMPOO_TRY(fetch(h.flags, d_flags, flag_bytes, stream));
 
     /* 5. non-finite roots, and the updated diagonal flags back to the device */
-    for (int64_t j = 0; j < njobs; j++) {
-        int32_t *s = &status_out[job_factor[j]];
-        if (*s != SHAMPOO_ROOT_FAILED && (h.flags[job_factor[j]] & FLAG_NONFINITE_ROOT))
-            *s = SHAMPOO_ROOT_NONFINITE;
-    }
-    SHAMPOO_TRY(SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, is_diagonal, h.diagonal,
-                                   (size_t)ws.factor_count, cudaMemcpyHostToDevice, stream));
-    return SHAMPOO_CUDA_CHECK(cudaStreamSynchronize, stream);
+    return finish_statuses(h, job_factor, 0, njobs, status_out, is_diagonal, stream);
 }
 
 } // namespace
