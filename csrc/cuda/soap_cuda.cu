@@ -1,28 +1,27 @@
 /* The SOAP direction on the GPU (soap_cuda.h; CPU twin: core/soap_direction.inc).
  *   1. one kernel flags the blocks that have an eigenbasis (Q_0 not all zero, order >= 1);
- *   2. with moment_grads: R(moment_grads) by batched GEMMs (as precondition_cuda.cu: one
- *      cuBLAS call per shape group and dimension, pointer arrays written by a kernel from the
- *      batch plan), then D <- beta2 D + (1 - beta2) R^2 in one elementwise kernel;
+ *   2. with moment_grads: R(moment_grads) by the batched block contraction that
+ *      preconditioning uses (block_contraction_cuda.cuh), then
+ *      D <- beta2 D + (1 - beta2) R^2 in one elementwise kernel;
  *   3. with out: R(grads) (unless step 2 rotated the same buffer), the scaling
  *      R / (D / bc + epsilon)^(1/r) in place, and R^T by batched GEMMs into out.
  * A block without an eigenbasis (or of order 0) uses the unrotated buffer instead: the
  * elementwise kernels read it directly and the back rotation does not write its `out`, so
  * R is exactly the identity there as on the CPU. The elementwise arithmetic is the CPU's,
  * operation for operation (the build passes -fmad=false). */
-#include "cuda_common.cuh"
+#include "block_contraction_cuda.cuh"
 #include "soap_cuda.h"
 
 #include <math.h>
 
-#include "../core/batch_plan.h"
 
 namespace {
 
 constexpr int ROTATIONS = 3; /* moment, direction forward, direction back */
 
 /* Workspace regions (bytes): the per-block basis flags, three block-layout buffers (two
- * intermediates and the rotated result), then per rotation the Q, T and output pointer
- * arrays, slot k * nitems + j for item j and dimension k. */
+ * intermediates and the rotated result), then per rotation the contraction's pointer
+ * arrays. */
 struct soap_workspace {
     size_t flags, scratch, pointers, total;
     int64_t nitems;
@@ -37,7 +36,7 @@ soap_workspace soap_workspace_of(const int64_t *table_host, int64_t nblocks,
     w.nitems = plan_host[1];
     w.flags = shampoo_align256((size_t)nblocks * sizeof(int32_t));
     w.scratch = shampoo_align256((size_t)block_numel * (size_t)real_bytes);
-    w.pointers = shampoo_align256(3 * (size_t)w.nitems * SHAMPOO_MAX_ORDER * sizeof(void *));
+    w.pointers = shampoo_contract::pointer_bytes(w.nitems);
     w.total = w.flags + 3 * w.scratch + ROTATIONS * w.pointers;
     return w;
 }
@@ -59,32 +58,6 @@ __global__ void basis_flags(const int64_t *table, const uint8_t *active, const r
             atomicOr(&has[b], 1);
             return;
         }
-}
-
-/* Contraction k of item j reads src (k = 0) or the previous intermediate and writes the next
- * intermediate, or `dst` for the last one of an active block with a basis (any other block's
- * last result goes to the free intermediate: its dst is never written). back: op(Q) = Q^T. */
-template <typename real>
-__global__ void rotate_pointers(const int64_t *plan, const int64_t *table, const uint8_t *active,
-                                const int32_t *has, const real *src, const real *bases,
-                                real *dst, real *ping, real *pong, const real **q_ptrs,
-                                const real **t_ptrs, real **o_ptrs)
-{
-    const int64_t nitems = plan[1];
-    const int64_t *items = shampoo_plan_items(plan);
-    const int64_t total = nitems * SHAMPOO_MAX_ORDER;
-    for (int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; s < total;
-         s += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t k = s / nitems, j = s % nitems, b = items[j];
-        const int64_t *row = shampoo_table_row(table, b);
-        const int64_t order = row[SHAMPOO_BF_ORDER], offset = row[SHAMPOO_BF_BLOCK_OFFSET];
-        if (k >= order)
-            continue;
-        real *const scratch[2] = {ping, pong};
-        q_ptrs[s] = bases + row[SHAMPOO_BF_FACTOR_OFFSET] + shampoo_factor_elem_offset(row, k);
-        t_ptrs[s] = (k == 0 ? src : scratch[(k - 1) % 2]) + offset;
-        o_ptrs[s] = (k == order - 1 && active[b] && has[b] ? dst : scratch[k % 2]) + offset;
-    }
 }
 
 /* D <- beta2 D + (1 - beta2) X^2 (beta2 == 1: D + X^2), X the rotated moment gradient of a
@@ -134,56 +107,6 @@ __global__ void scale(const int64_t *table, const uint8_t *active, const int32_t
         s = r == 1 ? s : r == 2 ? (real)sqrt((double)s) : (real)pow((double)s, 1.0 / (double)r);
         y[i] = x[i] / s;
     }
-}
-
-/* What one call shares between its rotations. */
-template <typename real> struct rotation_ctx {
-    const shampoo_cuda_env *env;
-    const int64_t *plan, *plan_host, *table;
-    const uint8_t *active;
-    const int32_t *has;
-    const real *bases;
-    real *ping, *pong;
-    int64_t nitems;
-};
-
-/* R(src) (back = 0) or R^T(src) (back = 1) into dst for the active blocks with a basis;
- * `pointers` holds this rotation's three pointer arrays. */
-template <typename real>
-shampoo_status rotate(const rotation_ctx<real> &c, const real *src, real *dst, char *pointers,
-                      bool back)
-{
-    if (c.nitems == 0)
-        return SHAMPOO_OK;
-    cudaStream_t stream = shampoo_stream(c.env);
-    const int64_t slots = c.nitems * SHAMPOO_MAX_ORDER;
-    const real **q_ptrs = (const real **)pointers;
-    const real **t_ptrs = q_ptrs + slots;
-    real **o_ptrs = (real **)(t_ptrs + slots);
-    const unsigned grid = (unsigned)((slots + SHAMPOO_CUDA_THREADS - 1) / SHAMPOO_CUDA_THREADS);
-    rotate_pointers<real><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(
-        c.plan, c.table, c.active, c.has, src, c.bases, dst, c.ping, c.pong, q_ptrs, t_ptrs,
-        o_ptrs);
-    /* cuBLAS reads these pointer arrays next: never hand it stale ones */
-    SHAMPOO_TRY(SHAMPOO_LAUNCHED("rotate_pointers"));
-    for (int64_t k = 0; k < SHAMPOO_MAX_ORDER; k++) {
-        for (int64_t g = 0; g < c.plan_host[0]; g++) {
-            const int64_t *grp = shampoo_plan_group(c.plan_host, g);
-            if (k >= grp[SHAMPOO_PG_ORDER])
-                continue;
-            const int n = (int)grp[SHAMPOO_PG_DIMS + k];
-            const int rest = (int)(grp[SHAMPOO_PG_NUMEL] / n);
-            const int64_t s = k * c.nitems + grp[SHAMPOO_PG_FIRST];
-            /* the CPU's T' = T^T op(Q) (row-major rest x n): column-major op(Q)^T T_mem^T,
-             * where Q's memory reads as Q^T */
-            SHAMPOO_TRY(shampoo_gemm_batched(c.env->libs, c.env->blas,
-                                             back ? SHAMPOO_CUBLAS_OP_T : SHAMPOO_CUBLAS_OP_N,
-                                             SHAMPOO_CUBLAS_OP_T, n, rest, n, q_ptrs + s, n,
-                                             t_ptrs + s, rest, o_ptrs + s, n,
-                                             (int)grp[SHAMPOO_PG_COUNT]));
-        }
-    }
-    return SHAMPOO_OK;
 }
 
 bool params_ok(const shampoo_soap_params *p)
@@ -241,12 +164,14 @@ shampoo_status soap_direction(const shampoo_cuda_env *env, real *out, const real
                         stream>>>(table, active, bases, has);
     SHAMPOO_TRY(SHAMPOO_LAUNCHED("basis_flags"));
 
-    const rotation_ctx<real> c = {env, plan, plan_host, table, active, has, bases, ping, pong,
-                                  w.nitems};
+    /* R(X) contracts X with the bases, R^T(X) with the transposed bases */
+    const shampoo_contract::contraction<real> c = {env, plan, plan_host, table, active, has,
+                                                   bases, ping, pong, w.nitems};
+    using shampoo_contract::contract;
     const dim3 grid((unsigned)nblocks, shampoo_chunks_for(table_host, nblocks));
     bool rotated_grads = false;
     if (moment_grads != NULL) {
-        SHAMPOO_TRY(rotate<real>(c, moment_grads, rotated, pointers, false));
+        SHAMPOO_TRY(contract<real>(c, moment_grads, rotated, pointers, false));
         second_moment<real><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(
             table, active, has, rotated, moment_grads, corrected, p->beta2);
         SHAMPOO_TRY(SHAMPOO_LAUNCHED("second_moment"));
@@ -255,13 +180,13 @@ shampoo_status soap_direction(const shampoo_cuda_env *env, real *out, const real
     if (out == NULL)
         return SHAMPOO_OK;
     if (!rotated_grads)
-        SHAMPOO_TRY(rotate<real>(c, grads, rotated, pointers + w.pointers, false));
+        SHAMPOO_TRY(contract<real>(c, grads, rotated, pointers + w.pointers, false));
     scale<real><<<grid, SHAMPOO_CUDA_THREADS, 0, stream>>>(table, active, has, rotated, grads,
                                                           corrected, out, p->bias_correction,
                                                           p->epsilon);
     /* checked here: with no basis anywhere no GEMM follows to notice it */
     SHAMPOO_TRY(SHAMPOO_LAUNCHED("scale"));
-    return rotate<real>(c, rotated, out, pointers + 2 * w.pointers, true);
+    return contract<real>(c, rotated, out, pointers + 2 * w.pointers, true);
 }
 
 } // namespace
