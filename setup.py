@@ -125,6 +125,7 @@ CUDA_MODULE_HOST_SOURCES = [
     "csrc/python/tensor_args.c",
     "csrc/python/tensor_list.c",
     "csrc/python/cuda_binding.c",
+    "csrc/python/cuda_call.c",
     "csrc/python/cuda_io_ops.c",
     "csrc/python/cuda_ops.c",
     "csrc/python/cuda_packed_ops.c",

@@ -1,5 +1,6 @@
 /* Private declarations of the CUDA module distributed_shampoo._C_cuda (cuda_binding.c,
- * cuda_ops.c): its state and the environment a kernel call gets. Python-side only. */
+ * cuda_call.c, cuda_*_ops.c): its state, the environment a kernel call gets, and what the
+ * entry points share. Python-side only. */
 #ifndef SHAMPOO_CUDA_BINDING_H
 #define SHAMPOO_CUDA_BINDING_H
 
@@ -48,6 +49,35 @@ void shampoo_cuda_scope_end(PyObject *module, shampoo_cuda_scope *scope);
 /* Sets the Python exception for a kernel status, with the first failed CUDA/cuBLAS/cuSOLVER
  * call's name, code and place when one was recorded; NULL. */
 PyObject *shampoo_cuda_raise_status(const char *fn, shampoo_status status);
+
+/* ---- cuda_call.c: what the entry points share */
+
+/* The argument specs every table-driven CUDA op takes (tensor_args.c). */
+#define SHAMPOO_CUDA_TABLE_ARGS                                                              \
+    {"table", SHAMPOO_ARG_TABLE, SHAMPOO_LAYOUT_NONE, 0},                                    \
+    {"table_host", SHAMPOO_ARG_TABLE, SHAMPOO_LAYOUT_NONE, SHAMPOO_ARG_HOST}
+#define SHAMPOO_CUDA_ACTIVE_ARG {"active", SHAMPOO_ARG_MASK, SHAMPOO_LAYOUT_PER_BLOCK, 0}
+#define SHAMPOO_CUDA_PLAN_ARGS                                                               \
+    {"plan", SHAMPOO_ARG_INT64, SHAMPOO_LAYOUT_NONE, 0},                                     \
+    {"plan_host", SHAMPOO_ARG_INT64, SHAMPOO_LAYOUT_NONE, SHAMPOO_ARG_HOST}
+#define SHAMPOO_CUDA_FAIL_ARG(flags) {"fail", SHAMPOO_ARG_INT64, SHAMPOO_LAYOUT_NONE, (flags)}
+#define SHAMPOO_CUDA_WORKSPACE_ARGS                                                          \
+    {"workspace", SHAMPOO_ARG_BYTES, SHAMPOO_LAYOUT_NONE,                                    \
+     SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},                                                \
+    {"blas_workspace", SHAMPOO_ARG_BYTES, SHAMPOO_LAYOUT_NONE,                               \
+     SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL}
+
+/* Ends a bound call: raises for a bad status (its text read before anything else runs
+ * CUDA), else returns `ok`; then torch's device and the handles back. */
+PyObject *shampoo_cuda_done(PyObject *m, shampoo_cuda_scope *scope, shampoo_call *call,
+                            shampoo_status st, PyObject *ok);
+/* Ends a call that failed before its kernel ran (exception set): NULL. */
+PyObject *shampoo_cuda_failed(PyObject *m, shampoo_cuda_scope *scope, shampoo_call *call);
+/* The failure flag at view i, when given, is int64[2]; 0, or -1 with an exception set. */
+int shampoo_cuda_check_fail(shampoo_call *call, int i);
+/* Views plan (device) and plan_host are the batch plan of the host table at view
+ * table_host; 0, or -1 with an exception set. */
+int shampoo_cuda_check_plan(shampoo_call *call, int plan, int plan_host, int table_host);
 
 extern PyMethodDef shampoo_cuda_kernel_methods[];
 extern PyMethodDef shampoo_cuda_packed_methods[]; /* cuda_packed_ops.c */

@@ -15,13 +15,8 @@
 #define OFFSETS_ARG {"tensor_offsets", SHAMPOO_ARG_INT64, SHAMPOO_LAYOUT_NONE, SHAMPOO_ARG_HOST}
 #define BLOCK_TENSOR_ARG                                                                     \
     {"block_tensor", SHAMPOO_ARG_INT64, SHAMPOO_LAYOUT_PER_BLOCK, SHAMPOO_ARG_HOST}
-#define TABLE_ARGS                                                                           \
-    {"table", SHAMPOO_ARG_TABLE, SHAMPOO_LAYOUT_NONE, 0},                                    \
-    {"table_host", SHAMPOO_ARG_TABLE, SHAMPOO_LAYOUT_NONE, SHAMPOO_ARG_HOST}
 #define ACTIVE_HOST_ARG                                                                      \
     {"active_host", SHAMPOO_ARG_MASK, SHAMPOO_LAYOUT_PER_BLOCK, SHAMPOO_ARG_HOST}
-#define FAIL_ARG(flags) {"fail", SHAMPOO_ARG_INT64, SHAMPOO_LAYOUT_NONE, (flags)}
-
 /* Which views of the call the lists are located by. */
 typedef struct io_indices {
     int offsets, block_tensor, table_host, active_host;
@@ -75,15 +70,6 @@ static PyObject *failed(PyObject *m, shampoo_cuda_scope *scope, shampoo_call *ca
     return shampoo_call_failed(call);
 }
 
-static int check_fail(shampoo_call *call, int i)
-{
-    if (call->views[i].data != NULL && call->views[i].numel != 2) {
-        PyErr_Format(PyExc_ValueError, "%s: argument 'fail' must have 2 elements", call->fn);
-        return -1;
-    }
-    return 0;
-}
-
 /* gather_io_*(stream, workspace, grad_blocks, param_blocks, grads, params, tensor_offsets,
  * block_tensor, table, table_host, active_host, l2_weight_decay, step, fail, sq_norms) */
 static PyObject *gather_io(PyObject *m, PyObject *args, int bits, const char *fn)
@@ -96,9 +82,9 @@ static PyObject *gather_io(PyObject *m, PyObject *args, int bits, const char *fn
          SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},
         OFFSETS_ARG,
         BLOCK_TENSOR_ARG,
-        TABLE_ARGS,
+        SHAMPOO_CUDA_TABLE_ARGS,
         ACTIVE_HOST_ARG,
-        FAIL_ARG(SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL),
+        SHAMPOO_CUDA_FAIL_ARG(SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL),
         {"sq_norms", SHAMPOO_ARG_DOUBLE, SHAMPOO_LAYOUT_PER_BLOCK,
          SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},
     };
@@ -117,7 +103,7 @@ static PyObject *gather_io(PyObject *m, PyObject *args, int bits, const char *fn
                           &o[9]))
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 10, bits) < 0 ||
-        check_fail(&call, 8) < 0)
+        shampoo_cuda_check_fail(&call, 8) < 0)
         return failed(m, &scope, &call, lists, 2);
     if (seqs[0] == Py_None || (seqs[1] == Py_None && (o[2] != Py_None || l2 != 0.0))) {
         PyErr_Format(PyExc_ValueError, "%s: argument 'grads' is required, and 'params' when "
@@ -160,9 +146,9 @@ static PyObject *finish_io(PyObject *m, PyObject *args, int bits, const char *fn
         {"grafting_state", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, SHAMPOO_ARG_OPTIONAL},
         {"momentum_state", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK,
          SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},
-        TABLE_ARGS,
+        SHAMPOO_CUDA_TABLE_ARGS,
         ACTIVE_HOST_ARG,
-        FAIL_ARG(SHAMPOO_ARG_OPTIONAL),
+        SHAMPOO_CUDA_FAIL_ARG(SHAMPOO_ARG_OPTIONAL),
     };
     static const char *const names[1] = {"params"};
     static const int written[1] = {1};
@@ -182,7 +168,7 @@ static PyObject *finish_io(PyObject *m, PyObject *args, int bits, const char *fn
         return NULL;
     p.graft = (shampoo_graft_kind)graft;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 11, bits) < 0 ||
-        check_fail(&call, 10) < 0)
+        shampoo_cuda_check_fail(&call, 10) < 0)
         return failed(m, &scope, &call, lists, 1);
     if (shampoo_check_finish_args(fn, &p, o[4] != Py_None, o[5] != Py_None, -1, o[6] != Py_None) < 0)
         return failed(m, &scope, &call, lists, 1);
@@ -211,7 +197,7 @@ static PyObject *scatter_io(PyObject *m, PyObject *args, int bits, const char *f
         OFFSETS_ARG,
         BLOCK_TENSOR_ARG,
         {"blocks", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, 0},
-        TABLE_ARGS,
+        SHAMPOO_CUDA_TABLE_ARGS,
         ACTIVE_HOST_ARG,
     };
     static const char *const names[1] = {"params"};

@@ -7,63 +7,9 @@
 #include "../core/batch_plan.h"
 #include "../core/block_table.h"
 
-#define TABLE_ARGS                                                                           \
-    {"table", SHAMPOO_ARG_TABLE, SHAMPOO_LAYOUT_NONE, 0},                                    \
-    {"table_host", SHAMPOO_ARG_TABLE, SHAMPOO_LAYOUT_NONE, SHAMPOO_ARG_HOST}
-#define ACTIVE_ARG {"active", SHAMPOO_ARG_MASK, SHAMPOO_LAYOUT_PER_BLOCK, 0}
-#define PLAN_ARGS                                                                            \
-    {"plan", SHAMPOO_ARG_INT64, SHAMPOO_LAYOUT_NONE, 0},                                     \
-    {"plan_host", SHAMPOO_ARG_INT64, SHAMPOO_LAYOUT_NONE, SHAMPOO_ARG_HOST}
-#define FAIL_ARG(flags) {"fail", SHAMPOO_ARG_INT64, SHAMPOO_LAYOUT_NONE, (flags)}
-#define WORKSPACE_ARGS                                                                       \
-    {"workspace", SHAMPOO_ARG_BYTES, SHAMPOO_LAYOUT_NONE,                                    \
-     SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},                                                \
-    {"blas_workspace", SHAMPOO_ARG_BYTES, SHAMPOO_LAYOUT_NONE,                               \
-     SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL}
-
 static inline void *ptr(shampoo_call *call, int i)
 {
     return shampoo_arg(call, i);
-}
-
-/* Ends a call: the exception (its text read before anything else runs CUDA), then torch's
- * device and the handles back. */
-static PyObject *done(PyObject *m, shampoo_cuda_scope *scope, shampoo_call *call,
-                      shampoo_status st, PyObject *ok)
-{
-    PyObject *r = shampoo_call_done(call, st, ok, shampoo_cuda_raise_status);
-    shampoo_cuda_scope_end(m, scope);
-    return r;
-}
-
-static PyObject *failed(PyObject *m, shampoo_cuda_scope *scope, shampoo_call *call)
-{
-    shampoo_cuda_scope_end(m, scope);
-    return shampoo_call_failed(call);
-}
-
-/* The failure flag, when given, is int64[2]. */
-static int check_fail(shampoo_call *call, int i)
-{
-    if (call->views[i].data != NULL && call->views[i].numel != 2) {
-        PyErr_Format(PyExc_ValueError, "%s: argument 'fail' must have 2 elements", call->fn);
-        return -1;
-    }
-    return 0;
-}
-
-/* plan (device) and plan_host must be the batch plan of the host table. */
-static int check_plan(shampoo_call *call, int plan, int plan_host, int table_host)
-{
-    const shampoo_view *p = &call->views[plan], *h = &call->views[plan_host];
-    if (p->numel != h->numel ||
-        shampoo_batch_plan_check(h->data, h->numel, call->views[table_host].data,
-                                 call->nblocks) != SHAMPOO_OK) {
-        PyErr_Format(PyExc_ValueError, "%s: arguments 'plan'/'plan_host' are not the batch "
-                     "plan of the table (build it with _backend.batch_plan)", call->fn);
-        return -1;
-    }
-    return 0;
 }
 
 static PyObject *gather(PyObject *m, PyObject *args, int bits, const char *fn)
@@ -74,9 +20,9 @@ static PyObject *gather(PyObject *m, PyObject *args, int bits, const char *fn)
          SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},
         {"grad_flat", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_PARAM, 0},
         {"param_flat", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_PARAM, SHAMPOO_ARG_OPTIONAL},
-        TABLE_ARGS,
-        ACTIVE_ARG,
-        FAIL_ARG(SHAMPOO_ARG_OUT),
+        SHAMPOO_CUDA_TABLE_ARGS,
+        SHAMPOO_CUDA_ACTIVE_ARG,
+        SHAMPOO_CUDA_FAIL_ARG(SHAMPOO_ARG_OUT),
         {"sq_norms", SHAMPOO_ARG_DOUBLE, SHAMPOO_LAYOUT_PER_BLOCK,
          SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},
     };
@@ -92,13 +38,13 @@ static PyObject *gather(PyObject *m, PyObject *args, int bits, const char *fn)
                           &o[5], &o[6], &o[7], &l2, &step, &o[8]))
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 9, bits) < 0 ||
-        check_fail(&call, 7) < 0 ||
+        shampoo_cuda_check_fail(&call, 7) < 0 ||
         shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env, &scope) < 0)
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     if (ptr(&call, 3) == NULL && (ptr(&call, 1) != NULL || l2 != 0.0)) {
         PyErr_Format(PyExc_ValueError, "%s: argument 'param_flat' is required when "
                      "param_blocks is given or l2_weight_decay != 0", fn);
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     }
     shampoo_status st = bits == 32
         ? shampoo_cuda_gather_f32(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
@@ -107,7 +53,7 @@ static PyObject *gather(PyObject *m, PyObject *args, int bits, const char *fn)
         : shampoo_cuda_gather_f64(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                   ptr(&call, 3), ptr(&call, 4), ptr(&call, 5), call.nblocks,
                                   ptr(&call, 6), l2, step, ptr(&call, 7), ptr(&call, 8));
-    return done(m, &scope, &call, st, Py_NewRef(Py_None));
+    return shampoo_cuda_done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
 static PyObject *scatter(PyObject *m, PyObject *args, int bits, const char *fn)
@@ -115,8 +61,8 @@ static PyObject *scatter(PyObject *m, PyObject *args, int bits, const char *fn)
     static const shampoo_arg_spec specs[] = {
         {"flat", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_PARAM, SHAMPOO_ARG_OUT},
         {"blocks", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, 0},
-        TABLE_ARGS,
-        ACTIVE_ARG,
+        SHAMPOO_CUDA_TABLE_ARGS,
+        SHAMPOO_CUDA_ACTIVE_ARG,
     };
     PyObject *o[5];
     unsigned long long stream;
@@ -127,13 +73,13 @@ static PyObject *scatter(PyObject *m, PyObject *args, int bits, const char *fn)
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 5, bits) < 0 ||
         shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env, &scope) < 0)
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     shampoo_status st = bits == 32
         ? shampoo_cuda_scatter_f32(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                    ptr(&call, 3), call.nblocks, ptr(&call, 4))
         : shampoo_cuda_scatter_f64(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                    ptr(&call, 3), call.nblocks, ptr(&call, 4));
-    return done(m, &scope, &call, st, Py_NewRef(Py_None));
+    return shampoo_cuda_done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
 static PyObject *moments(PyObject *m, PyObject *args, int bits, const char *fn)
@@ -144,9 +90,9 @@ static PyObject *moments(PyObject *m, PyObject *args, int bits, const char *fn)
          SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},
         {"filtered_grad", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK,
          SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},
-        TABLE_ARGS,
-        ACTIVE_ARG,
-        FAIL_ARG(SHAMPOO_ARG_OPTIONAL),
+        SHAMPOO_CUDA_TABLE_ARGS,
+        SHAMPOO_CUDA_ACTIVE_ARG,
+        SHAMPOO_CUDA_FAIL_ARG(SHAMPOO_ARG_OPTIONAL),
     };
     PyObject *o[7];
     unsigned long long stream;
@@ -159,9 +105,9 @@ static PyObject *moments(PyObject *m, PyObject *args, int bits, const char *fn)
                           &p.beta3, &p.bias_correction1))
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 7, bits) < 0 ||
-        check_fail(&call, 6) < 0 ||
+        shampoo_cuda_check_fail(&call, 6) < 0 ||
         shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env, &scope) < 0)
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     shampoo_status st = bits == 32
         ? shampoo_cuda_moments_f32(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                    ptr(&call, 3), ptr(&call, 4), call.nblocks, ptr(&call, 5), &p,
@@ -169,7 +115,7 @@ static PyObject *moments(PyObject *m, PyObject *args, int bits, const char *fn)
         : shampoo_cuda_moments_f64(&env, ptr(&call, 0), ptr(&call, 1), ptr(&call, 2),
                                    ptr(&call, 3), ptr(&call, 4), call.nblocks, ptr(&call, 5), &p,
                                    ptr(&call, 6));
-    return done(m, &scope, &call, st, Py_NewRef(Py_None));
+    return shampoo_cuda_done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
 static PyObject *finish(PyObject *m, PyObject *args, int bits, const char *fn)
@@ -186,9 +132,9 @@ static PyObject *finish(PyObject *m, PyObject *args, int bits, const char *fn)
         {"param_blocks", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, SHAMPOO_ARG_OPTIONAL},
         {"momentum_state", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK,
          SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},
-        TABLE_ARGS,
-        ACTIVE_ARG,
-        FAIL_ARG(SHAMPOO_ARG_OPTIONAL),
+        SHAMPOO_CUDA_TABLE_ARGS,
+        SHAMPOO_CUDA_ACTIVE_ARG,
+        SHAMPOO_CUDA_FAIL_ARG(SHAMPOO_ARG_OPTIONAL),
     };
     PyObject *o[11];
     unsigned long long stream;
@@ -205,11 +151,11 @@ static PyObject *finish(PyObject *m, PyObject *args, int bits, const char *fn)
         return NULL;
     p.graft = (shampoo_graft_kind)graft;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 11, bits) < 0 ||
-        check_fail(&call, 10) < 0 ||
+        shampoo_cuda_check_fail(&call, 10) < 0 ||
         shampoo_check_finish_args(fn, &p, o[3] != Py_None, o[4] != Py_None, o[5] != Py_None,
                                   o[6] != Py_None) < 0 ||
         shampoo_cuda_env_for(m, &call, stream, &call.views[0], NULL, 0, &env, &scope) < 0)
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     shampoo_status st = bits == 32
         ? shampoo_cuda_finish_f32(&env, ptr(&call, 1), ptr(&call, 2), ptr(&call, 3),
                                   ptr(&call, 4), ptr(&call, 5), ptr(&call, 6), ptr(&call, 7),
@@ -218,21 +164,21 @@ static PyObject *finish(PyObject *m, PyObject *args, int bits, const char *fn)
                                   ptr(&call, 4), ptr(&call, 5), ptr(&call, 6), ptr(&call, 7),
                                   ptr(&call, 8), call.nblocks, ptr(&call, 9), &p,
                                   ptr(&call, 10));
-    return done(m, &scope, &call, st, Py_NewRef(Py_None));
+    return shampoo_cuda_done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
 static PyObject *factor_update(PyObject *m, PyObject *args, int bits, const char *fn)
 {
     static const shampoo_arg_spec specs[] = {
-        WORKSPACE_ARGS,
+        SHAMPOO_CUDA_WORKSPACE_ARGS,
         {"factors_out", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR,
          SHAMPOO_ARG_OUT | SHAMPOO_ARG_ALIAS_OK},
         {"factors_in", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, SHAMPOO_ARG_ALIAS_OK},
         {"grads", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, 0},
-        TABLE_ARGS,
-        PLAN_ARGS,
-        ACTIVE_ARG,
-        FAIL_ARG(SHAMPOO_ARG_OPTIONAL),
+        SHAMPOO_CUDA_TABLE_ARGS,
+        SHAMPOO_CUDA_PLAN_ARGS,
+        SHAMPOO_CUDA_ACTIVE_ARG,
+        SHAMPOO_CUDA_FAIL_ARG(SHAMPOO_ARG_OPTIONAL),
     };
     PyObject *o[11];
     unsigned long long stream;
@@ -244,9 +190,9 @@ static PyObject *factor_update(PyObject *m, PyObject *args, int bits, const char
                           &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &beta2))
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 11, bits) < 0 ||
-        check_fail(&call, 10) < 0 || check_plan(&call, 7, 8, 6) < 0 ||
+        shampoo_cuda_check_fail(&call, 10) < 0 || shampoo_cuda_check_plan(&call, 7, 8, 6) < 0 ||
         shampoo_cuda_env_for(m, &call, stream, &call.views[0], &call.views[1], 1, &env, &scope) < 0)
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     shampoo_status st = bits == 32
         ? shampoo_cuda_factor_update_f32(&env, ptr(&call, 2), ptr(&call, 3), ptr(&call, 4),
                                          ptr(&call, 5), ptr(&call, 6), call.nblocks,
@@ -256,19 +202,19 @@ static PyObject *factor_update(PyObject *m, PyObject *args, int bits, const char
                                          ptr(&call, 5), ptr(&call, 6), call.nblocks,
                                          ptr(&call, 7), ptr(&call, 8), ptr(&call, 9), beta2,
                                          ptr(&call, 10));
-    return done(m, &scope, &call, st, Py_NewRef(Py_None));
+    return shampoo_cuda_done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
 static PyObject *precondition(PyObject *m, PyObject *args, int bits, const char *fn)
 {
     static const shampoo_arg_spec specs[] = {
-        WORKSPACE_ARGS,
+        SHAMPOO_CUDA_WORKSPACE_ARGS,
         {"out", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, SHAMPOO_ARG_OUT},
         {"grads", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, 0},
         {"inv_roots", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, 0},
-        TABLE_ARGS,
-        PLAN_ARGS,
-        ACTIVE_ARG,
+        SHAMPOO_CUDA_TABLE_ARGS,
+        SHAMPOO_CUDA_PLAN_ARGS,
+        SHAMPOO_CUDA_ACTIVE_ARG,
     };
     PyObject *o[10];
     unsigned long long stream;
@@ -279,9 +225,9 @@ static PyObject *precondition(PyObject *m, PyObject *args, int bits, const char 
                           &o[5], &o[6], &o[7], &o[8], &o[9]))
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 10, bits) < 0 ||
-        check_plan(&call, 7, 8, 6) < 0 ||
+        shampoo_cuda_check_plan(&call, 7, 8, 6) < 0 ||
         shampoo_cuda_env_for(m, &call, stream, &call.views[0], &call.views[1], 1, &env, &scope) < 0)
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     shampoo_status st = bits == 32
         ? shampoo_cuda_precondition_f32(&env, ptr(&call, 2), ptr(&call, 3), ptr(&call, 4),
                                         ptr(&call, 5), ptr(&call, 6), call.nblocks,
@@ -289,17 +235,17 @@ static PyObject *precondition(PyObject *m, PyObject *args, int bits, const char 
         : shampoo_cuda_precondition_f64(&env, ptr(&call, 2), ptr(&call, 3), ptr(&call, 4),
                                         ptr(&call, 5), ptr(&call, 6), call.nblocks,
                                         ptr(&call, 7), ptr(&call, 8), ptr(&call, 9));
-    return done(m, &scope, &call, st, Py_NewRef(Py_None));
+    return shampoo_cuda_done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
 static PyObject *root_inverse(PyObject *m, PyObject *args, int bits, const char *fn)
 {
     static const shampoo_arg_spec specs[] = {
-        WORKSPACE_ARGS,
+        SHAMPOO_CUDA_WORKSPACE_ARGS,
         {"out", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, SHAMPOO_ARG_OUT},
         {"factors", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, 0},
-        TABLE_ARGS,
-        ACTIVE_ARG,
+        SHAMPOO_CUDA_TABLE_ARGS,
+        SHAMPOO_CUDA_ACTIVE_ARG,
         {"is_diagonal", SHAMPOO_ARG_MASK, SHAMPOO_LAYOUT_PER_FACTOR, SHAMPOO_ARG_OUT},
         {"status_out", SHAMPOO_ARG_INT32, SHAMPOO_LAYOUT_PER_FACTOR,
          SHAMPOO_ARG_OUT | SHAMPOO_ARG_HOST},
@@ -323,7 +269,7 @@ static PyObject *root_inverse(PyObject *m, PyObject *args, int bits, const char 
     cfg.order = order;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 9, bits) < 0 ||
         shampoo_cuda_env_for(m, &call, stream, &call.views[0], &call.views[1], 1, &env, &scope) < 0)
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     shampoo_status st;
     Py_BEGIN_ALLOW_THREADS /* it waits for the device */
     st = bits == 32
@@ -334,7 +280,7 @@ static PyObject *root_inverse(PyObject *m, PyObject *args, int bits, const char 
                                         ptr(&call, 5), call.nblocks, ptr(&call, 6), &cfg,
                                         ptr(&call, 7), ptr(&call, 8));
     Py_END_ALLOW_THREADS
-    return done(m, &scope, &call, st, Py_NewRef(Py_None));
+    return shampoo_cuda_done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
 /* workspace_bytes(op, stream, device, table_host, plan_host, bits) -> int: scratch bytes
@@ -358,12 +304,12 @@ static PyObject *workspace_bytes(PyObject *m, PyObject *args)
         return PyErr_Format(PyExc_ValueError, "workspace_bytes: bits must be 32 or 64");
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, "workspace_bytes", specs, o, 2,
                           bits) < 0)
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     const int64_t *table = ptr(&call, 0), *plan = ptr(&call, 1);
     if (shampoo_batch_plan_check(plan, call.views[1].numel, table, call.nblocks) != SHAMPOO_OK) {
         PyErr_SetString(PyExc_ValueError, "workspace_bytes: argument 'plan_host' is not the "
                         "batch plan of the table");
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     }
     size_t bytes = 0;
     shampoo_status st = SHAMPOO_OK;
@@ -377,13 +323,13 @@ static PyObject *workspace_bytes(PyObject *m, PyObject *args)
         shampoo_cuda_env env;
         call.device_id = device;
         if (shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 1, &env, &scope) < 0)
-            return failed(m, &scope, &call);
+            return shampoo_cuda_failed(m, &scope, &call);
         st = shampoo_cuda_root_inverse_workspace(&env, table, call.nblocks, bits / 8, &bytes);
     } else {
         PyErr_Format(PyExc_ValueError, "workspace_bytes: unknown op '%s'", op);
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     }
-    return done(m, &scope, &call, st, PyLong_FromSize_t(bytes));
+    return shampoo_cuda_done(m, &scope, &call, st, PyLong_FromSize_t(bytes));
 }
 
 SHAMPOO_TWINS(gather)

@@ -8,8 +8,7 @@
 #include "../core/sym_pack.h"
 
 #define PACKED_TABLE_ARGS                                                                    \
-    {"table", SHAMPOO_ARG_TABLE, SHAMPOO_LAYOUT_NONE, 0},                                    \
-    {"table_host", SHAMPOO_ARG_TABLE, SHAMPOO_LAYOUT_NONE, SHAMPOO_ARG_HOST},                \
+    SHAMPOO_CUDA_TABLE_ARGS,                                                                 \
     {"packed_offsets", SHAMPOO_ARG_INT64, SHAMPOO_LAYOUT_PER_BLOCK, 0},                      \
     {"packed_offsets_host", SHAMPOO_ARG_INT64, SHAMPOO_LAYOUT_PER_BLOCK, SHAMPOO_ARG_HOST}
 
@@ -102,17 +101,13 @@ static PyObject *run(PyObject *m, PyObject *args, int bits, const char *fn,
         return NULL;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 7, bits) < 0 ||
         check_packed(&call, packed, npacked) < 0 ||
-        shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env, &scope) < 0) {
-        shampoo_cuda_scope_end(m, &scope);
-        return shampoo_call_failed(&call);
-    }
+        shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 0, &env, &scope) < 0)
+        return shampoo_cuda_failed(m, &scope, &call);
     shampoo_status st = (bits == 32 ? f32 : f64)(
         &env, shampoo_arg(&call, 0), shampoo_arg(&call, 1), shampoo_arg(&call, 2),
         shampoo_arg(&call, 3), call.nblocks, shampoo_arg(&call, 4), shampoo_arg(&call, 6),
         average);
-    PyObject *r = shampoo_call_done(&call, st, Py_NewRef(Py_None), shampoo_cuda_raise_status);
-    shampoo_cuda_scope_end(m, &scope);
-    return r;
+    return shampoo_cuda_done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
 static PyObject *sym_unpack(PyObject *m, PyObject *args, int bits, const char *fn)

@@ -8,58 +8,19 @@
 #include "../core/block_table.h"
 #include "../cuda/soap_cuda.h"
 
-#define TABLE_ARGS                                                                           \
-    {"table", SHAMPOO_ARG_TABLE, SHAMPOO_LAYOUT_NONE, 0},                                    \
-    {"table_host", SHAMPOO_ARG_TABLE, SHAMPOO_LAYOUT_NONE, SHAMPOO_ARG_HOST}
-#define ACTIVE_ARG {"active", SHAMPOO_ARG_MASK, SHAMPOO_LAYOUT_PER_BLOCK, 0}
-#define WORKSPACE_ARGS                                                                       \
-    {"workspace", SHAMPOO_ARG_BYTES, SHAMPOO_LAYOUT_NONE,                                    \
-     SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},                                                \
-    {"blas_workspace", SHAMPOO_ARG_BYTES, SHAMPOO_LAYOUT_NONE,                               \
-     SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL}
-
-static PyObject *done(PyObject *m, shampoo_cuda_scope *scope, shampoo_call *call,
-                      shampoo_status st, PyObject *ok)
-{
-    PyObject *r = shampoo_call_done(call, st, ok, shampoo_cuda_raise_status);
-    shampoo_cuda_scope_end(m, scope);
-    return r;
-}
-
-static PyObject *failed(PyObject *m, shampoo_cuda_scope *scope, shampoo_call *call)
-{
-    shampoo_cuda_scope_end(m, scope);
-    return shampoo_call_failed(call);
-}
-
-/* plan (device) and plan_host must be the batch plan of the host table. */
-static int check_plan(shampoo_call *call, int plan, int plan_host, int table_host)
-{
-    const shampoo_view *p = &call->views[plan], *h = &call->views[plan_host];
-    if (p->numel != h->numel ||
-        shampoo_batch_plan_check(h->data, h->numel, call->views[table_host].data,
-                                 call->nblocks) != SHAMPOO_OK) {
-        PyErr_Format(PyExc_ValueError, "%s: arguments 'plan'/'plan_host' are not the batch "
-                     "plan of the table (build it with _backend.batch_plan)", call->fn);
-        return -1;
-    }
-    return 0;
-}
-
 static PyObject *soap_direction(PyObject *m, PyObject *args, int bits, const char *fn)
 {
     static const shampoo_arg_spec specs[] = {
-        WORKSPACE_ARGS,
+        SHAMPOO_CUDA_WORKSPACE_ARGS,
         {"out", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, SHAMPOO_ARG_OUT | SHAMPOO_ARG_OPTIONAL},
         {"grads", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, SHAMPOO_ARG_OPTIONAL | SHAMPOO_ARG_ALIAS_OK},
         {"moment_grads", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK,
          SHAMPOO_ARG_OPTIONAL | SHAMPOO_ARG_ALIAS_OK},
         {"bases", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, 0},
         {"corrected", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_BLOCK, SHAMPOO_ARG_OUT},
-        TABLE_ARGS,
-        {"plan", SHAMPOO_ARG_INT64, SHAMPOO_LAYOUT_NONE, 0},
-        {"plan_host", SHAMPOO_ARG_INT64, SHAMPOO_LAYOUT_NONE, SHAMPOO_ARG_HOST},
-        ACTIVE_ARG,
+        SHAMPOO_CUDA_TABLE_ARGS,
+        SHAMPOO_CUDA_PLAN_ARGS,
+        SHAMPOO_CUDA_ACTIVE_ARG,
     };
     PyObject *o[12];
     unsigned long long stream;
@@ -79,19 +40,19 @@ static PyObject *soap_direction(PyObject *m, PyObject *args, int bits, const cha
     if (!(p.epsilon >= 0.0))
         return PyErr_Format(PyExc_ValueError, "%s: argument 'epsilon' must be >= 0, got %g", fn, p.epsilon);
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 12, bits) < 0 ||
-        check_plan(&call, 9, 10, 8) < 0)
-        return failed(m, &scope, &call);
+        shampoo_cuda_check_plan(&call, 9, 10, 8) < 0)
+        return shampoo_cuda_failed(m, &scope, &call);
     void *out = shampoo_arg(&call, 2), *grads = shampoo_arg(&call, 3), *mg = shampoo_arg(&call, 4);
     if (out == NULL && mg == NULL) {
         PyErr_Format(PyExc_ValueError, "%s: at least one of 'out' and 'moment_grads' is required", fn);
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     }
     if (out != NULL && grads == NULL) {
         PyErr_Format(PyExc_ValueError, "%s: argument 'grads' is required with 'out'", fn);
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     }
     if (shampoo_cuda_env_for(m, &call, stream, &call.views[0], &call.views[1], 1, &env, &scope) < 0)
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     shampoo_status st = bits == 32
         ? shampoo_cuda_soap_direction_f32(&env, out, grads, mg, shampoo_arg(&call, 5),
                                           shampoo_arg(&call, 6), shampoo_arg(&call, 7),
@@ -103,18 +64,18 @@ static PyObject *soap_direction(PyObject *m, PyObject *args, int bits, const cha
                                           shampoo_arg(&call, 8), call.nblocks,
                                           shampoo_arg(&call, 9), shampoo_arg(&call, 10),
                                           shampoo_arg(&call, 11), &p);
-    return done(m, &scope, &call, st, Py_NewRef(Py_None));
+    return shampoo_cuda_done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
 static PyObject *eigenbasis(PyObject *m, PyObject *args, int bits, const char *fn)
 {
     static const shampoo_arg_spec specs[] = {
-        WORKSPACE_ARGS,
+        SHAMPOO_CUDA_WORKSPACE_ARGS,
         {"out", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, SHAMPOO_ARG_OUT},
         {"factors", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, 0},
         {"previous", SHAMPOO_ARG_REAL, SHAMPOO_LAYOUT_FACTOR, SHAMPOO_ARG_OPTIONAL},
-        TABLE_ARGS,
-        ACTIVE_ARG,
+        SHAMPOO_CUDA_TABLE_ARGS,
+        SHAMPOO_CUDA_ACTIVE_ARG,
         {"is_diagonal", SHAMPOO_ARG_MASK, SHAMPOO_LAYOUT_PER_FACTOR, SHAMPOO_ARG_OUT},
         {"status_out", SHAMPOO_ARG_INT32, SHAMPOO_LAYOUT_PER_FACTOR,
          SHAMPOO_ARG_OUT | SHAMPOO_ARG_HOST},
@@ -143,13 +104,13 @@ static PyObject *eigenbasis(PyObject *m, PyObject *args, int bits, const char *f
     cfg.method = (shampoo_eigenbasis_method)method;
     cfg.max_iterations = (int64_t)max_iterations;
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, fn, specs, o, 10, bits) < 0)
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     if (method == SHAMPOO_EIGENBASIS_QR && shampoo_arg(&call, 4) == NULL) {
         PyErr_Format(PyExc_ValueError, "%s: argument 'previous' is required for EIGENBASIS_QR", fn);
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     }
     if (shampoo_cuda_env_for(m, &call, stream, &call.views[0], &call.views[1], 1, &env, &scope) < 0)
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     shampoo_status st;
     Py_BEGIN_ALLOW_THREADS /* it waits for the device */
     st = bits == 32
@@ -162,7 +123,7 @@ static PyObject *eigenbasis(PyObject *m, PyObject *args, int bits, const char *f
                                       shampoo_arg(&call, 6), call.nblocks, shampoo_arg(&call, 7),
                                       &cfg, shampoo_arg(&call, 8), shampoo_arg(&call, 9));
     Py_END_ALLOW_THREADS
-    return done(m, &scope, &call, st, Py_NewRef(Py_None));
+    return shampoo_cuda_done(m, &scope, &call, st, Py_NewRef(Py_None));
 }
 
 /* eigenbasis_workspace_bytes(stream, device, table_host, bits, method) -> int: scratch bytes
@@ -185,14 +146,14 @@ static PyObject *eigenbasis_workspace_bytes(PyObject *m, PyObject *args)
         return PyErr_Format(PyExc_ValueError, "eigenbasis_workspace_bytes: bits must be 32 or 64");
     if (shampoo_call_bind(&call, &shampoo_cuda_get_state(m)->dl, "eigenbasis_workspace_bytes",
                           specs, o, 1, bits) < 0)
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     call.device_id = device;
     if (shampoo_cuda_env_for(m, &call, stream, NULL, NULL, 1, &env, &scope) < 0)
-        return failed(m, &scope, &call);
+        return shampoo_cuda_failed(m, &scope, &call);
     size_t bytes = 0;
     const shampoo_status st = shampoo_cuda_eigenbasis_workspace(
         &env, shampoo_arg(&call, 0), call.nblocks, bits / 8, method, &bytes);
-    return done(m, &scope, &call, st, PyLong_FromSize_t(bytes));
+    return shampoo_cuda_done(m, &scope, &call, st, PyLong_FromSize_t(bytes));
 }
 
 /* soap_workspace_bytes(table_host, plan_host, bits) -> int: scratch bytes of one
