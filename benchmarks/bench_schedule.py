@@ -19,8 +19,9 @@ target held (each period's max/median against 1 + that period's root / median, o
 median over periods of the period's mean ratio. The step a schedule makes expensive is the same
 step of every period, so the table also gives max/median with each step of the period taken as
 its median over the periods ("per-step medians"): the schedule's own spike, without the single
-slowest sample of a noisy machine; both are checked against the target. No assertions: this
-prints a table.
+slowest sample of a noisy machine; both are checked against the target. The last column
+gives the machine's own noise: max/median over the default schedule's steps without roots,
+which all do the same work. No assertions: this prints a table.
 
     python benchmarks/bench_schedule.py [--periods 4] [--threads 1] [--models mlp,...]
 """
@@ -117,6 +118,16 @@ def position_medians(ts: List[float], periods: int) -> List[float]:
     return [statistics.median(ts[p * FREQUENCY + i] for p in range(periods)) for i in range(FREQUENCY)]
 
 
+def identical_step_spread(ts: List[float], periods: int) -> float:
+    """The machine's own noise: max/median over the default schedule's steps that carry no
+    root (every step of the period but the root step, the slowest by per-step median), which
+    all do the same work."""
+    medians = position_medians(ts, periods)
+    root_position = max(range(FREQUENCY), key=lambda i: medians[i])
+    plain = [ts[p * FREQUENCY + i] for p in range(periods) for i in range(FREQUENCY) if i != root_position]
+    return max(plain) / statistics.median(plain)
+
+
 def schedule_rows(name: str, cpu: Dict[str, List[float]], wall: Dict[str, List[float]],
                   roots: List[float], periods: int) -> List[List[str]]:
     root = statistics.median(roots)
@@ -145,7 +156,8 @@ def schedule_rows(name: str, cpu: Dict[str, List[float]], wall: Dict[str, List[f
                      ("yes" if top / med <= target and mean_ok else "NO") if staggered else "-",
                      f"{within}/{periods}" if staggered else "-",
                      f"{statistics.median(mean_ratios):.3f}" if staggered else "-",
-                     f"{max(ws) / statistics.median(ws):.2f}", f"{statistics.mean(ws) / base_wall:.3f}"])
+                     f"{max(ws) / statistics.median(ws):.2f}", f"{statistics.mean(ws) / base_wall:.3f}",
+                     f"{identical_step_spread(ts, periods):.2f}" if not staggered else "-"])
     return rows
 
 
@@ -185,7 +197,8 @@ def main() -> None:
     print_table(["model", "schedule", "median", "max", "mean", "max/median",
                  "max/median (per-step medians)", "mean/default", "root", "root/median",
                  "target max/median", "met (per-step medians)", "met (raw max)", "periods within target",
-                 "per-period mean/default (median)", "wall max/median", "wall mean/default"], rows)
+                 "per-period mean/default (median)", "wall max/median", "wall mean/default",
+                 "noise: max/median of identical steps"], rows)
 
 
 if __name__ == "__main__":
