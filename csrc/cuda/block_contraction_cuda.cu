@@ -44,10 +44,11 @@ template <typename real>
 shampoo_status contract(const contraction<real> &c, const real *src, real *dst, char *pointers,
                         bool transpose)
 {
-    if (c.nitems == 0)
+    const int64_t nitems = c.plan_host[1];
+    if (nitems == 0)
         return SHAMPOO_OK;
     cudaStream_t stream = shampoo_stream(c.env);
-    const int64_t slots = c.nitems * SHAMPOO_MAX_ORDER;
+    const int64_t slots = nitems * SHAMPOO_MAX_ORDER;
     const real **q_ptrs = (const real **)pointers;
     const real **t_ptrs = q_ptrs + slots;
     real **o_ptrs = (real **)(t_ptrs + slots);
@@ -65,7 +66,7 @@ shampoo_status contract(const contraction<real> &c, const real *src, real *dst, 
                 continue;
             const int n = (int)grp[SHAMPOO_PG_DIMS + k];
             const int rest = (int)(grp[SHAMPOO_PG_NUMEL] / n);
-            const int64_t s = k * c.nitems + grp[SHAMPOO_PG_FIRST];
+            const int64_t s = k * nitems + grp[SHAMPOO_PG_FIRST];
             /* the CPU's T' = T^T op(Q) (row-major rest x n) is the column-major
              * op(Q)^T T_mem^T, where Q's memory reads as Q^T */
             SHAMPOO_TRY(shampoo_gemm_batched(c.env->libs, c.env->blas,

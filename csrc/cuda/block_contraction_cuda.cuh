@@ -25,12 +25,11 @@ template <typename real> struct contraction {
     const int32_t *has;
     const real *mats; /* the blocks' matrices, at each block's factor offset */
     real *ping, *pong;
-    int64_t nitems;
 };
 
 /* dst <- src contracted with every dimension's matrix (transposed where `transpose`), for
- * the active blocks that `has`; `pointers` holds pointer_bytes(c.nitems) of workspace.
- * cuBLAS must be bound (shampoo_blas_bind) when c.nitems > 0. */
+ * the active blocks that `has`; `pointers` holds pointer_bytes(plan_host[1]) of workspace.
+ * cuBLAS must be bound (shampoo_blas_bind) when the plan has items. */
 template <typename real>
 shampoo_status contract(const contraction<real> &c, const real *src, real *dst, char *pointers,
                         bool transpose);

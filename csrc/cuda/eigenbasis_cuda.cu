@@ -5,8 +5,9 @@
  *      statuses;
  *   2. one kernel writes the identity for every 1x1 and diagonal factor;
  *   3. the dense factors, grouped by size n, go through cuSOLVER in batches (the root
- *      step's pack into contiguous staging -> eigensolver_cuda.cuh's solve -> the column-major eigenvectors
- *      transposed into the row-major Q of soap.h, column j for the j-th smallest eigenvalue);
+ *      step's pack into contiguous staging -> eigensolver_cuda.cuh's solve -> the
+ *      column-major eigenvectors transposed into the row-major Q of soap.h, column j for the
+ *      j-th smallest eigenvalue);
  *   4. float32 factors whose eigensolver failed are redone one by one in float64 (syevd);
  *      with QR, the factors with a previous basis take its warm-started step instead of 3-4
  *      (eigenbasis_qr_cuda.cu);
@@ -183,7 +184,7 @@ shampoo_status eigenbasis(const shampoo_cuda_env *env, real *out, const real *fa
     SHAMPOO_TRY(read_scan(&h, active, is_diagonal, d_flags, nblocks, stream));
 
     /* statuses and jobs: identity (1x1, diagonal) jobs first, then dense jobs by size */
-    int64_t *job_offset = h.jobs, *job_n = h.jobs + nfactors, *job_factor = h.jobs + 2 * nfactors;
+    const job_arrays job = jobs_in(h.jobs, nfactors), dev = jobs_in(d_jobs, nfactors);
     int64_t njobs = 0, ndiag = 0, nqr = 0;
     for (int pass = 0; pass < 2; pass++) {
         for (int64_t f = 0; f < nfactors; f++) {
@@ -200,27 +201,26 @@ shampoo_status eigenbasis(const shampoo_cuda_env *env, real *out, const real *fa
                 h.qr_jobs[3 * nqr++ + 2] = r.index;
                 continue;
             }
-            job_offset[njobs] = r.offset;
-            job_n[njobs] = r.n;
-            job_factor[njobs++] = r.index;
+            job.offset[njobs] = r.offset;
+            job.n[njobs] = r.n;
+            job.factor[njobs++] = r.index;
         }
         if (pass == 0)
             ndiag = njobs;
     }
     SHAMPOO_TRY(upload_jobs(&h, nfactors, ndiag, njobs, d_jobs, stream));
-    const int64_t *d_offset = d_jobs, *d_n = d_jobs + nfactors, *d_factor = d_jobs + 2 * nfactors;
 
     /* 2. identity bases */
     if (ndiag > 0) {
-        identity_bases<real><<<matrix_grid(ndiag, widest_job(job_n, ndiag)), SHAMPOO_CUDA_THREADS,
-                               0, stream>>>(d_offset, d_n, out);
+        identity_bases<real><<<matrix_grid(ndiag, widest_job(job.n, ndiag)), SHAMPOO_CUDA_THREADS,
+                               0, stream>>>(dev.offset, dev.n, out);
         SHAMPOO_TRY(SHAMPOO_LAUNCHED("identity_bases"));
     }
     /* 3. dense factors, one size at a time; dense job j's info at d_info[j - ndiag] */
-    SHAMPOO_TRY(for_each_size(job_n, ndiag, njobs, [&](int64_t j, int64_t end) {
-        return eigenvectors<real, real>(env, factors, out, d_offset, d_factor,
-                                        d_info + (j - ndiag), j, end - j, job_n[j],
-                                        planned_batch(&ws, job_n[j]), stage, d_w, solver_work,
+    SHAMPOO_TRY(for_each_size(job.n, ndiag, njobs, [&](int64_t j, int64_t end) {
+        return eigenvectors<real, real>(env, factors, out, dev.offset, dev.factor,
+                                        d_info + (j - ndiag), j, end - j, job.n[j],
+                                        planned_batch(&ws, job.n[j]), stage, d_w, solver_work,
                                         ws.solver, h.syevj_params, false, d_flags);
     }));
     const int64_t ndense = njobs - ndiag;
@@ -232,10 +232,10 @@ shampoo_status eigenbasis(const shampoo_cuda_env *env, real *out, const real *fa
 
     /* 4. the float64 retry of failed float32 factors, one at a time */
     const bool retry = sizeof(real) == 4 && cfg->retry_double_precision;
-    SHAMPOO_TRY(retry_failed(h, ndiag, ndense, job_factor, retry, d_info + ndense, status_out,
+    SHAMPOO_TRY(retry_failed(h, ndiag, ndense, job.factor, retry, d_info + ndense, status_out,
                              stream, [&](int64_t j) {
-        return eigenvectors<real, double>(env, factors, out, d_offset, d_factor,
-                                          d_info + ndense, j, 1, job_n[j], 1, retry_a, retry_w,
+        return eigenvectors<real, double>(env, factors, out, dev.offset, dev.factor,
+                                          d_info + ndense, j, 1, job.n[j], 1, retry_a, retry_w,
                                           retry_work, ws.retry_solver, h.syevj_params, true,
                                           d_flags);
     }));
@@ -248,11 +248,12 @@ shampoo_status eigenbasis(const shampoo_cuda_env *env, real *out, const real *fa
     }
     SHAMPOO_TRY(fetch(h.flags, d_flags, flag_bytes, stream));
 
-    /* 5. non-finite bases, and the updated diagonal flags back to the device */
+    /* 5. non-finite bases (an identity job never flags one), and the updated diagonal flags
+     * back to the device */
     for (int64_t j = 0; j < nqr; j++)
         if (h.flags[h.qr_jobs[3 * j + 2]] & FLAG_NONFINITE_ROOT)
             status_out[h.qr_jobs[3 * j + 2]] = SHAMPOO_ROOT_NONFINITE;
-    return finish_statuses(h, job_factor, ndiag, njobs, status_out, is_diagonal, stream);
+    return finish_statuses(h, job.factor, njobs, status_out, is_diagonal, stream);
 }
 
 template <typename real>

@@ -88,8 +88,7 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
     SHAMPOO_TRY(read_scan(&h, active, is_diagonal, d_flags, nblocks, stream));
 
     /* statuses and jobs: diagonal/1x1 jobs first, then dense jobs sorted by size */
-    int64_t *job_offset = h.jobs, *job_n = h.jobs + nfactors, *job_factor = h.jobs + 2 * nfactors;
-    double *job_alpha = (double *)(h.jobs + 3 * nfactors);
+    const job_arrays job = jobs_in(h.jobs, nfactors), dev = jobs_in(d_jobs, nfactors);
     int64_t njobs = 0, ndiag = 0;
     for (int pass = 0; pass < 2; pass++) {
         for (int64_t f = 0; f < nfactors; f++) {
@@ -111,29 +110,27 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
             double alpha = -cfg->exponent_multiplier / (double)root;
             if (r.n == 1)
                 alpha = (double)(float)alpha; /* SPEC §4.12: a float32 exponent */
-            job_offset[njobs] = r.offset;
-            job_n[njobs] = r.n;
-            job_factor[njobs] = r.index;
-            job_alpha[njobs] = alpha;
+            job.offset[njobs] = r.offset;
+            job.n[njobs] = r.n;
+            job.factor[njobs] = r.index;
+            job.alpha[njobs] = alpha;
             njobs++;
         }
         if (pass == 0)
             ndiag = njobs;
     }
     SHAMPOO_TRY(upload_jobs(&h, nfactors, ndiag, njobs, d_jobs, stream));
-    const int64_t *d_offset = d_jobs, *d_n = d_jobs + nfactors, *d_factor = d_jobs + 2 * nfactors;
-    const double *d_alpha = (const double *)(d_jobs + 3 * nfactors);
 
     /* 2. diagonal and 1x1 factors */
     if (ndiag > 0)
-        SHAMPOO_TRY(launch_diagonal_roots<real>(stream, d_offset, d_n, d_factor, d_alpha, ndiag,
-                                                widest_job(job_n, ndiag), factors, divide, bc,
-                                                (real)cfg->epsilon, out, d_flags));
+        SHAMPOO_TRY(launch_diagonal_roots<real>(stream, dev.offset, dev.n, dev.factor, dev.alpha,
+                                                ndiag, widest_job(job.n, ndiag), factors, divide,
+                                                bc, (real)cfg->epsilon, out, d_flags));
     /* 3. dense factors, one size at a time; dense job j's solver info at d_info[j - ndiag] */
-    SHAMPOO_TRY(for_each_size(job_n, ndiag, njobs, [&](int64_t j, int64_t end) {
-        return eigen_roots<real, real>(env, factors, out, divide, bc, cfg, d_offset, d_factor,
-                                       d_alpha, d_info + (j - ndiag), j, end - j, job_n[j],
-                                       planned_batch(&ws, job_n[j]), stage_a, stage_qs, stage_x,
+    SHAMPOO_TRY(for_each_size(job.n, ndiag, njobs, [&](int64_t j, int64_t end) {
+        return eigen_roots<real, real>(env, factors, out, divide, bc, cfg, dev.offset, dev.factor,
+                                       dev.alpha, d_info + (j - ndiag), j, end - j, job.n[j],
+                                       planned_batch(&ws, job.n[j]), stage_a, stage_qs, stage_x,
                                        d_w, solver_work, ws.solver, h.syevj_params, false,
                                        d_flags);
     }));
@@ -146,17 +143,17 @@ shampoo_status root_inverse(const shampoo_cuda_env *env, real *out, const real *
 
     /* 4. the float64 retry of failed float32 factors, one at a time */
     const bool retry = sizeof(real) == 4 && cfg->retry_double_precision;
-    SHAMPOO_TRY(retry_failed(h, ndiag, ndense, job_factor, retry, d_info + ndense, status_out,
+    SHAMPOO_TRY(retry_failed(h, ndiag, ndense, job.factor, retry, d_info + ndense, status_out,
                              stream, [&](int64_t j) {
-        return eigen_roots<real, double>(env, factors, out, divide, bc, cfg, d_offset, d_factor,
-                                         d_alpha, d_info + ndense, j, 1, job_n[j], 1, retry_a,
+        return eigen_roots<real, double>(env, factors, out, divide, bc, cfg, dev.offset, dev.factor,
+                                         dev.alpha, d_info + ndense, j, 1, job.n[j], 1, retry_a,
                                          retry_qs, retry_x, retry_w, retry_work,
                                          ws.retry_solver, h.syevj_params, true, d_flags);
     }));
     SHAMPOO_TRY(fetch(h.flags, d_flags, flag_bytes, stream));
 
     /* 5. non-finite roots, and the updated diagonal flags back to the device */
-    return finish_statuses(h, job_factor, 0, njobs, status_out, is_diagonal, stream);
+    return finish_statuses(h, job.factor, njobs, status_out, is_diagonal, stream);
 }
 
 } // namespace

@@ -96,6 +96,19 @@ shampoo_status eigen_roots(const shampoo_cuda_env *env, const S *factors, S *out
                            size_t solver_work_bytes, void *syevj_params, bool force_syevd,
                            int32_t *flags);
 
+/* A call's job arrays, laid out one after another in one buffer of 4 x nfactors int64 slots
+ * (the host's root_host::jobs, or its copy in the device workspace): offset, n and factor
+ * index per job, then its exponent alpha (as doubles). */
+struct job_arrays {
+    int64_t *offset, *n, *factor;
+    double *alpha;
+};
+
+static inline job_arrays jobs_in(int64_t *base, int64_t nfactors)
+{
+    return {base, base + nfactors, base + 2 * nfactors, (double *)(base + 3 * nfactors)};
+}
+
 /* The host side of one root (or eigenbasis) call: every buffer it allocates, freed in one
    place. */
 struct root_host {
@@ -140,12 +153,11 @@ shampoo_status upload_jobs(root_host *h, int64_t nfactors, int64_t ndiag, int64_
                            int64_t *d_jobs, cudaStream_t stream);
 /* The largest n of jobs [0, count), at least 1 (the diagonal kernels' grid). */
 int64_t widest_job(const int64_t *job_n, int64_t count);
-/* The last statuses: each of jobs [first, njobs) whose result has a non-finite entry
- * (h.flags fetched) is NONFINITE unless it failed; then the (updated) diagonal flags back
- * to the device, and waits. */
-shampoo_status finish_statuses(const root_host &h, const int64_t *job_factor, int64_t first,
-                               int64_t njobs, int32_t *status_out, uint8_t *is_diagonal,
-                               cudaStream_t stream);
+/* The last statuses: each of jobs [0, njobs) whose result has a non-finite entry (h.flags
+ * fetched) is NONFINITE unless it failed; then the (updated) diagonal flags back to the
+ * device, and waits. */
+shampoo_status finish_statuses(const root_host &h, const int64_t *job_factor, int64_t njobs,
+                               int32_t *status_out, uint8_t *is_diagonal, cudaStream_t stream);
 
 /* Calls run(first, end) for each run [first, end) of equal job_n in [begin, njobs) (dense
  * jobs are sorted by size) and stops at the first status that is not SHAMPOO_OK. */

@@ -68,7 +68,7 @@ shampoo_status precondition(const shampoo_cuda_env *env, real *out, const real *
         return SHAMPOO_OK;
     SHAMPOO_TRY(shampoo_blas_bind(env));
     const shampoo_contract::contraction<real> c = {env, plan, plan_host, table, active, NULL,
-                                                   inv_roots, ping, pong, w.nitems};
+                                                   inv_roots, ping, pong};
     return shampoo_contract::contract<real>(c, grads, out, ws + 2 * w.scratch, false);
 }
 

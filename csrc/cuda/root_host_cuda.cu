@@ -59,13 +59,12 @@ bool scan_status(root_host *h, const factor_ref &r, int32_t *status_out)
 shampoo_status upload_jobs(root_host *h, int64_t nfactors, int64_t ndiag, int64_t njobs,
                            int64_t *d_jobs, cudaStream_t stream)
 {
-    int64_t *jobs = h->jobs;
-    if (!sort_dense_jobs(jobs, jobs + nfactors, jobs + 2 * nfactors,
-                         (double *)(jobs + 3 * nfactors), ndiag, njobs))
+    const job_arrays job = jobs_in(h->jobs, nfactors);
+    if (!sort_dense_jobs(job.offset, job.n, job.factor, job.alpha, ndiag, njobs))
         return SHAMPOO_ERR_NO_MEMORY;
     if (njobs == 0)
         return SHAMPOO_OK;
-    return SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, d_jobs, jobs, 4 * (size_t)nfactors * 8,
+    return SHAMPOO_CUDA_CHECK(cudaMemcpyAsync, d_jobs, h->jobs, 4 * (size_t)nfactors * 8,
                               cudaMemcpyHostToDevice, stream);
 }
 
@@ -77,11 +76,10 @@ int64_t widest_job(const int64_t *job_n, int64_t count)
     return widest;
 }
 
-shampoo_status finish_statuses(const root_host &h, const int64_t *job_factor, int64_t first,
-                               int64_t njobs, int32_t *status_out, uint8_t *is_diagonal,
-                               cudaStream_t stream)
+shampoo_status finish_statuses(const root_host &h, const int64_t *job_factor, int64_t njobs,
+                               int32_t *status_out, uint8_t *is_diagonal, cudaStream_t stream)
 {
-    for (int64_t j = first; j < njobs; j++) {
+    for (int64_t j = 0; j < njobs; j++) {
         int32_t *s = &status_out[job_factor[j]];
         if (*s != SHAMPOO_ROOT_FAILED && (h.flags[job_factor[j]] & FLAG_NONFINITE_ROOT))
             *s = SHAMPOO_ROOT_NONFINITE;

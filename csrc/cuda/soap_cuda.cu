@@ -14,7 +14,6 @@
 
 #include <math.h>
 
-
 namespace {
 
 constexpr int ROTATIONS = 3; /* moment, direction forward, direction back */
@@ -166,7 +165,7 @@ shampoo_status soap_direction(const shampoo_cuda_env *env, real *out, const real
 
     /* R(X) contracts X with the bases, R^T(X) with the transposed bases */
     const shampoo_contract::contraction<real> c = {env, plan, plan_host, table, active, has,
-                                                   bases, ping, pong, w.nitems};
+                                                   bases, ping, pong};
     using shampoo_contract::contract;
     const dim3 grid((unsigned)nblocks, shampoo_chunks_for(table_host, nblocks));
     bool rotated_grads = false;

@@ -17,6 +17,7 @@
     {"block_tensor", SHAMPOO_ARG_INT64, SHAMPOO_LAYOUT_PER_BLOCK, SHAMPOO_ARG_HOST}
 #define ACTIVE_HOST_ARG                                                                      \
     {"active_host", SHAMPOO_ARG_MASK, SHAMPOO_LAYOUT_PER_BLOCK, SHAMPOO_ARG_HOST}
+
 /* Which views of the call the lists are located by. */
 typedef struct io_indices {
     int offsets, block_tensor, table_host, active_host;
@@ -51,11 +52,11 @@ static int bind_lists(shampoo_call *call, const shampoo_arg_spec *specs, PyObjec
     return shampoo_list_check_overlaps(call->fn, lists, nlists, call, specs);
 }
 
+/* shampoo_cuda_done / shampoo_cuda_failed, then the borrowed lists released. */
 static PyObject *done(PyObject *m, shampoo_cuda_scope *scope, shampoo_call *call,
                       shampoo_tensor_list *lists, int nlists, shampoo_status st)
 {
-    PyObject *r = shampoo_call_done(call, st, Py_NewRef(Py_None), shampoo_cuda_raise_status);
-    shampoo_cuda_scope_end(m, scope);
+    PyObject *r = shampoo_cuda_done(m, scope, call, st, Py_NewRef(Py_None));
     for (int i = 0; i < nlists; i++)
         shampoo_list_release(&lists[i]);
     return r;
@@ -64,10 +65,10 @@ static PyObject *done(PyObject *m, shampoo_cuda_scope *scope, shampoo_call *call
 static PyObject *failed(PyObject *m, shampoo_cuda_scope *scope, shampoo_call *call,
                         shampoo_tensor_list *lists, int nlists)
 {
-    shampoo_cuda_scope_end(m, scope);
+    PyObject *r = shampoo_cuda_failed(m, scope, call);
     for (int i = 0; i < nlists; i++)
         shampoo_list_release(&lists[i]);
-    return shampoo_call_failed(call);
+    return r;
 }
 
 /* gather_io_*(stream, workspace, grad_blocks, param_blocks, grads, params, tensor_offsets,
